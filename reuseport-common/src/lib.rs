@@ -1,0 +1,261 @@
+//! The contract between the `reuseport` eBPF program and its loader.
+//!
+//! Everything both sides must agree on lives here and only here: map names and
+//! sizes, policy and key ids, the layout of the configuration record, the index
+//! of every counter, and the pure slot arithmetic (hashing, tables) that the
+//! program runs in the kernel and the loader runs to predict or build it.
+//!
+//! Every shared struct is `#[repr(C)]` with fixed-width fields and no implicit
+//! padding, so the kernel and user space read the same bytes.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod hash;
+pub mod table;
+
+/// Largest number of workers (slots) in one group: the size of the socket
+/// map. A power of two (see [`Config::live_at`]).
+pub const MAX_WORKERS: u32 = 64;
+const _: () = assert!(MAX_WORKERS.is_power_of_two());
+
+/// Entries of one generation of the policy table (see [`map::TABLE`]).
+///
+/// The table is double-buffered: generation `g` occupies
+/// `[g * TABLE_CAPACITY, g * TABLE_CAPACITY + Config::table_len)`.
+pub const TABLE_CAPACITY: u32 = 8192;
+
+/// Size of the `consistent` policy's Maglev lookup table: a prime, as Maglev
+/// requires, and more than 100 entries per worker at [`MAX_WORKERS`] so that
+/// every worker's share is within about 1 % of the ideal.
+pub const MAGLEV_TABLE_SIZE: u32 = 8191;
+
+/// Names of the maps the eBPF program defines; the loader looks them up by name.
+pub mod map {
+    /// `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY`, [`MAX_WORKERS`](crate::MAX_WORKERS)
+    /// entries: slot `i` holds the listening socket of worker `i`.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// `BPF_MAP_TYPE_ARRAY` of two [`Config`](crate::Config) records (generations).
+    pub const CONFIG: &str = "CONFIG";
+    /// `BPF_MAP_TYPE_ARRAY` of one `u32`: the generation of `CONFIG` and `TABLE` in force.
+    pub const ACTIVE: &str = "ACTIVE";
+    /// `BPF_MAP_TYPE_ARRAY` of `2 * TABLE_CAPACITY` slot numbers, for the policies
+    /// that steer by a table (`cpu`, `weighted`, `consistent`).
+    pub const TABLE: &str = "TABLE";
+    /// `BPF_MAP_TYPE_ARRAY` of one `u64`: the ticket counter of `round-robin`
+    /// and `weighted` (advanced with an atomic fetch-add).
+    pub const TICKETS: &str = "TICKETS";
+    /// `BPF_MAP_TYPE_ARRAY` of `MAX_WORKERS` `u32`: connections per slot that
+    /// `least-loaded` counts as open.
+    pub const LOAD: &str = "LOAD";
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY` of [`counter::LEN`](crate::counter::LEN) `u64`.
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program {
+    /// The steering program: runs the configured policy.
+    pub const STEER: &str = "steer";
+    /// The reference for the cost of a selection: always selects slot 0 and
+    /// does nothing else (no config, no counters).
+    pub const FLOOR: &str = "floor";
+    /// A program the verifier rejects (it reads packet data without a bounds
+    /// check); loaded only by tests of the verifier-error path.
+    pub const VERIFIER_REJECT: &str = "verifier_reject";
+}
+
+/// Policy ids as stored in [`Config::policy`].
+///
+/// `0` means "not configured": the program selects nothing and counts a
+/// fallback, so a zeroed map can never steer by accident.
+pub mod policy {
+    /// Not configured: fall back to the kernel's hash.
+    pub const NONE: u32 = 0;
+    /// By the CPU that received the packet, through a CPU-to-slot table.
+    pub const CPU: u32 = 1;
+    /// By a seeded hash of a key, modulo the live slots.
+    pub const HASH: u32 = 2;
+    /// Round robin over the live slots, by a global ticket counter.
+    pub const ROUND_ROBIN: u32 = 3;
+    /// The live slot with the fewest open connections.
+    pub const LEAST_LOADED: u32 = 4;
+    /// A weighted sequence of slots, by a global ticket counter.
+    pub const WEIGHTED: u32 = 5;
+    /// A Maglev lookup table indexed by the seeded hash of a key.
+    pub const CONSISTENT: u32 = 6;
+}
+
+/// Hash key ids as stored in [`Config::key`]; see [`hash`] for the exact bytes.
+pub mod key {
+    /// No key (the policy does not hash).
+    pub const NONE: u32 = 0;
+    /// The client's address, as 16 bytes (IPv4 as v4-mapped IPv6).
+    pub const SRC_IP: u32 = 1;
+    /// Client and server address and port.
+    pub const FOUR_TUPLE: u32 = 2;
+    /// `payload_len` bytes at `payload_offset` of the L4 payload.
+    pub const PAYLOAD: u32 = 3;
+}
+
+/// Indices into the per-CPU [`map::COUNTERS`] array.
+///
+/// Every run of the steering program ends in exactly one of
+/// `SELECTED_BASE + slot`, [`FALLBACK`](counter::FALLBACK) or
+/// [`DROPPED`](counter::DROPPED); the other counters record why a run took a
+/// detour and may be counted in addition to the outcome.
+pub mod counter {
+    use crate::MAX_WORKERS;
+    /// `SELECTED_BASE + slot`: the program selected that slot.
+    pub const SELECTED_BASE: u32 = 0;
+    /// The program selected no socket and returned `SK_PASS`: the kernel's
+    /// own reuseport hash picked the socket.
+    pub const FALLBACK: u32 = MAX_WORKERS;
+    /// The program returned `SK_DROP`: the SYN or datagram was dropped.
+    pub const DROPPED: u32 = MAX_WORKERS + 1;
+    /// A slot the policy picked held no socket (worker gone); the program
+    /// moved on to the next live slot.
+    pub const EMPTY_SLOT: u32 = MAX_WORKERS + 2;
+    /// The packet's addresses or ports could not be read; the kernel's flow
+    /// hash of the 4-tuple was used as the key instead.
+    pub const KEY_UNREADABLE: u32 = MAX_WORKERS + 3;
+    /// The payload was too short for a payload key.
+    pub const SHORT_PAYLOAD: u32 = MAX_WORKERS + 4;
+    /// The program ran on the migration path (a listener closed with
+    /// connections still queued) and picked their new socket.
+    pub const MIGRATED: u32 = MAX_WORKERS + 5;
+    /// Number of counters.
+    pub const LEN: u32 = MAX_WORKERS + 8;
+}
+
+/// One generation of the steering configuration.
+///
+/// The loader writes the generation not in force, then flips
+/// [`map::ACTIVE`], so the program never sees a half-written record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// A [`policy`] id.
+    pub policy: u32,
+    /// A [`key`] id, for the policies that hash.
+    pub key: u32,
+    /// Seed of the key hash.
+    pub seed: u32,
+    /// Number of valid entries in `live`.
+    pub n_live: u32,
+    /// Number of valid entries of this generation's table.
+    pub table_len: u32,
+    /// `cpu` policy: entries per CPU row of the table.
+    pub row_len: u32,
+    /// Payload key: offset into the L4 payload.
+    pub payload_offset: u32,
+    /// Payload key: length in bytes (1 to 16).
+    pub payload_len: u32,
+    /// The slots that hold a serving socket, in slot order.
+    pub live: [u32; MAX_WORKERS as usize],
+}
+
+impl Config {
+    /// A configuration that steers nothing (policy [`policy::NONE`]).
+    pub const EMPTY: Config = Config {
+        policy: policy::NONE,
+        key: key::NONE,
+        seed: 0,
+        n_live: 0,
+        table_len: 0,
+        row_len: 0,
+        payload_offset: 0,
+        payload_len: 0,
+        live: [0; MAX_WORKERS as usize],
+    };
+
+    /// The live slot at position `x` modulo the number of live slots.
+    #[inline(always)]
+    pub fn live_at(&self, x: u32) -> Option<u32> {
+        if self.n_live == 0 {
+            return None;
+        }
+        // The eBPF verifier does not follow the bounds of a modulo, so the
+        // index is masked: a no-op for any valid `n_live` (at most
+        // MAX_WORKERS, a power of two) that proves the index in range.
+        let i = (x % self.n_live) & (MAX_WORKERS - 1);
+        self.live.get(i as usize).copied()
+    }
+
+    /// The position in this generation's table that the `cpu` policy reads
+    /// for a packet received on `cpu` whose kernel flow hash is `flow_hash`.
+    ///
+    /// Each CPU owns a row of `row_len` entries listing the slots of the
+    /// workers pinned to it (repeated to fill the row); the flow hash picks
+    /// within the row when several workers share a CPU.
+    #[inline(always)]
+    pub fn cpu_index(&self, cpu: u32, flow_hash: u32) -> Option<u32> {
+        if self.row_len == 0 {
+            return None;
+        }
+        let index = cpu.checked_mul(self.row_len)? + flow_hash % self.row_len;
+        if index < self.table_len {
+            Some(index)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `Config` is `repr(C)`, made only of `u32`s, has no padding and every
+// bit pattern is a valid value.
+unsafe impl aya::Pod for Config {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_has_no_padding() {
+        assert_eq!(
+            core::mem::size_of::<Config>(),
+            4 * (8 + MAX_WORKERS as usize)
+        );
+    }
+
+    #[test]
+    fn live_at_wraps_over_live_slots_only() {
+        let mut c = Config::EMPTY;
+        assert_eq!(c.live_at(3), None);
+        c.n_live = 3;
+        c.live[..3].copy_from_slice(&[0, 2, 5]);
+        assert_eq!(c.live_at(0), Some(0));
+        assert_eq!(c.live_at(1), Some(2));
+        assert_eq!(c.live_at(5), Some(5));
+        assert_eq!(c.live_at(u32::MAX), Some(c.live[(u32::MAX % 3) as usize]));
+    }
+
+    #[test]
+    fn cpu_index_stays_in_the_table() {
+        let mut c = Config::EMPTY;
+        assert_eq!(c.cpu_index(0, 7), None);
+        c.row_len = 2;
+        c.table_len = 4; // two CPUs
+        assert_eq!(c.cpu_index(0, 7), Some(1));
+        assert_eq!(c.cpu_index(1, 8), Some(2));
+        assert_eq!(c.cpu_index(2, 0), None);
+        assert_eq!(c.cpu_index(u32::MAX, 0), None);
+    }
+
+    #[test]
+    fn counter_indices_are_distinct_and_in_range() {
+        let all = [
+            counter::FALLBACK,
+            counter::DROPPED,
+            counter::EMPTY_SLOT,
+            counter::KEY_UNREADABLE,
+            counter::SHORT_PAYLOAD,
+            counter::MIGRATED,
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(*a >= counter::SELECTED_BASE + MAX_WORKERS && *a < counter::LEN);
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Builders of the policy tables the loader writes into [`map::TABLE`](crate::map::TABLE).
+//!
+//! They write into a caller's buffer (no allocation) so they stay in this
+//! `no_std` crate next to the code that reads the tables.
+
+use crate::{hash::hash_u32, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY};
+
+/// Why a table could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableError {
+    /// No slot to steer to.
+    NoSlots,
+    /// More slots than the socket map holds.
+    TooManySlots,
+    /// The table would need more entries than [`TABLE_CAPACITY`].
+    TooLarge {
+        /// Entries needed.
+        needed: u32,
+    },
+    /// Every weight is zero.
+    ZeroWeights,
+    /// The output buffer is shorter than the table.
+    BufferTooSmall,
+}
+
+impl core::fmt::Display for TableError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TableError::NoSlots => write!(f, "no live worker to steer to"),
+            TableError::TooManySlots => write!(f, "more than {MAX_WORKERS} workers"),
+            TableError::TooLarge { needed } => write!(
+                f,
+                "the table needs {needed} entries, more than the {TABLE_CAPACITY} it can hold"
+            ),
+            TableError::ZeroWeights => write!(f, "every weight is zero"),
+            TableError::BufferTooSmall => write!(f, "table buffer too small"),
+        }
+    }
+}
+
+/// Builds the `cpu` policy's table from `(slot, cpu)` pairs of the live
+/// workers. Returns `(row_len, table_len)`.
+///
+/// Row `c` (entries `c * row_len ..`) lists the slots of the workers pinned
+/// to CPU `c`, repeated to fill the row; `row_len` is the most workers any one
+/// CPU has. A CPU that has no worker (fewer workers than CPUs) gets the live
+/// slots in turn starting at its own number, so its packets still land on a
+/// defined worker.
+pub fn cpu_table(workers: &[(u32, u32)], out: &mut [u32]) -> Result<(u32, u32), TableError> {
+    if workers.is_empty() {
+        return Err(TableError::NoSlots);
+    }
+    if workers.len() > MAX_WORKERS as usize {
+        return Err(TableError::TooManySlots);
+    }
+    let rows = workers.iter().map(|&(_, cpu)| cpu).max().unwrap_or(0) + 1;
+    let row_len = (0..rows)
+        .map(|c| workers.iter().filter(|&&(_, cpu)| cpu == c).count() as u32)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let needed = rows.saturating_mul(row_len);
+    if needed > TABLE_CAPACITY {
+        return Err(TableError::TooLarge { needed });
+    }
+    if out.len() < needed as usize {
+        return Err(TableError::BufferTooSmall);
+    }
+    for c in 0..rows {
+        let mut on_cpu = [0u32; MAX_WORKERS as usize];
+        let mut count = 0;
+        for &(slot, _) in workers.iter().filter(|&&(_, cpu)| cpu == c) {
+            on_cpu[count] = slot;
+            count += 1;
+        }
+        let row = &mut out[(c * row_len) as usize..((c + 1) * row_len) as usize];
+        for (j, entry) in row.iter_mut().enumerate() {
+            *entry = if count == 0 {
+                workers[(c as usize + j) % workers.len()].0
+            } else {
+                on_cpu[j % count]
+            };
+        }
+    }
+    Ok((row_len, needed))
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Builds the `weighted` policy's table from `(slot, weight)` pairs: a cycle
+/// in which each slot appears `weight / g` times (`g` the weights' greatest
+/// common divisor), interleaved by smooth weighted round robin so that any
+/// window of the cycle is close to the weights, not only the whole cycle.
+/// Returns the table length.
+pub fn weighted_table(weights: &[(u32, u32)], out: &mut [u32]) -> Result<u32, TableError> {
+    if weights.is_empty() {
+        return Err(TableError::NoSlots);
+    }
+    if weights.len() > MAX_WORKERS as usize {
+        return Err(TableError::TooManySlots);
+    }
+    let g = weights.iter().fold(0, |g, &(_, w)| gcd(g, w));
+    if g == 0 {
+        return Err(TableError::ZeroWeights);
+    }
+    let total: u64 = weights.iter().map(|&(_, w)| u64::from(w / g)).sum();
+    if total > u64::from(TABLE_CAPACITY) {
+        return Err(TableError::TooLarge {
+            needed: total.min(u64::from(u32::MAX)) as u32,
+        });
+    }
+    if out.len() < total as usize {
+        return Err(TableError::BufferTooSmall);
+    }
+    let mut current = [0i64; MAX_WORKERS as usize];
+    for entry in out.iter_mut().take(total as usize) {
+        let mut best = 0;
+        for (i, &(_, w)) in weights.iter().enumerate() {
+            current[i] += i64::from(w / g);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        *entry = weights[best].0;
+    }
+    Ok(total as u32)
+}
+
+/// Seeds of the two Maglev permutation hashes (fixed, so the table depends
+/// only on the set of live slots).
+const MAGLEV_OFFSET_SEED: u32 = 0x6d61_676c;
+const MAGLEV_SKIP_SEED: u32 = 0x6576_2121;
+
+/// Builds the `consistent` policy's Maglev lookup table (Eisenbud et al.,
+/// NSDI 2016) of [`MAGLEV_TABLE_SIZE`] entries over the live `slots`.
+///
+/// Each slot's preference list is the permutation
+/// `(offset + j * skip) mod M` with `offset` and `skip` from a hash of the
+/// slot number, so a slot keeps its preferences whatever the other slots
+/// are; slots take turns claiming their next free preferred entry. Removing
+/// or adding one slot moves about `1/N` of the entries. Returns the length.
+pub fn maglev_table(slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
+    const EMPTY: u32 = u32::MAX;
+    let m = MAGLEV_TABLE_SIZE;
+    if slots.is_empty() {
+        return Err(TableError::NoSlots);
+    }
+    if slots.len() > MAX_WORKERS as usize {
+        return Err(TableError::TooManySlots);
+    }
+    if out.len() < m as usize {
+        return Err(TableError::BufferTooSmall);
+    }
+    let out = &mut out[..m as usize];
+    out.fill(EMPTY);
+    let mut offset = [0u64; MAX_WORKERS as usize];
+    let mut skip = [0u64; MAX_WORKERS as usize];
+    let mut next = [0u64; MAX_WORKERS as usize];
+    for (i, &slot) in slots.iter().enumerate() {
+        offset[i] = u64::from(hash_u32(MAGLEV_OFFSET_SEED, slot) % m);
+        skip[i] = u64::from(hash_u32(MAGLEV_SKIP_SEED, slot) % (m - 1) + 1);
+    }
+    let mut filled = 0;
+    // Every slot's sequence visits all M entries (M prime, 0 < skip < M), so
+    // each turn finds a free entry and the loop ends after M claims.
+    'fill: loop {
+        for (i, &slot) in slots.iter().enumerate() {
+            let mut c = ((offset[i] + next[i] * skip[i]) % u64::from(m)) as usize;
+            while out[c] != EMPTY {
+                next[i] += 1;
+                c = ((offset[i] + next[i] * skip[i]) % u64::from(m)) as usize;
+            }
+            out[c] = slot;
+            next[i] += 1;
+            filled += 1;
+            if filled == m {
+                break 'fill;
+            }
+        }
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::{vec, vec::Vec};
+
+    fn count(table: &[u32], slot: u32) -> usize {
+        table.iter().filter(|&&s| s == slot).count()
+    }
+
+    #[test]
+    fn cpu_table_one_worker_per_cpu() {
+        let mut t = [u32::MAX; 16];
+        let (row, len) = cpu_table(&[(0, 0), (1, 1)], &mut t).unwrap();
+        assert_eq!((row, len), (1, 2));
+        assert_eq!(&t[..2], &[0, 1]);
+    }
+
+    #[test]
+    fn cpu_table_wraps_more_workers_than_cpus() {
+        let mut t = [u32::MAX; 16];
+        // 5 workers on 2 CPUs: 0,2,4 on CPU 0; 1,3 on CPU 1.
+        let w = [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)];
+        let (row, len) = cpu_table(&w, &mut t).unwrap();
+        assert_eq!((row, len), (3, 6));
+        assert_eq!(&t[..3], &[0, 2, 4]);
+        assert_eq!(&t[3..6], &[1, 3, 1]);
+    }
+
+    #[test]
+    fn cpu_table_fills_rows_of_cpus_without_workers() {
+        let mut t = [u32::MAX; 16];
+        let (row, len) = cpu_table(&[(5, 2)], &mut t).unwrap();
+        assert_eq!((row, len), (1, 3));
+        assert_eq!(&t[..3], &[5, 5, 5]);
+        assert_eq!(cpu_table(&[], &mut t), Err(TableError::NoSlots));
+    }
+
+    #[test]
+    fn weighted_table_has_the_weights_and_interleaves() {
+        let mut t = [u32::MAX; 64];
+        let len = weighted_table(&[(0, 3), (1, 1)], &mut t).unwrap();
+        assert_eq!(len, 4);
+        assert_eq!(count(&t[..4], 0), 3);
+        assert_eq!(count(&t[..4], 1), 1);
+        let len = weighted_table(&[(0, 30), (1, 20), (7, 10)], &mut t).unwrap();
+        assert_eq!(len, 6, "weights are reduced by their gcd");
+        assert_eq!(&t[..6], &[0, 1, 0, 7, 1, 0]);
+        assert_eq!(
+            weighted_table(&[(0, 0)], &mut t),
+            Err(TableError::ZeroWeights)
+        );
+        assert_eq!(
+            weighted_table(&[(0, 9000), (1, 1)], &mut t),
+            Err(TableError::TooLarge { needed: 9001 })
+        );
+    }
+
+    #[test]
+    fn weighted_table_zero_weight_slot_never_appears() {
+        let mut t = [u32::MAX; 64];
+        let len = weighted_table(&[(0, 2), (1, 0), (2, 1)], &mut t).unwrap();
+        assert_eq!(count(&t[..len as usize], 1), 0);
+    }
+
+    #[test]
+    fn maglev_covers_every_slot_evenly() {
+        let mut t = vec![0u32; MAGLEV_TABLE_SIZE as usize];
+        let slots: Vec<u32> = (0..7).collect();
+        let len = maglev_table(&slots, &mut t).unwrap();
+        assert_eq!(len, MAGLEV_TABLE_SIZE);
+        let ideal = MAGLEV_TABLE_SIZE as f64 / 7.0;
+        for s in &slots {
+            let c = count(&t, *s) as f64;
+            assert!((c - ideal).abs() / ideal < 0.02, "slot {s}: {c} vs {ideal}");
+        }
+        assert!(t.iter().all(|s| slots.contains(s)));
+    }
+
+    #[test]
+    fn maglev_removal_moves_only_about_one_nth() {
+        let mut before = vec![0u32; MAGLEV_TABLE_SIZE as usize];
+        let mut after = vec![0u32; MAGLEV_TABLE_SIZE as usize];
+        let slots: Vec<u32> = (0..8).collect();
+        maglev_table(&slots, &mut before).unwrap();
+        maglev_table(&[0, 1, 2, 4, 5, 6, 7], &mut after).unwrap();
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        let removed = count(&before, 3);
+        // Every entry of slot 3 had to move; of the others only a few may.
+        assert!(moved >= removed);
+        let extra = (moved - removed) as f64 / MAGLEV_TABLE_SIZE as f64;
+        assert!(extra < 0.03, "{extra} of the table moved needlessly");
+    }
+}

@@ -1,0 +1,124 @@
+//! Errors a caller of the library may want to tell apart.
+//!
+//! Each variant's message is one line that says what went wrong and what to
+//! do; the verifier's log, which is many lines, is carried separately in
+//! [`Error::Verifier`] for the caller to print below that line.
+
+use std::{io, net::SocketAddr};
+
+use crate::socket::Proto;
+
+/// Everything that can go wrong building, steering or running a group.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The process lacks the capabilities to load or steer with BPF.
+    #[error("{action} needs CAP_BPF and CAP_NET_ADMIN (or root); this process lacks {missing}")]
+    NoPrivilege {
+        /// What was being attempted.
+        action: &'static str,
+        /// The capabilities that are missing, e.g. `CAP_BPF`.
+        missing: String,
+    },
+
+    /// The address is taken by a socket that cannot share it with us.
+    #[error(
+        "{proto} {addr} is in use by a socket without SO_REUSEPORT or of another user (EADDRINUSE)"
+    )]
+    AddrInUse {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// TCP or UDP.
+        proto: Proto,
+    },
+
+    /// Another reuseport group of this user already serves the address; our
+    /// sockets would silently join it and take over its steering.
+    #[error(
+        "{proto} {addr} is already served by another reuseport group of this user ({count} socket(s)); stop it first"
+    )]
+    GroupExists {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// TCP or UDP.
+        proto: Proto,
+        /// How many sockets that group has.
+        count: usize,
+    },
+
+    /// The running kernel lacks something the program needs.
+    #[error("Linux {found} is too old: {feature} needs Linux {needed} or later")]
+    KernelTooOld {
+        /// The running kernel's release.
+        found: String,
+        /// The oldest release that works.
+        needed: &'static str,
+        /// What needs it.
+        feature: &'static str,
+    },
+
+    /// The kernel's verifier refused the program.
+    #[error("the kernel's verifier rejected BPF program `{program}` ({source}); its log follows")]
+    Verifier {
+        /// Name of the program.
+        program: String,
+        /// The error of `BPF_PROG_LOAD`.
+        source: io::Error,
+        /// The verifier's log.
+        log: String,
+    },
+
+    /// A worker count outside what the socket map holds.
+    #[error("--workers must be between 1 and {max}, not {requested}")]
+    WorkerCount {
+        /// The count asked for.
+        requested: usize,
+        /// The socket map's size.
+        max: u32,
+    },
+
+    /// A policy that cannot be built from the given settings.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+
+    /// An aya (BPF object, map or program) operation failed.
+    #[error("{context}: {source}")]
+    Bpf {
+        /// What was being done.
+        context: String,
+        /// The error from aya.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// An [`Error::Io`] with `context`.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Bpf`] with `context`.
+    pub fn bpf(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Bpf {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,229 @@
+//! Prometheus metrics at `/metrics`.
+//!
+//! The names below are a public interface: dashboards and alerts depend on
+//! them, so they do not change. Values are read when scraped (the workers'
+//! atomics and the program's per-CPU counters), so serving metrics costs
+//! the data path nothing.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc, Mutex},
+};
+
+use http_body_util::Full;
+use hyper::{body::Bytes, header, Request, Response, StatusCode};
+use log::{debug, warn};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{Error, Result},
+    group::lock,
+    steering::Steering,
+    worker::{WorkerInfo, WorkerStats},
+};
+
+/// Everything the metrics endpoint reports.
+#[derive(Clone, Debug)]
+pub struct Sources {
+    /// Each worker and its counters.
+    pub workers: Vec<(WorkerInfo, Arc<WorkerStats>)>,
+    /// The program, if one is attached.
+    pub steering: Option<Arc<Mutex<Steering>>>,
+    /// Number of slots (for the per-slot series).
+    pub slots: u32,
+}
+
+#[derive(Debug)]
+struct GroupCollector(Sources);
+
+impl Collector for GroupCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let workers = &self.0.workers;
+        let per_worker = |encoder: &mut DescriptorEncoder,
+                          name: &str,
+                          help: &str,
+                          kind: MetricType,
+                          value: &dyn Fn(&WorkerStats) -> u64|
+         -> std::fmt::Result {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for (info, stats) in workers {
+                let labels = [
+                    ("worker", info.worker.to_string()),
+                    ("cpu", info.cpu.to_string()),
+                ];
+                let metric = family.encode_family(&labels)?;
+                let v = value(stats);
+                match kind {
+                    MetricType::Gauge => ConstGauge::new(v as i64).encode(metric)?,
+                    _ => ConstCounter::new(v).encode(metric)?,
+                }
+            }
+            Ok(())
+        };
+        per_worker(
+            &mut encoder,
+            "reuseport_worker_accepted",
+            "Connections accepted by the worker.",
+            MetricType::Counter,
+            &|s| s.accepted.load(Ordering::Relaxed),
+        )?;
+        per_worker(
+            &mut encoder,
+            "reuseport_worker_active_connections",
+            "Connections the worker has open now.",
+            MetricType::Gauge,
+            &|s| s.active.load(Ordering::Relaxed),
+        )?;
+        per_worker(
+            &mut encoder,
+            "reuseport_worker_bytes",
+            "Bytes the worker echoed.",
+            MetricType::Counter,
+            &|s| s.bytes.load(Ordering::Relaxed),
+        )?;
+
+        let counters = match &self.0.steering {
+            Some(s) => match lock(s).counters() {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("metrics: {e}");
+                    return Ok(());
+                }
+            },
+            None => crate::steering::BpfCounters::zero(self.0.slots as usize),
+        };
+        let mut family = encoder.encode_descriptor(
+            "reuseport_bpf_selected",
+            "Connections or datagrams the steering program sent to the slot.",
+            None,
+            MetricType::Counter,
+        )?;
+        for slot in 0..self.0.slots {
+            let labels = [("slot", slot.to_string())];
+            let v = counters.selected.get(slot as usize).copied().unwrap_or(0);
+            ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+        }
+        let single: [(&str, &str, u64); 6] = [
+            (
+                "reuseport_bpf_fallback",
+                "Program runs that left the choice to the kernel's reuseport hash.",
+                counters.fallback,
+            ),
+            (
+                "reuseport_bpf_dropped",
+                "Program runs that dropped the SYN or datagram.",
+                counters.dropped,
+            ),
+            (
+                "reuseport_bpf_empty_slot",
+                "Picks that found their slot empty and moved to the next live slot.",
+                counters.empty_slot,
+            ),
+            (
+                "reuseport_bpf_key_unreadable",
+                "Packets whose hash key could not be read (the kernel's flow hash was used).",
+                counters.key_unreadable,
+            ),
+            (
+                "reuseport_bpf_short_payload",
+                "Datagrams too short for the payload hash key.",
+                counters.short_payload,
+            ),
+            (
+                "reuseport_bpf_migrated",
+                "Connections moved from a closing listener to a live one.",
+                counters.migrated,
+            ),
+        ];
+        for (name, help, v) in single {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// The registry with every metric of a group.
+pub fn registry(sources: Sources) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(GroupCollector(sources)));
+    registry
+}
+
+/// The registry in the Prometheus text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail; the collector reports its own errors.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        warn!("metrics: encoding failed: {e}");
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!("metrics: accept failed: {e}");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &registry)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                debug!("metrics: connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    let mut builder = Response::builder();
+    let body = if req.uri().path() == "/metrics" {
+        builder = builder.header(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        );
+        render(registry)
+    } else {
+        builder = builder.status(StatusCode::NOT_FOUND);
+        "not found: metrics are at /metrics\n".to_string()
+    };
+    builder
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// Binds the metrics listener (before the group starts, so a taken port
+/// fails early).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| Error::io(format!("binding the metrics address {addr}"), e))?;
+    l.set_nonblocking(true)
+        .map_err(|e| Error::io("setting O_NONBLOCK", e))?;
+    Ok(l)
+}

@@ -1,0 +1,357 @@
+//! Steering policies as the user names them, and the plan (configuration
+//! record and table) each one becomes in the program's maps.
+//!
+//! A policy has the same name here, in the CLI, in the eBPF program, in the
+//! metrics and in the README.
+
+use std::{fmt, str::FromStr};
+
+use reuseport_common::{
+    key, policy as id,
+    table::{cpu_table, maglev_table, weighted_table, TableError},
+    Config, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY,
+};
+
+/// How new connections (or datagrams) are spread over the workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum PolicyKind {
+    /// To the worker pinned to the CPU that received the SYN/datagram.
+    Cpu,
+    /// By our seeded hash of a key (`--hash-key`), modulo the live workers.
+    Hash,
+    /// Each worker in turn.
+    RoundRobin,
+    /// To the worker with the fewest open connections.
+    LeastLoaded,
+    /// In proportion to per-worker weights (`--weights`).
+    Weighted,
+    /// By a Maglev table indexed by the key's hash: few keys move when a
+    /// worker comes or goes.
+    Consistent,
+    /// No program: the kernel's own reuseport hash (the baseline).
+    Kernel,
+}
+
+impl PolicyKind {
+    /// The policy's name, as in the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Cpu => "cpu",
+            PolicyKind::Hash => "hash",
+            PolicyKind::RoundRobin => "round-robin",
+            PolicyKind::LeastLoaded => "least-loaded",
+            PolicyKind::Weighted => "weighted",
+            PolicyKind::Consistent => "consistent",
+            PolicyKind::Kernel => "kernel",
+        }
+    }
+
+    /// The id the program knows the policy by ([`id::NONE`] for `kernel`).
+    pub fn id(self) -> u32 {
+        match self {
+            PolicyKind::Cpu => id::CPU,
+            PolicyKind::Hash => id::HASH,
+            PolicyKind::RoundRobin => id::ROUND_ROBIN,
+            PolicyKind::LeastLoaded => id::LEAST_LOADED,
+            PolicyKind::Weighted => id::WEIGHTED,
+            PolicyKind::Consistent => id::CONSISTENT,
+            PolicyKind::Kernel => id::NONE,
+        }
+    }
+
+    /// The policy with program id `id`, if any.
+    pub fn from_id(id: u32) -> Option<PolicyKind> {
+        [
+            PolicyKind::Cpu,
+            PolicyKind::Hash,
+            PolicyKind::RoundRobin,
+            PolicyKind::LeastLoaded,
+            PolicyKind::Weighted,
+            PolicyKind::Consistent,
+        ]
+        .into_iter()
+        .find(|p| p.id() == id)
+    }
+
+    /// Whether the policy reads `--hash-key`.
+    pub fn hashes(self) -> bool {
+        matches!(self, PolicyKind::Hash | PolicyKind::Consistent)
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the `hash` and `consistent` policies hash
+/// (bytes in `reuseport_common::hash`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HashKey {
+    /// The client's address: every connection of one client reaches one worker.
+    SrcIp,
+    /// Client and server address and port.
+    FourTuple,
+    /// `len` bytes (1 to 16) at `offset` of the UDP payload.
+    Payload {
+        /// Offset into the payload.
+        offset: u16,
+        /// Length in bytes.
+        len: u8,
+    },
+}
+
+impl HashKey {
+    fn id(self) -> u32 {
+        match self {
+            HashKey::SrcIp => key::SRC_IP,
+            HashKey::FourTuple => key::FOUR_TUPLE,
+            HashKey::Payload { .. } => key::PAYLOAD,
+        }
+    }
+}
+
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::SrcIp => f.write_str("src-ip"),
+            HashKey::FourTuple => f.write_str("four-tuple"),
+            HashKey::Payload { offset, len } => write!(f, "payload:{offset}:{len}"),
+        }
+    }
+}
+
+impl FromStr for HashKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "src-ip" => Ok(HashKey::SrcIp),
+            "four-tuple" => Ok(HashKey::FourTuple),
+            _ => {
+                let bad = || {
+                    format!(
+                        "unknown hash key `{s}`: use src-ip, four-tuple or payload:OFFSET:LEN (LEN 1 to 16)"
+                    )
+                };
+                let rest = s.strip_prefix("payload:").ok_or_else(bad)?;
+                let (offset, len) = rest.split_once(':').ok_or_else(bad)?;
+                let offset: u16 = offset.parse().map_err(|_| bad())?;
+                let len: u8 = len.parse().map_err(|_| bad())?;
+                if !(1..=16).contains(&len) {
+                    return Err(bad());
+                }
+                Ok(HashKey::Payload { offset, len })
+            }
+        }
+    }
+}
+
+/// A complete policy setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Which policy.
+    pub kind: PolicyKind,
+    /// The key of the hashing policies.
+    pub key: HashKey,
+    /// Seed of the key hash.
+    pub seed: u32,
+    /// `weighted`: one weight per worker slot, in slot order.
+    pub weights: Vec<u32>,
+}
+
+impl Policy {
+    /// A policy of `kind` with the default key (`src-ip`), seed 0, no weights.
+    pub fn new(kind: PolicyKind) -> Self {
+        Policy {
+            kind,
+            key: HashKey::SrcIp,
+            seed: 0,
+            weights: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind)?;
+        if self.kind.hashes() {
+            write!(f, " (key {}, seed {})", self.key, self.seed)?;
+        }
+        if self.kind == PolicyKind::Weighted {
+            let w: Vec<String> = self.weights.iter().map(u32::to_string).collect();
+            write!(f, " (weights {})", w.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a policy cannot be planned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// `kernel` has no plan: it runs without a program.
+    #[error("the kernel policy runs without a program")]
+    Kernel,
+    /// The weights do not match the workers.
+    #[error("--weights has {given} weights for {workers} workers: give one per worker")]
+    WeightCount {
+        /// Weights given.
+        given: usize,
+        /// Workers in the group.
+        workers: usize,
+    },
+    /// A payload key on a TCP group: a SYN carries no payload.
+    #[error("--hash-key {0} needs --proto udp: a TCP SYN carries no payload")]
+    PayloadKeyOnTcp(HashKey),
+    /// The table could not be built.
+    #[error("cannot build the policy table: {0}")]
+    Table(TableError),
+}
+
+/// A live worker as the planner sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveSlot {
+    /// The worker's slot in the socket map.
+    pub slot: u32,
+    /// The CPU it is pinned to.
+    pub cpu: u32,
+}
+
+/// What the loader writes for a policy: the configuration record and the
+/// table (empty for the policies without one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// The configuration record.
+    pub config: Config,
+    /// The first `config.table_len` entries of the table.
+    pub table: Vec<u32>,
+}
+
+/// Turns a policy and the live slots into a [`Plan`].
+///
+/// `live` must be sorted by slot. `weights` of a `weighted` policy are indexed
+/// by slot; a slot with no weight given gets none of the traffic.
+pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
+    if live.is_empty() {
+        return Err(PolicyError::Table(TableError::NoSlots));
+    }
+    if live.len() > MAX_WORKERS as usize {
+        return Err(PolicyError::Table(TableError::TooManySlots));
+    }
+    let mut config = Config::EMPTY;
+    config.policy = policy.kind.id();
+    config.n_live = live.len() as u32;
+    for (i, l) in live.iter().enumerate() {
+        config.live[i] = l.slot;
+    }
+    if policy.kind.hashes() {
+        config.key = policy.key.id();
+        config.seed = policy.seed;
+        if let HashKey::Payload { offset, len } = policy.key {
+            config.payload_offset = offset.into();
+            config.payload_len = len.into();
+        }
+    }
+    let mut table = vec![0u32; TABLE_CAPACITY as usize];
+    match policy.kind {
+        PolicyKind::Kernel => return Err(PolicyError::Kernel),
+        PolicyKind::Cpu => {
+            let pairs: Vec<(u32, u32)> = live.iter().map(|l| (l.slot, l.cpu)).collect();
+            let (row_len, len) = cpu_table(&pairs, &mut table).map_err(PolicyError::Table)?;
+            config.row_len = row_len;
+            config.table_len = len;
+        }
+        PolicyKind::Weighted => {
+            let pairs: Vec<(u32, u32)> = live
+                .iter()
+                .map(|l| {
+                    (
+                        l.slot,
+                        policy.weights.get(l.slot as usize).copied().unwrap_or(0),
+                    )
+                })
+                .collect();
+            config.table_len = weighted_table(&pairs, &mut table).map_err(PolicyError::Table)?;
+        }
+        PolicyKind::Consistent => {
+            let slots: Vec<u32> = live.iter().map(|l| l.slot).collect();
+            config.table_len = maglev_table(&slots, &mut table).map_err(PolicyError::Table)?;
+            debug_assert_eq!(config.table_len, MAGLEV_TABLE_SIZE);
+        }
+        PolicyKind::Hash | PolicyKind::RoundRobin | PolicyKind::LeastLoaded => {}
+    }
+    table.truncate(config.table_len as usize);
+    Ok(Plan { config, table })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    fn live(n: u32) -> Vec<LiveSlot> {
+        (0..n)
+            .map(|i| LiveSlot {
+                slot: i,
+                cpu: i % 2,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_round_trip_through_the_cli_parser() {
+        for kind in PolicyKind::value_variants() {
+            assert_eq!(PolicyKind::from_str(kind.name(), false).unwrap(), *kind);
+            if *kind != PolicyKind::Kernel {
+                assert_eq!(PolicyKind::from_id(kind.id()), Some(*kind));
+            }
+        }
+    }
+
+    #[test]
+    fn hash_keys_parse_and_print() {
+        for s in ["src-ip", "four-tuple", "payload:0:4", "payload:12:16"] {
+            assert_eq!(s.parse::<HashKey>().unwrap().to_string(), s);
+        }
+        for bad in [
+            "dst-ip",
+            "payload:1",
+            "payload:1:0",
+            "payload:1:17",
+            "payload:x:4",
+        ] {
+            assert!(bad.parse::<HashKey>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cpu_plan_maps_each_cpu_to_its_worker() {
+        let p = plan(&Policy::new(PolicyKind::Cpu), &live(2)).unwrap();
+        assert_eq!(p.config.policy, id::CPU);
+        assert_eq!((p.config.row_len, p.config.table_len), (1, 2));
+        assert_eq!(p.table, vec![0, 1]);
+    }
+
+    #[test]
+    fn hash_plan_carries_key_and_seed() {
+        let mut policy = Policy::new(PolicyKind::Hash);
+        policy.key = HashKey::FourTuple;
+        policy.seed = 7;
+        let p = plan(&policy, &live(3)).unwrap();
+        assert_eq!(
+            (p.config.key, p.config.seed, p.config.n_live),
+            (key::FOUR_TUPLE, 7, 3)
+        );
+        assert_eq!(&p.config.live[..3], &[0, 1, 2]);
+        assert!(p.table.is_empty());
+    }
+
+    #[test]
+    fn kernel_policy_has_no_plan() {
+        assert_eq!(
+            plan(&Policy::new(PolicyKind::Kernel), &live(2)),
+            Err(PolicyError::Kernel)
+        );
+    }
+}

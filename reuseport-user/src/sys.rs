@@ -1,0 +1,113 @@
+//! Facts about the running system: kernel release, usable CPUs, capabilities.
+
+use caps::{CapSet, Capability};
+use nix::{sched::CpuSet, unistd::Pid};
+
+use crate::error::{Error, Result};
+
+/// Oldest kernel the steering program loads on: it reads
+/// `sk_reuseport_md.migrating_sk` (5.14) and uses BPF atomics (5.12).
+pub const MIN_KERNEL: (u32, u32) = (5, 14);
+
+/// The running kernel's release string, e.g. `6.18.44-fc`.
+pub fn kernel_release() -> Result<String> {
+    let uts = nix::sys::utsname::uname().map_err(|e| Error::io("uname", e.into()))?;
+    Ok(uts.release().to_string_lossy().into_owned())
+}
+
+/// The `(major, minor)` of a kernel release string.
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Fails with [`Error::KernelTooOld`] unless the kernel is at least
+/// [`MIN_KERNEL`].
+pub fn check_kernel(feature: &'static str) -> Result<()> {
+    let release = kernel_release()?;
+    match parse_release(&release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        _ => Err(Error::KernelTooOld {
+            found: release,
+            needed: "5.14",
+            feature,
+        }),
+    }
+}
+
+/// The CPUs this process may run on, in ascending order (its affinity
+/// mask, which honours `taskset` and cgroup cpusets).
+pub fn usable_cpus() -> Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(Pid::from_raw(0))
+        .map_err(|e| Error::io("sched_getaffinity", e.into()))?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    if cpus.is_empty() {
+        return Err(Error::io(
+            "sched_getaffinity",
+            std::io::Error::other("no usable CPU"),
+        ));
+    }
+    Ok(cpus)
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .map_err(|e| Error::io(format!("CPU {cpu}"), e.into()))?;
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &set)
+        .map_err(|e| Error::io(format!("pinning a worker to CPU {cpu}"), e.into()))
+}
+
+/// Fails with [`Error::NoPrivilege`] unless the process may load and attach
+/// networking BPF programs: `CAP_BPF` and `CAP_NET_ADMIN`, or `CAP_SYS_ADMIN`
+/// which implies both (`bpf_capable()`, `bpf_net_capable()` in the kernel).
+pub fn check_bpf_privilege(action: &'static str) -> Result<()> {
+    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
+    if has(Capability::CAP_SYS_ADMIN) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [
+        (Capability::CAP_BPF, "CAP_BPF"),
+        (Capability::CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(c, _)| !has(*c))
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NoPrivilege {
+            action,
+            missing: missing.join(" and "),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(parse_release("6.18.44-fc-v595"), Some((6, 18)));
+        assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(parse_release("4.19"), Some((4, 19)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
+        assert!(parse_release("5.14.0").unwrap() >= MIN_KERNEL);
+        assert!(parse_release("6.1.0").unwrap() >= MIN_KERNEL);
+    }
+
+    #[test]
+    fn usable_cpus_include_the_current_one() {
+        let cpus = usable_cpus().unwrap();
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]));
+    }
+}

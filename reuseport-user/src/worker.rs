@@ -1,0 +1,262 @@
+//! Thread-per-core workers: worker `i` is an OS thread pinned to its CPU,
+//! running a current-thread tokio runtime that serves the listener of slot
+//! `i` and nothing else, so a connection stays on the CPU that accepted it.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use log::{debug, error, info, warn};
+use tokio::{net::TcpStream, sync::Semaphore, task::LocalSet};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::error::{Error, Result};
+
+/// Per-connection and per-worker limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most connections one worker serves at once; beyond it the worker stops
+    /// accepting until one closes (new connections wait in the kernel's
+    /// accept queue).
+    pub max_connections: usize,
+    /// A connection that neither sends nor accepts data for this long is closed.
+    pub idle_timeout: Duration,
+    /// Size of a connection's buffer: the most bytes read before they are
+    /// written back (allocated when data first arrives).
+    pub buffer_size: usize,
+    /// How long open connections may take to finish after shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(60),
+            buffer_size: 64 * 1024,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of one worker, shared with the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections open now.
+    pub active: AtomicU64,
+    /// Bytes echoed (or otherwise counted by the handler).
+    pub bytes: AtomicU64,
+}
+
+/// Identity of a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Worker number, equal to its slot in the socket map.
+    pub worker: u32,
+    /// The CPU it is pinned to.
+    pub cpu: usize,
+}
+
+/// What a handler is given with each connection.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    /// The worker serving it.
+    pub worker: WorkerInfo,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The worker's counters.
+    pub stats: Arc<WorkerStats>,
+    /// The limits in force.
+    pub limits: Arc<Limits>,
+}
+
+/// A running worker thread.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    /// Who it is.
+    pub info: WorkerInfo,
+    /// Its counters.
+    pub stats: Arc<WorkerStats>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    /// Waits for the worker to finish (after shutdown was requested).
+    pub fn join(self) -> Result<()> {
+        self.thread.join().map_err(|_| {
+            Error::io(
+                format!("worker {}", self.info.worker),
+                io::Error::other("the worker thread panicked"),
+            )
+        })
+    }
+}
+
+/// Starts a worker thread serving `listener` with `handler` until
+/// `shutdown` is cancelled, then lets its open connections finish within
+/// `limits.drain_timeout`.
+///
+/// `handler` runs on the worker's own thread; its futures need not be `Send`.
+pub fn spawn_tcp<H, F>(
+    info: WorkerInfo,
+    listener: std::net::TcpListener,
+    limits: Arc<Limits>,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Result<WorkerHandle>
+where
+    H: Fn(TcpStream, Conn) -> F + Send + 'static,
+    F: Future<Output = io::Result<()>> + 'static,
+{
+    let stats = Arc::new(WorkerStats::default());
+    let thread_stats = stats.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = thread::Builder::new()
+        .name(format!("worker-{}", info.worker))
+        .spawn(move || {
+            let setup = || -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener)> {
+                crate::sys::pin_current_thread(info.cpu)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::io("starting a worker runtime", e))?;
+                let listener = {
+                    let _guard = rt.enter();
+                    tokio::net::TcpListener::from_std(listener)
+                        .map_err(|e| Error::io("registering a listener", e))?
+                };
+                Ok((rt, listener))
+            };
+            let (rt, listener) = match setup() {
+                Ok(v) => {
+                    let _ = ready_tx.send(Ok(()));
+                    v
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let local = LocalSet::new();
+            local.block_on(
+                &rt,
+                accept_loop(info, listener, limits, thread_stats, handler, shutdown),
+            );
+        })
+        .map_err(|e| Error::io("spawning a worker thread", e))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(WorkerHandle {
+            info,
+            stats,
+            thread,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::io(
+            format!("worker {}", info.worker),
+            io::Error::other("the worker thread died while starting"),
+        )),
+    }
+}
+
+/// Decrements the active count when a connection's task ends, however it
+/// ends (including a panic in the handler).
+struct ActiveGuard(Arc<WorkerStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop<H, F>(
+    info: WorkerInfo,
+    listener: tokio::net::TcpListener,
+    limits: Arc<Limits>,
+    stats: Arc<WorkerStats>,
+    handler: H,
+    shutdown: CancellationToken,
+) where
+    H: Fn(TcpStream, Conn) -> F + 'static,
+    F: Future<Output = io::Result<()>> + 'static,
+{
+    let handler = Rc::new(handler);
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        // At the connection limit, stop accepting: new connections wait in
+        // the kernel's queue instead of being accepted and starved.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(v) => v,
+            Err(e) => {
+                // Errors of one connection (it was reset while queued) or a
+                // passing shortage of descriptors: log and carry on.
+                warn!("worker {}: accept failed: {e}", info.worker);
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        let guard = ActiveGuard(stats.clone());
+        let conn = Conn {
+            worker: info,
+            peer,
+            stats: stats.clone(),
+            limits: limits.clone(),
+        };
+        let handler = handler.clone();
+        tracker.spawn_local(async move {
+            let _guard = guard;
+            let _permit = permit;
+            if let Err(e) = handler(stream, conn).await {
+                debug!("worker {}: connection from {peer}: {e}", info.worker);
+            }
+        });
+    }
+    // Stop accepting: this handle of the listener closes now; the group
+    // closes the socket itself once every worker has stopped.
+    drop(listener);
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        info!("worker {}: draining {open} open connection(s)", info.worker);
+    }
+    if tokio::time::timeout(limits.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        error!(
+            "worker {}: {} connection(s) still open after the {:?} drain deadline; closing them",
+            info.worker,
+            tracker.len(),
+            limits.drain_timeout
+        );
+    }
+}
