@@ -72,6 +72,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Turn on the kernel's BPF run-time statistics while running (they
+    /// cost two clock reads per program run) and report them on /metrics.
+    #[arg(long)]
+    pub bpf_stats: bool,
+
     /// Listen backlog of each worker's socket.
     #[arg(long, default_value_t = DEFAULT_BACKLOG)]
     pub backlog: i32,
@@ -109,5 +114,5 @@ fn run_group(a: RunArgs) -> crate::error::Result<()> {
         buffer_size: a.buffer_size.max(1),
         drain_timeout: a.drain_timeout,
     };
-    server::run_echo(builder, limits, a.metrics_addr)
+    server::run_echo(builder, limits, a.metrics_addr, a.bpf_stats)
 }

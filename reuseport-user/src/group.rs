@@ -227,16 +227,6 @@ impl GroupBuilder {
             )?),
         };
 
-        if self.addr.port() != 0 {
-            let count = socket::existing_members(self.addr, self.proto)?;
-            if count > 0 {
-                return Err(Error::GroupExists {
-                    addr: self.addr,
-                    proto: self.proto,
-                    count,
-                });
-            }
-        }
         let steering = match plan {
             Some(_) => Some(Steering::load(&self.program)?),
             None => None,
@@ -247,6 +237,21 @@ impl GroupBuilder {
         for &(slot, cpu) in &placement {
             let socket = socket::bind_member(addr, self.proto)?;
             if slot == 0 {
+                // Our bind succeeded, so any other socket on this address is
+                // a reuseport socket of this user: a group we would silently
+                // join, replacing its program. Refuse.
+                if self.addr.port() != 0 {
+                    let ours = usize::from(self.proto == Proto::Udp);
+                    let count =
+                        socket::existing_members(self.addr, self.proto)?.saturating_sub(ours);
+                    if count > 0 {
+                        return Err(Error::GroupExists {
+                            addr: self.addr,
+                            proto: self.proto,
+                            count,
+                        });
+                    }
+                }
                 addr = socket
                     .local_addr()
                     .ok()

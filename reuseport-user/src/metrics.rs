@@ -146,6 +146,22 @@ impl Collector for GroupCollector {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
         }
+        if let Some(Ok((time, runs))) = self.0.steering.as_ref().map(|s| lock(s).run_stats()) {
+            let m = encoder.encode_descriptor(
+                "reuseport_bpf_runs",
+                "Runs of the steering program counted by the kernel (only while BPF statistics are on).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(runs).encode(m)?;
+            let m = encoder.encode_descriptor(
+                "reuseport_bpf_run_seconds",
+                "Time spent in the steering program (only while BPF statistics are on).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(time.as_secs_f64()).encode(m)?;
+        }
         Ok(())
     }
 }

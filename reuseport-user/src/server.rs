@@ -27,9 +27,15 @@ pub fn run_echo(
     builder: GroupBuilder,
     limits: Limits,
     metrics_addr: Option<SocketAddr>,
+    bpf_stats: bool,
 ) -> Result<()> {
     let metrics_listener = metrics_addr.map(metrics::bind).transpose()?;
     let group = builder.build()?;
+    // Held for as long as the group runs: statistics stop when it closes.
+    let _stats = match (bpf_stats, group.steering()) {
+        (true, Some(_)) => Some(crate::steering::enable_run_stats()?),
+        _ => None,
+    };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "policy {}", group.policy());
     for m in group.members() {

@@ -1,1 +1,487 @@
 //! Shared helpers of the integration tests.
+//!
+//! Every test runs against the real kernel, in a network namespace of its
+//! own ([`netns`]): the test thread unshares its network namespace, so the
+//! server process it starts, and the client threads it spawns, live there
+//! too, with nothing else on their ports. The tests need root (network
+//! namespaces, BPF); without it they fail, they are never skipped.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{sched::CpuSet, unistd::Pid};
+use socket2::{Domain, Socket, Type};
+
+/// Moves the calling thread into a new network namespace with `lo` up.
+///
+/// A network namespace belongs to a thread, so tests running in parallel
+/// (one thread each) do not see each other's sockets.
+pub fn netns() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the integration tests need root: network namespaces and BPF (run `cargo xtask test` as root)"
+    );
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("running `ip link set lo up`");
+    assert!(st.success(), "ip link set lo up failed");
+}
+
+/// The `reuseport` binary under test: `$REUSEPORT_BIN` (set by
+/// `cargo xtask test`), else `target/debug/reuseport` next to this test.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("REUSEPORT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> -> target/debug/reuseport
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("reuseport"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// Pins the calling thread to `cpu`. On loopback the CPU that sends a SYN
+/// is the CPU that receives it, which is what the `cpu` policy reads.
+pub fn pin_to_cpu(cpu: usize) {
+    let mut set = CpuSet::new();
+    set.set(cpu).expect("cpu in range");
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+/// The CPUs this process may run on.
+pub fn cpus() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
+}
+
+/// A running `reuseport run` process.
+pub struct Server {
+    child: Option<Child>,
+    /// The group's address (with its real port).
+    pub addr: SocketAddr,
+    /// The metrics address, if metrics were asked for.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Everything printed on stdout up to "ready".
+    pub banner: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// How a server that did not start ended.
+#[derive(Debug)]
+pub struct Failed {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// What it printed on stderr.
+    pub stderr: String,
+    /// What it printed on stdout.
+    pub stdout: String,
+}
+
+impl Server {
+    /// Starts `reuseport run --addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 ARGS`
+    /// and waits until it is serving. Panics if it exits instead.
+    pub fn start(args: &[&str]) -> Server {
+        match Server::try_start(args) {
+            Ok(s) => s,
+            Err(f) => panic!(
+                "the server did not start ({}):\n{}{}",
+                f.status, f.stdout, f.stderr
+            ),
+        }
+    }
+
+    /// Like [`Server::start`], with `ARGS` as given (no default address).
+    pub fn try_start(args: &[&str]) -> Result<Server, Failed> {
+        let mut full: Vec<&str> = vec!["run"];
+        if !args.contains(&"--addr") {
+            full.extend(["--addr", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--metrics-addr") {
+            full.extend(["--metrics-addr", "127.0.0.1:0"]);
+        }
+        full.extend(args);
+        Server::spawn(Command::new(binary()).args(&full))
+    }
+
+    /// Starts a prepared command of the binary and waits for "ready".
+    pub fn spawn(cmd: &mut Command) -> Result<Server, Failed> {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the reuseport binary");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let mut pipe = child.stderr.take().expect("stderr");
+            let stderr = stderr.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let ready = line.starts_with("ready: ");
+                    banner.push(line);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(status) = child.try_wait().expect("try_wait") {
+                        // Let the stderr reader finish.
+                        thread::sleep(Duration::from_millis(100));
+                        return Err(Failed {
+                            status,
+                            stderr: stderr.lock().unwrap().clone(),
+                            stdout: banner.join("\n"),
+                        });
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "the server did not become ready in 60 s"
+                    );
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("wait");
+                    thread::sleep(Duration::from_millis(100));
+                    return Err(Failed {
+                        status,
+                        stderr: stderr.lock().unwrap().clone(),
+                        stdout: banner.join("\n"),
+                    });
+                }
+            }
+        }
+        let ready = banner.last().expect("ready line");
+        let addr = ready
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .expect("address in the ready line");
+        let metrics_addr = banner.iter().find_map(|l| {
+            l.strip_prefix("metrics on http://")
+                .and_then(|r| r.strip_suffix("/metrics"))
+                .and_then(|a| a.parse().ok())
+        });
+        Ok(Server {
+            child: Some(child),
+            addr,
+            metrics_addr,
+            banner,
+            stderr,
+        })
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Scrapes `/metrics`.
+    pub fn metrics(&self) -> Metrics {
+        Metrics::scrape(self.metrics_addr.expect("started with --metrics-addr"))
+    }
+
+    /// What the server printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(Pid::from_raw(self.pid() as i32), signal).expect("kill");
+    }
+
+    /// Waits for the server to exit, at most `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                thread::sleep(Duration::from_millis(50));
+                return (status, self.stderr());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the server did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then [`Server::wait`].
+    pub fn stop(self) -> (ExitStatus, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait(Duration::from_secs(30))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One scrape of `/metrics`: series (`name{labels}`) to value.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics(pub BTreeMap<String, f64>);
+
+impl Metrics {
+    /// `GET /metrics` over a plain TCP connection.
+    pub fn scrape(addr: SocketAddr) -> Metrics {
+        let mut s = TcpStream::connect(addr).expect("connecting to the metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        let mut series = BTreeMap::new();
+        for line in body.lines() {
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let (name, value) = line.rsplit_once(' ').expect("series and value");
+            series.insert(name.to_string(), value.parse().expect("numeric value"));
+        }
+        Metrics(series)
+    }
+
+    /// The value of the series `name` whose labels include all of `labels`.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0.iter().find_map(|(series, v)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, val)| rest.contains(&format!("{k}=\"{val}\""))))
+            .then_some(*v)
+        })
+    }
+
+    /// Like [`Metrics::get`], as a count; panics if the series is missing.
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("no series {name} {labels:?} in {:#?}", self.0))
+            as u64
+    }
+
+    /// Connections accepted by `worker`.
+    pub fn accepted(&self, worker: usize) -> u64 {
+        self.count(
+            "reuseport_worker_accepted_total",
+            &[("worker", &worker.to_string())],
+        )
+    }
+
+    /// Program selections of `slot`.
+    pub fn selected(&self, slot: usize) -> u64 {
+        self.count(
+            "reuseport_bpf_selected_total",
+            &[("slot", &slot.to_string())],
+        )
+    }
+
+    /// Program fallbacks to the kernel's hash.
+    pub fn fallback(&self) -> u64 {
+        self.count("reuseport_bpf_fallback_total", &[])
+    }
+}
+
+/// Per-worker difference of accepted connections between two scrapes.
+pub fn accepted_delta(before: &Metrics, after: &Metrics, workers: usize) -> Vec<u64> {
+    (0..workers)
+        .map(|w| after.accepted(w) - before.accepted(w))
+        .collect()
+}
+
+/// Per-slot difference of program selections between two scrapes.
+pub fn selected_delta(before: &Metrics, after: &Metrics, slots: usize) -> Vec<u64> {
+    (0..slots)
+        .map(|s| after.selected(s) - before.selected(s))
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `payload` on a new connection, half-closes, and returns every byte
+/// received until the server's EOF. Sending runs on its own thread so a
+/// payload larger than the socket buffers cannot deadlock.
+pub fn echo(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let stream = TcpStream::connect(addr).expect("connect");
+    echo_on(stream, payload)
+}
+
+/// [`echo`] on an already connected stream.
+pub fn echo_on(stream: TcpStream, payload: &[u8]) -> Vec<u8> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let data = payload.to_vec();
+    let sender = thread::spawn(move || {
+        writer.write_all(&data).expect("send");
+        writer.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let mut got = Vec::with_capacity(payload.len());
+    (&stream).read_to_end(&mut got).expect("receive the echo");
+    sender.join().expect("sender");
+    got
+}
+
+/// A connection from `src` (port 0: any) to `dst`.
+pub fn connect_from(src: SocketAddr, dst: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None).expect("socket");
+    s.set_reuse_address(true).expect("SO_REUSEADDR");
+    s.bind(&src.into())
+        .expect("bind the client's source address");
+    s.connect(&dst.into()).expect("connect");
+    s.into()
+}
+
+/// Closes with a reset (SO_LINGER 0): no TIME_WAIT, so the same 4-tuple
+/// can connect again at once.
+pub fn reset(stream: TcpStream) {
+    let s = Socket::from(stream);
+    s.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(s);
+}
+
+/// Waits until `f` holds, at most `timeout`.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// Ids of the BPF programs a process holds open (from `/proc/PID/fdinfo`).
+pub fn bpf_programs_of(pid: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
+    for entry in dir.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if !info.lines().any(|l| l.starts_with("prog_type:")) {
+            continue;
+        }
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// Whether a BPF program with this id still exists in the kernel
+/// (`BPF_PROG_GET_FD_BY_ID`).
+pub fn bpf_program_exists(id: u32) -> bool {
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    let attr = GetFdById {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for this command, and its
+    // size is passed along.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            &attr as *const GetFdById,
+            std::mem::size_of::<GetFdById>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: the syscall returned a new descriptor that we own.
+        unsafe { libc::close(fd as i32) };
+        true
+    } else {
+        false
+    }
+}

@@ -1,1 +1,152 @@
-fn main() {}
+//! Project tasks. `cargo xtask <task>`:
+//!
+//! - `setup`: install what building the eBPF program needs, if missing
+//! - `build`: build everything (release)
+//! - `run -- ARGS`: build, then `reuseport run ARGS`
+//! - `test`: build, then run every test (unit and integration)
+//! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
+//!
+//! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
+//! and says what it installs.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain if missing (nightly + rust-src, LLVM, bpf-linker).
+    Setup,
+    /// Build the loader, its eBPF program and the tests (release).
+    Build,
+    /// Build, then run `reuseport run` with the arguments after `--`.
+    Run {
+        /// Arguments for `reuseport run`, e.g. `-- --policy cpu`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run every test: unit tests and the integration tests (as root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `-- --nocapture policy_cpu`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy -D warnings (host crates, then the eBPF crate).
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root()?;
+    match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Build => {
+            setup::ensure()?;
+            cargo(&root, &["build", "--release", "--all-targets"])
+        }
+        Task::Run { args } => {
+            setup::ensure()?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "reuseport-user",
+                    "--bin",
+                    "reuseport",
+                ],
+            )?;
+            let bin = root.join("target/release/reuseport");
+            println!("xtask: {} run {}", bin.display(), args.join(" "));
+            exec(Command::new(&bin).arg("run").args(&args))
+        }
+        Task::Test { args } => {
+            setup::ensure()?;
+            cargo(
+                &root,
+                &["build", "-p", "reuseport-user", "--bin", "reuseport"],
+            )?;
+            let bin = root.join("target/debug/reuseport");
+            let mut cmd = Command::new(cargo_bin());
+            cmd.current_dir(&root)
+                .args(["test", "--all-targets"])
+                .args(&args)
+                .env("REUSEPORT_BIN", &bin);
+            println!("xtask: cargo test (REUSEPORT_BIN={})", bin.display());
+            status(&mut cmd)
+        }
+        Task::Lint => {
+            setup::ensure()?;
+            cargo(&root, &["fmt", "--all", "--", "--check"])?;
+            cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            let mut cmd = Command::new("rustup");
+            cmd.current_dir(&root)
+                .args(["run", "nightly", "cargo", "clippy", "-p", "reuseport-ebpf"])
+                .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+                .args(["--", "-D", "warnings"])
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER");
+            println!("xtask: clippy of the eBPF crate (nightly, bpfel-unknown-none)");
+            status(&mut cmd)
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask is not inside the workspace")
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    println!("xtask: cargo {}", args.join(" "));
+    status(Command::new(cargo_bin()).current_dir(root).args(args))
+}
+
+/// The cargo that runs us (cargo sets `CARGO` for `cargo run`).
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !st.success() {
+        bail!("{:?} failed ({st})", cmd.get_program());
+    }
+    Ok(())
+}
+
+/// Replaces xtask with the program, so signals (Ctrl-C) reach it directly
+/// and its exit status is ours.
+fn exec(cmd: &mut Command) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("running {:?}", cmd.get_program()))
+}

@@ -1,0 +1,177 @@
+//! Bad input and missing privileges: a clear one-line error and a non-zero
+//! exit, never a panic or a hang.
+
+use std::{
+    net::TcpListener,
+    process::{Command, Stdio},
+};
+
+use reuseport_tests::{binary, netns, Failed, Server};
+
+/// Runs the binary expecting it to fail; returns (exit code, stderr).
+fn fails(cmd: &mut Command) -> (i32, String) {
+    let Failed { status, stderr, .. } = match Server::spawn(cmd) {
+        Ok(_) => panic!("the server started, an error was expected"),
+        Err(f) => f,
+    };
+    assert!(
+        !stderr.contains("panicked"),
+        "a panic is not an error message:\n{stderr}"
+    );
+    assert!(
+        stderr.starts_with("error: "),
+        "the first line says what is wrong:\n{stderr}"
+    );
+    (status.code().expect("exited, not killed"), stderr)
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    fails(Command::new(binary()).arg("run").args(args))
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+#[test]
+fn unknown_policy_or_key() {
+    netns();
+    let (code, err) = run(&["--policy", "fastest"]);
+    assert_eq!(code, 2);
+    assert!(
+        first_line(&err).contains("invalid value 'fastest' for '--policy"),
+        "{err}"
+    );
+    assert!(err.contains("possible values: cpu, hash"), "{err}");
+
+    let (code, err) = run(&["--policy", "hash", "--hash-key", "dst-ip"]);
+    assert_eq!(code, 2);
+    assert!(
+        first_line(&err).contains("unknown hash key `dst-ip`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn worker_count_out_of_range() {
+    netns();
+    for (n, shown) in [("0", "not 0"), ("65", "not 65")] {
+        let (code, err) = run(&["--addr", "127.0.0.1:0", "--workers", n]);
+        assert_eq!(code, 1);
+        assert_eq!(
+            first_line(&err),
+            format!("error: --workers must be between 1 and 64, {shown}")
+        );
+    }
+}
+
+#[test]
+fn address_taken_by_a_socket_without_so_reuseport() {
+    netns();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, err) = run(&["--addr", &addr]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        first_line(&err),
+        format!("error: tcp {addr} is in use by a socket without SO_REUSEPORT or of another user (EADDRINUSE)")
+    );
+}
+
+#[test]
+fn address_served_by_another_group_of_this_user() {
+    netns();
+    let first = Server::start(&["--policy", "cpu"]);
+    let addr = first.addr.to_string();
+    let (code, err) = run(&["--addr", &addr]);
+    assert_eq!(code, 1);
+    assert!(
+        first_line(&err).contains("is already served by another reuseport group of this user"),
+        "{err}"
+    );
+    // The running group was not touched: it still steers by its program.
+    let p = b"still here".to_vec();
+    assert_eq!(reuseport_tests::echo(first.addr, &p), p);
+}
+
+/// `reuseport run --policy POLICY` as root without any capability: what a
+/// service account gets.
+fn without_capabilities(policy: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+    ])
+    .arg(binary())
+    .args(["run", "--addr", "127.0.0.1:0", "--policy", policy]);
+    cmd
+}
+
+#[test]
+fn no_privilege_names_the_capabilities() {
+    netns();
+    let (code, err) = fails(&mut without_capabilities("cpu"));
+    assert_eq!(code, 1);
+    assert_eq!(
+        first_line(&err),
+        "error: loading the steering program needs CAP_BPF and CAP_NET_ADMIN (or root); this process lacks CAP_BPF and CAP_NET_ADMIN"
+    );
+
+    // The kernel policy needs no privilege at all.
+    let server = Server::spawn(&mut without_capabilities("kernel"))
+        .expect("the kernel policy runs unprivileged");
+    let p = b"unprivileged".to_vec();
+    assert_eq!(reuseport_tests::echo(server.addr, &p), p);
+}
+
+#[test]
+fn verifier_rejection_shows_the_log() {
+    netns();
+    let (code, err) = run(&["--addr", "127.0.0.1:0", "--bpf-program", "verifier_reject"]);
+    assert_eq!(code, 1);
+    assert!(
+        first_line(&err)
+            .starts_with("error: the kernel's verifier rejected BPF program `verifier_reject`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("invalid access to packet"),
+        "the verifier's own words follow:\n{err}"
+    );
+    assert!(err.lines().count() > 3, "the whole log:\n{err}");
+}
+
+#[test]
+fn metrics_address_taken() {
+    netns();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, err) = run(&["--addr", "127.0.0.1:0", "--metrics-addr", &addr]);
+    assert_eq!(code, 1);
+    assert!(
+        first_line(&err).starts_with(&format!("error: binding the metrics address {addr}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_lists_the_policies() {
+    let out = Command::new(binary())
+        .args(["run", "--help"])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for p in [
+        "cpu",
+        "hash",
+        "kernel",
+        "--hash-key",
+        "--metrics-addr",
+        "--idle-timeout",
+    ] {
+        assert!(help.contains(p), "{p} in help:\n{help}");
+    }
+}

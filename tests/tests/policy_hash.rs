@@ -1,0 +1,149 @@
+//! `--policy hash`: the slot is our documented MurmurHash3 of the key,
+//! modulo the live workers, and user space predicts it exactly.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use reuseport_common::{
+    hash::{hash_key, Key},
+    key,
+};
+use reuseport_tests::{
+    accepted_delta, connect_from, echo_on, netns, pattern, reset, selected_delta, Server,
+};
+
+/// The worker the program must pick, computed in user space.
+fn predicted(
+    kind: u32,
+    seed: u32,
+    workers: usize,
+    client: SocketAddr,
+    server: SocketAddr,
+) -> usize {
+    let key = Key::for_addrs(kind, client, server).expect("address key");
+    (hash_key(seed, &key) % workers as u32) as usize
+}
+
+/// Opens one echo connection from `src` and returns the worker that
+/// served it (the one whose accepted counter moved).
+fn served_by(server: &Server, src: SocketAddr, workers: usize) -> (usize, SocketAddr) {
+    let before = server.metrics();
+    let stream = connect_from(src, server.addr);
+    let local = stream.local_addr().unwrap();
+    let payload = pattern(32, local.port() as u64);
+    assert_eq!(echo_on(stream.try_clone().unwrap(), &payload), payload);
+    reset(stream);
+    let after = server.metrics();
+    let delta = accepted_delta(&before, &after, workers);
+    assert_eq!(
+        delta.iter().sum::<u64>(),
+        1,
+        "one connection, one accept: {delta:?}"
+    );
+    assert_eq!(
+        selected_delta(&before, &after, workers),
+        delta,
+        "the program selected it"
+    );
+    (delta.iter().position(|&d| d == 1).unwrap(), local)
+}
+
+fn client(last: u8, third: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 1, third, last)), 0)
+}
+
+#[test]
+fn src_ip_keeps_one_client_on_one_worker_and_spreads_clients() {
+    netns();
+    let workers = 4;
+    let seed: u32 = 24301;
+    let seed_arg = seed.to_string();
+    let server = Server::start(&[
+        "--policy",
+        "hash",
+        "--hash-key",
+        "src-ip",
+        "--workers",
+        "4",
+        "--seed",
+        &seed_arg,
+    ]);
+    // One client address, many source ports: always the same worker.
+    let one = client(7, 0);
+    let (first, _) = served_by(&server, one, workers);
+    for _ in 0..30 {
+        assert_eq!(
+            served_by(&server, one, workers).0,
+            first,
+            "client {one} moved"
+        );
+    }
+    assert_eq!(
+        first,
+        predicted(key::SRC_IP, seed, workers, one, server.addr)
+    );
+
+    // 64 client addresses: each on its predicted worker, every worker used.
+    let mut per_worker = vec![0; workers];
+    for i in 0..64u8 {
+        let src = client(i + 1, 9);
+        let (w, _) = served_by(&server, src, workers);
+        assert_eq!(
+            w,
+            predicted(key::SRC_IP, seed, workers, src, server.addr),
+            "client {src}"
+        );
+        per_worker[w] += 1;
+    }
+    assert!(
+        per_worker.iter().all(|&n| n > 0),
+        "every worker serves some clients: {per_worker:?}"
+    );
+    assert_eq!(server.metrics().fallback(), 0);
+}
+
+#[test]
+fn four_tuple_maps_each_tuple_to_its_predicted_slot() {
+    netns();
+    let workers = 2;
+    let server = Server::start(&[
+        "--policy",
+        "hash",
+        "--hash-key",
+        "four-tuple",
+        "--workers",
+        "2",
+    ]);
+    let mut seen = [0; 2];
+    for i in 0..40u16 {
+        // A fixed source port, so the same 4-tuple can be used twice.
+        let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 20_000 + i);
+        let (w1, local) = served_by(&server, src, workers);
+        let (w2, _) = served_by(&server, src, workers);
+        assert_eq!(w1, w2, "the same 4-tuple {local} moved");
+        assert_eq!(
+            w1,
+            predicted(key::FOUR_TUPLE, 0, workers, local, server.addr),
+            "tuple {local}"
+        );
+        seen[w1] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 0), "both workers used: {seen:?}");
+}
+
+#[test]
+fn another_seed_gives_another_spread() {
+    netns();
+    let workers = 2;
+    let mut moved = 0;
+    let a = Server::start(&["--policy", "hash", "--workers", "2", "--seed", "1"]);
+    let b = Server::start(&["--policy", "hash", "--workers", "2", "--seed", "2"]);
+    for i in 0..32u8 {
+        let src = client(i + 1, 3);
+        let (wa, _) = served_by(&a, src, workers);
+        let (wb, _) = served_by(&b, src, workers);
+        assert_eq!(wa, predicted(key::SRC_IP, 1, workers, src, a.addr));
+        assert_eq!(wb, predicted(key::SRC_IP, 2, workers, src, b.addr));
+        moved += usize::from(wa != wb);
+    }
+    assert!(moved > 0, "the seed changes where clients land");
+}
