@@ -5,7 +5,8 @@
 //! bytes below. Keys are whole 4-byte words, read little-endian, which is what
 //! the algorithm does with its input blocks; so for a key of `4n` bytes this is
 //! exactly `MurmurHash3_x86_32(bytes, 4n, seed)` and any implementation of it
-//! predicts the program. The program runs the same code as the loader.
+//! predicts the program. The program runs the same code as the loader
+//! ([`hash_addrs`] is what user space calls to predict it).
 //!
 //! Key bytes, in network order as they are on the wire:
 //! - `src-ip`: the client address as 16 bytes; an IPv4 address is written as
@@ -17,88 +18,12 @@
 
 use core::net::{IpAddr, SocketAddr};
 
-/// Most words a key has (the four-tuple).
-pub const KEY_WORDS: usize = 9;
-
-/// A hash key: `n_words` little-endian words of key bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Key {
-    /// The key bytes as words; words past `n_words` are ignored.
-    pub words: [u32; KEY_WORDS],
-    /// Number of words in use.
-    pub n_words: u32,
-}
-
 /// An IPv4 address as the 16 bytes of its v4-mapped IPv6 form.
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
     ]
-}
-
-#[inline(always)]
-fn word(b: &[u8; 16], i: usize) -> u32 {
-    u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
-}
-
-impl Key {
-    /// The `src-ip` key of a client address (16 bytes, IPv4 v4-mapped).
-    #[inline(always)]
-    pub fn src_ip(src: &[u8; 16]) -> Key {
-        let mut words = [0; KEY_WORDS];
-        words[0] = word(src, 0);
-        words[1] = word(src, 1);
-        words[2] = word(src, 2);
-        words[3] = word(src, 3);
-        Key { words, n_words: 4 }
-    }
-
-    /// The `four-tuple` key: addresses as 16 bytes each, `ports` as on the wire
-    /// (client port then server port, each big-endian).
-    #[inline(always)]
-    pub fn four_tuple(src: &[u8; 16], dst: &[u8; 16], ports: [u8; 4]) -> Key {
-        Key {
-            words: [
-                word(src, 0),
-                word(src, 1),
-                word(src, 2),
-                word(src, 3),
-                word(dst, 0),
-                word(dst, 1),
-                word(dst, 2),
-                word(dst, 3),
-                u32::from_le_bytes(ports),
-            ],
-            n_words: 9,
-        }
-    }
-
-    /// The payload key: up to 16 payload bytes, zero-padded.
-    #[inline(always)]
-    pub fn payload(bytes: &[u8; 16]) -> Key {
-        let mut key = Key::src_ip(bytes);
-        key.n_words = 4;
-        key
-    }
-
-    /// The key the program computes for a packet from `client` to `server`.
-    ///
-    /// Returns `None` for [`key::PAYLOAD`](crate::key::PAYLOAD) and unknown
-    /// kinds, which do not depend on the addresses.
-    pub fn for_addrs(kind: u32, client: SocketAddr, server: SocketAddr) -> Option<Key> {
-        let src = addr16(client.ip());
-        let dst = addr16(server.ip());
-        match kind {
-            crate::key::SRC_IP => Some(Key::src_ip(&src)),
-            crate::key::FOUR_TUPLE => {
-                let c = client.port().to_be_bytes();
-                let s = server.port().to_be_bytes();
-                Some(Key::four_tuple(&src, &dst, [c[0], c[1], s[0], s[1]]))
-            }
-            _ => None,
-        }
-    }
 }
 
 /// An address as the 16 bytes the program reads (IPv4 v4-mapped).
@@ -112,51 +37,106 @@ pub fn addr16(ip: IpAddr) -> [u8; 16] {
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
 
-/// One MurmurHash3 x86_32 body round.
-#[inline(always)]
-pub fn murmur3_round(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
+/// MurmurHash3 x86_32 over whole 4-byte words, fed one word at a time.
+///
+/// No buffer is built: the program feeds the words it has read, which
+/// keeps it free of the byte-wise `memset` calls that zeroing a key buffer
+/// costs in BPF.
+#[derive(Clone, Copy, Debug)]
+pub struct Murmur3 {
+    h: u32,
+    len: u32,
 }
 
-/// MurmurHash3 x86_32 finalisation for an input of `len` bytes.
-#[inline(always)]
-pub fn murmur3_finish(h: u32, len: u32) -> u32 {
-    let mut h = h ^ len;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// MurmurHash3 x86_32 of the key's bytes with `seed`.
-#[inline(always)]
-pub fn hash_key(seed: u32, key: &Key) -> u32 {
-    let mut h = seed;
-    // A constant trip count keeps the eBPF verifier's loop bound obvious.
-    let mut i = 0;
-    while i < KEY_WORDS {
-        if (i as u32) < key.n_words {
-            h = murmur3_round(h, key.words[i]);
-        }
-        i += 1;
+impl Murmur3 {
+    /// A hash seeded with `seed`.
+    #[inline(always)]
+    pub const fn new(seed: u32) -> Self {
+        Murmur3 { h: seed, len: 0 }
     }
-    let n = if key.n_words as usize > KEY_WORDS {
-        KEY_WORDS as u32
-    } else {
-        key.n_words
-    };
-    murmur3_finish(h, n * 4)
+
+    /// Feeds one block: 4 key bytes read little-endian.
+    #[inline(always)]
+    pub fn word(self, k: u32) -> Self {
+        let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        let h = (self.h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
+        Murmur3 {
+            h,
+            len: self.len.wrapping_add(4),
+        }
+    }
+
+    /// Feeds 16 bytes (4 blocks).
+    #[inline(always)]
+    pub fn bytes16(self, b: &[u8; 16]) -> Self {
+        let w = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        self.word(w(0)).word(w(4)).word(w(8)).word(w(12))
+    }
+
+    /// The hash of everything fed.
+    #[inline(always)]
+    pub fn finish(self) -> u32 {
+        let mut h = self.h ^ self.len;
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+}
+
+/// The `src-ip` key's hash: the client address as 16 bytes.
+#[inline(always)]
+pub fn hash_src_ip(seed: u32, src: &[u8; 16]) -> u32 {
+    Murmur3::new(seed).bytes16(src).finish()
+}
+
+/// The `four-tuple` key's hash: addresses as 16 bytes each, then `ports` as
+/// on the wire (client port then server port, each big-endian).
+#[inline(always)]
+pub fn hash_four_tuple(seed: u32, src: &[u8; 16], dst: &[u8; 16], ports: [u8; 4]) -> u32 {
+    Murmur3::new(seed)
+        .bytes16(src)
+        .bytes16(dst)
+        .word(u32::from_le_bytes(ports))
+        .finish()
+}
+
+/// The payload key's hash: up to 16 payload bytes, zero-padded to 16.
+#[inline(always)]
+pub fn hash_payload(seed: u32, bytes: &[u8; 16]) -> u32 {
+    Murmur3::new(seed).bytes16(bytes).finish()
 }
 
 /// MurmurHash3 x86_32 of a `u32` (as 4 little-endian bytes) with `seed`.
 #[inline(always)]
 pub fn hash_u32(seed: u32, value: u32) -> u32 {
-    murmur3_finish(murmur3_round(seed, value), 4)
+    Murmur3::new(seed).word(value).finish()
+}
+
+/// The hash the program computes for a connection from `client` to
+/// `server` with key `kind` ([`key::SRC_IP`](crate::key::SRC_IP) or
+/// [`key::FOUR_TUPLE`](crate::key::FOUR_TUPLE); `None` for other kinds,
+/// which do not depend on the addresses).
+pub fn hash_addrs(kind: u32, seed: u32, client: SocketAddr, server: SocketAddr) -> Option<u32> {
+    let src = addr16(client.ip());
+    match kind {
+        crate::key::SRC_IP => Some(hash_src_ip(seed, &src)),
+        crate::key::FOUR_TUPLE => {
+            let c = client.port().to_be_bytes();
+            let s = server.port().to_be_bytes();
+            Some(hash_four_tuple(
+                seed,
+                &src,
+                &addr16(server.ip()),
+                [c[0], c[1], s[0], s[1]],
+            ))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -170,44 +150,46 @@ mod tests {
         murmur3::murmur3_32(&mut Cursor::new(bytes), seed).unwrap()
     }
 
-    fn key_bytes(key: &Key) -> Vec<u8> {
-        key.words[..key.n_words as usize]
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect()
-    }
-
     #[test]
     fn matches_the_published_murmur3_x86_32() {
         for seed in [0, 1, 0xdead_beef, u32::MAX] {
             let src = v4_mapped([127, 0, 0, 9]);
             let dst = addr16(IpAddr::V6(Ipv6Addr::LOCALHOST));
-            for key in [
-                Key::src_ip(&src),
-                Key::four_tuple(&src, &dst, [0x12, 0x34, 0x1e, 0xc6]),
-                Key::payload(b"0123456789abcdef"),
-            ] {
-                let bytes = key_bytes(&key);
-                assert_eq!(hash_key(seed, &key), reference(seed, &bytes));
-            }
+            assert_eq!(hash_src_ip(seed, &src), reference(seed, &src));
+            let mut tuple = Vec::new();
+            tuple.extend_from_slice(&src);
+            tuple.extend_from_slice(&dst);
+            tuple.extend_from_slice(&[0x12, 0x34, 0x1e, 0xc6]);
+            assert_eq!(
+                hash_four_tuple(seed, &src, &dst, [0x12, 0x34, 0x1e, 0xc6]),
+                reference(seed, &tuple)
+            );
+            assert_eq!(
+                hash_payload(seed, b"0123456789abcdef"),
+                reference(seed, b"0123456789abcdef")
+            );
             assert_eq!(hash_u32(seed, 42), reference(seed, &42u32.to_le_bytes()));
         }
     }
 
     #[test]
-    fn key_bytes_are_the_documented_wire_bytes() {
+    fn address_keys_are_the_documented_wire_bytes() {
         let client: SocketAddr = (Ipv4Addr::new(127, 1, 2, 3), 0x1234).into();
         let server: SocketAddr = (Ipv4Addr::new(127, 0, 0, 1), 7878).into();
-        let k = Key::for_addrs(crate::key::FOUR_TUPLE, client, server).unwrap();
         let mut expect = Vec::new();
         expect.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 1, 2, 3]);
+        assert_eq!(
+            hash_addrs(crate::key::SRC_IP, 5, client, server),
+            Some(reference(5, &expect))
+        );
         expect.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
         expect.extend_from_slice(&0x1234u16.to_be_bytes());
         expect.extend_from_slice(&7878u16.to_be_bytes());
-        assert_eq!(key_bytes(&k), expect);
-
-        let s = Key::for_addrs(crate::key::SRC_IP, client, server).unwrap();
-        assert_eq!(key_bytes(&s), expect[..16]);
+        assert_eq!(
+            hash_addrs(crate::key::FOUR_TUPLE, 5, client, server),
+            Some(reference(5, &expect))
+        );
+        assert_eq!(hash_addrs(crate::key::PAYLOAD, 5, client, server), None);
     }
 
     #[test]
@@ -216,14 +198,14 @@ mod tests {
         let mapped: SocketAddr = (Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped(), 1000).into();
         let server: SocketAddr = (Ipv4Addr::LOCALHOST, 1).into();
         assert_eq!(
-            Key::for_addrs(crate::key::SRC_IP, v4, server),
-            Key::for_addrs(crate::key::SRC_IP, mapped, server)
+            hash_addrs(crate::key::SRC_IP, 0, v4, server),
+            hash_addrs(crate::key::SRC_IP, 0, mapped, server)
         );
     }
 
     #[test]
     fn seed_changes_the_hash() {
-        let k = Key::src_ip(&v4_mapped([127, 0, 0, 1]));
-        assert_ne!(hash_key(1, &k), hash_key(2, &k));
+        let k = v4_mapped([127, 0, 0, 1]);
+        assert_ne!(hash_src_ip(1, &k), hash_src_ip(2, &k));
     }
 }

@@ -44,9 +44,13 @@ pub mod map {
     /// `BPF_MAP_TYPE_ARRAY` of one `u64`: the ticket counter of `round-robin`
     /// and `weighted` (advanced with an atomic fetch-add).
     pub const TICKETS: &str = "TICKETS";
-    /// `BPF_MAP_TYPE_ARRAY` of `MAX_WORKERS` `u32`: connections per slot that
-    /// `least-loaded` counts as open.
-    pub const LOAD: &str = "LOAD";
+    /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of `MAX_WORKERS`
+    /// [`WorkerRecord`](crate::WorkerRecord)s: what each slot's worker is and
+    /// has done, written by the workers, read by `stats` and `ctl`.
+    pub const WORKERS: &str = "WORKERS";
+    /// `BPF_MAP_TYPE_ARRAY` of one [`GroupInfo`](crate::GroupInfo): the group's
+    /// address and owner, for `ctl` and `stats`.
+    pub const GROUP: &str = "GROUP";
     /// `BPF_MAP_TYPE_PERCPU_ARRAY` of [`counter::LEN`](crate::counter::LEN) `u64`.
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -151,6 +155,9 @@ pub struct Config {
     pub payload_len: u32,
     /// The slots that hold a serving socket, in slot order.
     pub live: [u32; MAX_WORKERS as usize],
+    /// `weighted`: the weight of each slot (by slot number). Kept with the
+    /// rest so that any process can rebuild the table from this record.
+    pub weights: [u32; MAX_WORKERS as usize],
 }
 
 impl Config {
@@ -165,6 +172,7 @@ impl Config {
         payload_offset: 0,
         payload_len: 0,
         live: [0; MAX_WORKERS as usize],
+        weights: [0; MAX_WORKERS as usize],
     };
 
     /// The live slot at position `x` modulo the number of live slots.
@@ -200,21 +208,96 @@ impl Config {
     }
 }
 
+/// States of a slot's worker ([`WorkerRecord::state`]).
+pub mod worker_state {
+    /// No worker.
+    pub const EMPTY: u32 = 0;
+    /// Accepting and serving.
+    pub const SERVING: u32 = 1;
+    /// No longer given new connections; finishing its open ones.
+    pub const DRAINING: u32 = 2;
+}
+
+/// What a slot's worker is and has done. One per slot in
+/// [`map::WORKERS`]; the owning worker updates it with atomic instructions
+/// through a shared memory mapping, the program adds to `load`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerRecord {
+    /// A [`worker_state`].
+    pub state: u32,
+    /// The CPU the worker is pinned to.
+    pub cpu: u32,
+    /// The process the worker runs in.
+    pub pid: u32,
+    /// Reserved (keeps the counters 8-byte aligned).
+    pub reserved: u32,
+    /// Connections (or datagrams) accepted.
+    pub accepted: u64,
+    /// Connections open now.
+    pub active: u64,
+    /// Bytes served.
+    pub bytes: u64,
+    /// Work steered to this slot and not finished: the program adds one per
+    /// selection, the worker takes one away when it is done with it. The
+    /// `least-loaded` policy picks the slot where it is smallest.
+    pub load: u64,
+    /// Connections that waited because the worker was at its connection limit.
+    pub at_limit: u64,
+}
+
+/// Bits of [`GroupInfo::flags`].
+pub mod group_flag {
+    /// The steering program is attached (the group was not started with
+    /// the `kernel` policy).
+    pub const PROGRAM: u32 = 1;
+}
+
+/// The group a set of maps belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The address, as 16 bytes (IPv4 v4-mapped).
+    pub addr: [u8; 16],
+    /// The port.
+    pub port: u32,
+    /// 4 or 6.
+    pub family: u32,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u32,
+    /// Slots in use at start.
+    pub workers: u32,
+    /// The process that created the group.
+    pub owner_pid: u32,
+    /// [`group_flag`] bits.
+    pub flags: u32,
+    /// Start time of the owner (clock ticks after boot, `/proc/PID/stat`
+    /// field 22), to tell it from a later process with the same pid.
+    pub owner_start: u64,
+}
+
 #[cfg(feature = "user")]
-// SAFETY: `Config` is `repr(C)`, made only of `u32`s, has no padding and every
-// bit pattern is a valid value.
-unsafe impl aya::Pod for Config {}
+mod pod {
+    // SAFETY (all three): `repr(C)`, fixed-width integer fields only, no
+    // padding (checked by the size tests), every bit pattern valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::WorkerRecord {}
+    unsafe impl aya::Pod for super::GroupInfo {}
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn config_has_no_padding() {
+    fn shared_structs_have_no_padding() {
         assert_eq!(
             core::mem::size_of::<Config>(),
-            4 * (8 + MAX_WORKERS as usize)
+            4 * (8 + 2 * MAX_WORKERS as usize)
         );
+        assert_eq!(core::mem::size_of::<WorkerRecord>(), 4 * 4 + 8 * 5);
+        assert_eq!(core::mem::size_of::<WorkerRecord>() % 8, 0);
+        assert_eq!(core::mem::size_of::<GroupInfo>(), 16 + 4 * 6 + 8);
     }
 
     #[test]

@@ -19,11 +19,17 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    mem::MaybeUninit,
+};
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action, BPF_F_MMAPABLE},
-    helpers::{bpf_get_smp_processor_id, bpf_skb_load_bytes, bpf_skb_load_bytes_relative},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_skb_load_bytes,
+        bpf_skb_load_bytes_relative,
+    },
     macros::{map, sk_reuseport},
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -32,8 +38,8 @@ use aya_ebpf::{
 use aya_log_ebpf::trace;
 use reuseport_common::{
     counter,
-    hash::{hash_key, v4_mapped, Key},
-    key, policy, Config, MAX_WORKERS, TABLE_CAPACITY,
+    hash::{hash_four_tuple, hash_payload, hash_src_ip, v4_mapped},
+    key, policy, Config, GroupInfo, WorkerRecord, MAX_WORKERS, TABLE_CAPACITY,
 };
 
 #[map]
@@ -51,10 +57,14 @@ static TABLE: Array<u32> = Array::with_max_entries(2 * TABLE_CAPACITY, 0);
 #[map]
 static TICKETS: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Memory-mappable so that workers can decrement their own entry with an
-/// atomic instruction instead of a syscall per closed connection.
+/// Memory-mappable so that workers update their own record with atomic
+/// instructions instead of a syscall per connection.
 #[map]
-static LOAD: Array<u32> = Array::with_max_entries(MAX_WORKERS, BPF_F_MMAPABLE);
+static WORKERS: Array<WorkerRecord> = Array::with_max_entries(MAX_WORKERS, BPF_F_MMAPABLE);
+
+/// Not read here: the loader records the group's address and owner in it.
+#[map]
+static GROUP: Array<GroupInfo> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
@@ -105,7 +115,7 @@ fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
         policy::CONSISTENT => consistent(ctx, cfg, base)?,
         _ => return Err(()),
     };
-    if select(ctx, cfg, first).is_ok() {
+    if select(ctx, first).is_ok() {
         return Ok(first);
     }
     count(counter::EMPTY_SLOT);
@@ -118,7 +128,7 @@ fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
         }
         let slot = cfg.live_at(probe_from.wrapping_add(i)).ok_or(())?;
         if slot != first {
-            if select(ctx, cfg, slot).is_ok() {
+            if select(ctx, slot).is_ok() {
                 return Ok(slot);
             }
             count(counter::EMPTY_SLOT);
@@ -129,16 +139,20 @@ fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
 }
 
 #[inline(always)]
-fn select(ctx: &SkReuseportContext, cfg: &Config, slot: u32) -> Result<(), ()> {
+fn select(ctx: &SkReuseportContext, slot: u32) -> Result<(), ()> {
     SOCKETS.select_reuseport(ctx, slot).map_err(|_| ())?;
-    if cfg.policy == policy::LEAST_LOADED {
-        // Count the connection as open from the moment it is steered, so a
-        // burst of SYNs does not all go to the same least-loaded worker.
-        if let Some(load) = LOAD.get_ptr_mut(slot) {
-            // SAFETY: an array map value is valid, aligned memory for as
-            // long as the map exists; the map outlives this program run.
-            unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(load, 1) };
-        }
+    // Count the work as the slot's from the moment it is steered (whatever
+    // the policy, so the count stays right across policy switches): a burst
+    // of SYNs then does not all go to the same least-loaded worker.
+    if let Some(rec) = WORKERS.get_ptr_mut(slot) {
+        // SAFETY: an array map value is valid, aligned memory for as long
+        // as the map exists, which outlives this program run.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
+                core::ptr::addr_of_mut!((*rec).load),
+                1,
+            )
+        };
     }
     Ok(())
 }
@@ -174,12 +188,15 @@ fn round_robin(cfg: &Config) -> Result<(u32, u32), ()> {
     Ok((cfg.live_at(ticket).ok_or(())?, ticket))
 }
 
-/// `least-loaded`: the live slot with the fewest open connections; the
-/// first in live order among equals.
+/// `least-loaded`: the live slot with the least work in flight (see
+/// `WorkerRecord::load`). The scan starts at a random live slot, so equally
+/// loaded workers share the work instead of the first one taking it all.
 #[inline(always)]
 fn least_loaded(cfg: &Config) -> Result<(u32, u32), ()> {
-    let mut best = cfg.live_at(0).ok_or(())?;
-    let mut best_load = u32::MAX;
+    // SAFETY: a helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    let mut best = cfg.live_at(start).ok_or(())?;
+    let mut best_load = u64::MAX;
     // Only map values flow into `best`: were the loop index kept with it,
     // every iteration would double the verifier's states.
     let mut i = 0;
@@ -187,12 +204,12 @@ fn least_loaded(cfg: &Config) -> Result<(u32, u32), ()> {
         if i >= cfg.n_live {
             break;
         }
-        let slot = cfg.live_at(i).ok_or(())?;
-        // SAFETY: see `select`; an aligned 4-byte load is atomic.
-        let load = LOAD
+        let slot = cfg.live_at(start.wrapping_add(i)).ok_or(())?;
+        // SAFETY: see `select`; an aligned 8-byte load is atomic.
+        let load = WORKERS
             .get_ptr(slot)
-            .map(|p| unsafe { core::ptr::read_volatile(p) })
-            .unwrap_or(u32::MAX);
+            .map(|rec| unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rec).load)) })
+            .unwrap_or(u64::MAX);
         if load < best_load {
             best = slot;
             best_load = load;
@@ -233,91 +250,84 @@ fn next_ticket() -> Result<u64, ()> {
 /// that cannot be read falls back to the kernel's flow hash, counted.
 #[inline(always)]
 fn key_hash(ctx: &SkReuseportContext, cfg: &Config) -> Result<u32, ()> {
-    let key = match cfg.key {
-        key::SRC_IP | key::FOUR_TUPLE => addr_key(ctx, cfg.key),
-        key::PAYLOAD => payload_key(ctx, cfg),
+    let h = match cfg.key {
+        key::SRC_IP | key::FOUR_TUPLE => addr_hash(ctx, cfg),
+        key::PAYLOAD => payload_hash(ctx, cfg),
         _ => None,
     };
-    match key {
-        Some(key) => Ok(hash_key(cfg.seed, &key)),
-        None => Ok(ctx.hash()),
-    }
+    Ok(h.unwrap_or_else(|| ctx.hash()))
 }
 
-/// Builds the `src-ip` or `four-tuple` key from the IP and L4 headers.
+/// Hashes the `src-ip` or `four-tuple` key read from the IP and L4 headers.
 #[inline(always)]
-fn addr_key(ctx: &SkReuseportContext, kind: u32) -> Option<Key> {
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    match ctx.eth_protocol() {
+fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
+    let (src, dst) = match ctx.eth_protocol() {
         ETH_P_IP_BE => {
             // IPv4 header: source at 12, destination at 16.
-            let mut addrs = [0u8; 8];
-            load_net(ctx, 12, &mut addrs)?;
-            src = v4_mapped([addrs[0], addrs[1], addrs[2], addrs[3]]);
-            dst = v4_mapped([addrs[4], addrs[5], addrs[6], addrs[7]]);
+            let a: [u8; 8] = load(ctx, 12, BPF_HDR_START_NET)?;
+            (
+                v4_mapped([a[0], a[1], a[2], a[3]]),
+                v4_mapped([a[4], a[5], a[6], a[7]]),
+            )
         }
-        ETH_P_IPV6_BE => {
-            // IPv6 header: source at 8, destination at 24.
-            load_net(ctx, 8, &mut src)?;
-            load_net(ctx, 24, &mut dst)?;
-        }
+        // IPv6 header: source at 8, destination at 24.
+        ETH_P_IPV6_BE => (
+            load(ctx, 8, BPF_HDR_START_NET)?,
+            load(ctx, 24, BPF_HDR_START_NET)?,
+        ),
         _ => {
             count(counter::KEY_UNREADABLE);
             return None;
         }
-    }
-    if kind == key::SRC_IP {
-        return Some(Key::src_ip(&src));
-    }
-    // Both TCP and UDP start with source port then destination port; the
-    // context's data begins at the L4 header.
-    let mut ports = [0u8; 4];
-    // SAFETY: the helper writes at most `ports.len()` bytes into `ports`.
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            ctx.as_ptr(),
-            0,
-            ports.as_mut_ptr().cast(),
-            ports.len() as u32,
-        )
     };
-    if ret != 0 {
-        count(counter::KEY_UNREADABLE);
-        return None;
+    if cfg.key == key::SRC_IP {
+        return Some(hash_src_ip(cfg.seed, &src));
     }
-    Some(Key::four_tuple(&src, &dst, ports))
+    // TCP and UDP both start with source port then destination port, and
+    // the context's data begins at the L4 header.
+    let ports: [u8; 4] = load(ctx, 0, L4_START)?;
+    Some(hash_four_tuple(cfg.seed, &src, &dst, ports))
 }
 
-/// Reads `buf.len()` bytes at `offset` from the start of the IP header.
+/// `bpf_skb_load_bytes` offsets are from the L4 header (the start of the
+/// context's data), not a `BPF_HDR_START_*` base.
+const L4_START: u32 = u32::MAX;
+
+/// Reads `N` bytes at `offset` from the start of the IP header
+/// (`BPF_HDR_START_NET`) or of the L4 header ([`L4_START`]). The buffer is
+/// left uninitialised for the helper to fill: zeroing it first would cost a
+/// byte-wise memset call in BPF.
 #[inline(always)]
-fn load_net<const N: usize>(
-    ctx: &SkReuseportContext,
-    offset: u32,
-    buf: &mut [u8; N],
-) -> Option<()> {
-    // SAFETY: the helper writes at most `N` bytes into `buf`.
+fn load<const N: usize>(ctx: &SkReuseportContext, offset: u32, base: u32) -> Option<[u8; N]> {
+    let mut buf = MaybeUninit::<[u8; N]>::uninit();
+    // SAFETY: the helpers write at most `N` bytes into `buf` (and zero it
+    // on failure).
     let ret = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.as_ptr(),
-            offset,
-            buf.as_mut_ptr().cast(),
-            N as u32,
-            BPF_HDR_START_NET,
-        )
+        if base == L4_START {
+            bpf_skb_load_bytes(ctx.as_ptr(), offset, buf.as_mut_ptr().cast(), N as u32)
+        } else {
+            bpf_skb_load_bytes_relative(
+                ctx.as_ptr(),
+                offset,
+                buf.as_mut_ptr().cast(),
+                N as u32,
+                base,
+            )
+        }
     };
     if ret == 0 {
-        Some(())
+        // SAFETY: the helper filled all `N` bytes.
+        Some(unsafe { buf.assume_init() })
     } else {
         count(counter::KEY_UNREADABLE);
         None
     }
 }
 
-/// Builds the payload key: `payload_len` bytes at `payload_offset` of a UDP
-/// datagram's payload, zero-padded. Too short a datagram gives `None`.
+/// Hashes the payload key: `payload_len` bytes at `payload_offset` of a UDP
+/// datagram's payload, zero-padded to 16. Too short a datagram gives `None`.
 #[inline(always)]
-fn payload_key(ctx: &SkReuseportContext, cfg: &Config) -> Option<Key> {
+fn payload_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
     let len = cfg.payload_len;
     if ctx.ip_protocol() != IPPROTO_UDP || len == 0 || len > 16 {
         count(counter::KEY_UNREADABLE);
@@ -328,15 +338,24 @@ fn payload_key(ctx: &SkReuseportContext, cfg: &Config) -> Option<Key> {
         count(counter::SHORT_PAYLOAD);
         return None;
     }
-    let mut bytes = [0u8; 16];
-    // SAFETY: `len` is in 1..=16, the size of `bytes`.
-    let ret =
-        unsafe { bpf_skb_load_bytes(ctx.as_ptr(), start, bytes.as_mut_ptr().cast(), len & 0x1f) };
+    // Zero the padding with two volatile 8-byte stores: a plain `[0; 16]`
+    // becomes a call of the byte-wise BPF memset.
+    let mut buf = MaybeUninit::<[u64; 2]>::uninit();
+    let p = buf.as_mut_ptr().cast::<u64>();
+    // SAFETY: `p` points to two writable, aligned u64s; the helper then
+    // writes `len` (1..=16) bytes into the same 16.
+    let ret = unsafe {
+        core::ptr::write_volatile(p, 0);
+        core::ptr::write_volatile(p.add(1), 0);
+        bpf_skb_load_bytes(ctx.as_ptr(), start, p.cast(), len & 0x1f)
+    };
     if ret != 0 {
         count(counter::SHORT_PAYLOAD);
         return None;
     }
-    Some(Key::payload(&bytes))
+    // SAFETY: initialised above; any bytes are a valid [u8; 16].
+    let bytes: [u8; 16] = unsafe { core::mem::transmute(buf.assume_init()) };
+    Some(hash_payload(cfg.seed, &bytes))
 }
 
 #[inline(always)]

@@ -1,13 +1,19 @@
 //! The `reuseport` command line.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    control::Control,
+    error::Result,
     group::{Group, DEFAULT_BACKLOG},
     policy::{HashKey, Policy, PolicyKind},
-    server,
+    server, stats,
     worker::Limits,
 };
 
@@ -26,6 +32,75 @@ pub struct Cli {
 pub enum Command {
     /// Serve an echo group on one address until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Act on a running group from another process.
+    Ctl(CtlArgs),
+    /// Print per-worker counters and the balance of a running group.
+    Stats(StatsArgs),
+}
+
+/// Per-worker weights, in slot order: `3,1,1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Weights(pub Vec<u32>);
+
+impl std::str::FromStr for Weights {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("bad weight list `{s}`: give one whole number per worker, separated by commas, e.g. 3,1")
+        };
+        let w: Vec<u32> = s
+            .split(',')
+            .map(|p| p.trim().parse::<u32>().map_err(|_| bad()))
+            .collect::<std::result::Result<_, _>>()?;
+        if w.is_empty() || w.iter().all(|&x| x == 0) {
+            return Err(bad());
+        }
+        Ok(Weights(w))
+    }
+}
+
+/// Options of `reuseport ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The group [default: the only one running].
+    #[arg(long, global = true)]
+    pub group: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+/// `reuseport ctl` actions.
+#[derive(Debug, Subcommand)]
+pub enum CtlAction {
+    /// Switch the running group to another policy; open connections stay.
+    Policy {
+        /// The new policy.
+        #[arg(value_enum)]
+        policy: PolicyKind,
+        /// `weighted`: one weight per worker, in slot order [default: the current ones].
+        #[arg(long)]
+        weights: Option<Weights>,
+        /// Hash policies: src-ip or four-tuple [default: the current key].
+        #[arg(long)]
+        hash_key: Option<HashKey>,
+        /// Seed of the key hash [default: the current seed].
+        #[arg(long)]
+        seed: Option<u32>,
+    },
+    /// Print the group's policy and per-worker counters.
+    Status,
+}
+
+/// Options of `reuseport stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The group [default: the only one running].
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Print again every SECONDS, with the balance of each interval, until Ctrl-C.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<f64>,
 }
 
 /// Options of `reuseport run`.
@@ -44,13 +119,23 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = PolicyKind::Cpu)]
     pub policy: PolicyKind,
 
-    /// What the hash policies hash: src-ip (client affinity), four-tuple.
+    /// What the hash policies (hash, consistent) hash: src-ip (client
+    /// affinity), four-tuple.
     #[arg(long, default_value = "src-ip")]
     pub hash_key: HashKey,
 
     /// Seed of the key hash.
     #[arg(long, default_value_t = 0)]
     pub seed: u32,
+
+    /// `weighted`: one weight per worker, in slot order, e.g. 3,1.
+    #[arg(long)]
+    pub weights: Option<Weights>,
+
+    /// Name of the group, for `reuseport ctl` and `stats` (its maps are
+    /// pinned in /sys/fs/bpf/reuseport/NAME) [default: PROTO-ADDRESS-PORT].
+    #[arg(long)]
+    pub group: Option<String>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
@@ -87,18 +172,65 @@ pub struct RunArgs {
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> crate::error::Result<()> {
+pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run_group(args),
+        Command::Ctl(args) => ctl(args),
+        Command::Stats(args) => watch_stats(args),
     }
 }
 
-fn run_group(a: RunArgs) -> crate::error::Result<()> {
+fn ctl(args: CtlArgs) -> Result<()> {
+    let mut control = Control::open(args.group.as_deref())?;
+    match args.action {
+        CtlAction::Status => {
+            print!("{}", stats::render(&control.status()?, None));
+            Ok(())
+        }
+        CtlAction::Policy {
+            policy,
+            weights,
+            hash_key,
+            seed,
+        } => {
+            let current = control.status()?.policy;
+            let next = Policy {
+                kind: policy,
+                key: hash_key.unwrap_or(current.key),
+                seed: seed.unwrap_or(current.seed),
+                weights: weights.map(|w| w.0).unwrap_or(current.weights),
+            };
+            control.set_policy(&next)?;
+            println!("group {}: policy {next}", control.name());
+            Ok(())
+        }
+    }
+}
+
+fn watch_stats(args: StatsArgs) -> Result<()> {
+    let control = Control::open(args.group.as_deref())?;
+    let mut previous = (control.status()?, Instant::now());
+    let Some(every) = args.watch else {
+        print!("{}", stats::render(&previous.0, None));
+        return Ok(());
+    };
+    let every = Duration::from_secs_f64(every.max(0.1));
+    loop {
+        std::thread::sleep(every);
+        let now = (control.status()?, Instant::now());
+        let secs = now.1.duration_since(previous.1).as_secs_f64();
+        println!("{}", stats::render(&now.0, Some((&previous.0, secs))));
+        let _ = std::io::stdout().flush();
+        previous = now;
+    }
+}
+
+fn run_group(a: RunArgs) -> Result<()> {
     let policy = Policy {
         kind: a.policy,
         key: a.hash_key,
         seed: a.seed,
-        weights: Vec::new(),
+        weights: a.weights.map(|w| w.0).unwrap_or_default(),
     };
     let mut builder = Group::builder()
         .addr(a.addr)
@@ -107,6 +239,9 @@ fn run_group(a: RunArgs) -> crate::error::Result<()> {
         .program(&a.bpf_program);
     if let Some(n) = a.workers {
         builder = builder.workers(n);
+    }
+    if let Some(name) = a.group {
+        builder = builder.name(name);
     }
     let limits = Limits {
         max_connections: a.max_connections.max(1),

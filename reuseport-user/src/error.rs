@@ -76,6 +76,49 @@ pub enum Error {
         max: u32,
     },
 
+    /// A group name that cannot be a directory name under bpffs.
+    #[error("bad group name `{name}`: use letters, digits, _ and - (at most 100)")]
+    BadGroupName {
+        /// The name given.
+        name: String,
+    },
+
+    /// A group of that name is running.
+    #[error("group {name} is already running (pid {pid}); stop it or pick another --group")]
+    GroupRunning {
+        /// The group.
+        name: String,
+        /// Its owner.
+        pid: u32,
+    },
+
+    /// No group is pinned at all.
+    #[error("no reuseport group is running (nothing is pinned under /sys/fs/bpf/reuseport)")]
+    NoGroups,
+
+    /// Several groups run and none was named.
+    #[error("several groups are running ({names}): name one with --group")]
+    WhichGroup {
+        /// The groups.
+        names: String,
+    },
+
+    /// The named group does not exist.
+    #[error("no group named {name} is running (nothing pinned at {dir})")]
+    NoSuchGroup {
+        /// The name given.
+        name: String,
+        /// Where its pins would be.
+        dir: std::path::PathBuf,
+    },
+
+    /// The group runs without a program, so its policy cannot change.
+    #[error("group {name} was started with the kernel policy, without a program: restart it with another policy to switch live")]
+    NoProgram {
+        /// The group.
+        name: String,
+    },
+
     /// A policy that cannot be built from the given settings.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),

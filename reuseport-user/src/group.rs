@@ -1,21 +1,25 @@
-//! A reuseport group: the member sockets, one per worker slot, and the
-//! steering program attached to them.
+//! A reuseport group: the member sockets, one per worker slot, the steering
+//! program attached to them, and the pinned maps that let other processes
+//! see and steer it.
 
 use std::{
     net::SocketAddr,
     os::fd::AsFd,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use log::info;
-use reuseport_common::{program, MAX_WORKERS};
+use log::{info, warn};
+use reuseport_common::{program, worker_state, MAX_WORKERS};
 use socket2::Socket;
 
 use crate::{
+    control,
     error::{Error, Result},
-    policy::{self, HashKey, LiveSlot, Plan, Policy, PolicyError, PolicyKind},
+    maps::{BpfCounters, WorkerRegion, WorkerStats},
+    policy::{self, HashKey, LiveSlot, Policy, PolicyError, PolicyKind},
     socket::{self, Proto},
-    steering::{BpfCounters, Steering},
+    steering::Steering,
     sys,
 };
 
@@ -34,6 +38,8 @@ pub struct GroupBuilder {
     policy: Policy,
     backlog: i32,
     program: String,
+    name: Option<String>,
+    pin: bool,
 }
 
 /// One member of the group: the socket of one worker slot.
@@ -66,19 +72,35 @@ impl Member {
     }
 }
 
+/// Removes a group's pins when dropped: on a clean close, and also when
+/// building fails half-way or the group is dropped without `close`.
+#[derive(Debug)]
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = control::release(&self.0) {
+            warn!("{e}");
+        }
+    }
+}
+
 /// A group of `SO_REUSEPORT` sockets on one address, steered by a policy.
 #[derive(Debug)]
 pub struct Group {
+    name: Option<String>,
     addr: SocketAddr,
     proto: Proto,
     members: Vec<Member>,
     steering: Option<Arc<Mutex<Steering>>>,
-    policy: Policy,
+    workers: Arc<WorkerRegion>,
+    // Declared last: dropped after the sockets and maps it describes.
+    pins: Option<Pins>,
 }
 
 impl Group {
     /// Settings with defaults: `127.0.0.1:7878`, TCP, one worker per usable
-    /// CPU, policy `cpu`.
+    /// CPU, policy `cpu`, maps pinned under the default group name.
     pub fn builder() -> GroupBuilder {
         GroupBuilder {
             addr: SocketAddr::from(([127, 0, 0, 1], 7878)),
@@ -88,7 +110,19 @@ impl Group {
             policy: Policy::new(PolicyKind::Cpu),
             backlog: DEFAULT_BACKLOG,
             program: program::STEER.to_string(),
+            name: None,
+            pin: true,
         }
+    }
+
+    /// The group's name (that of its pin directory), if it is pinned.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Where the group's maps are pinned, if they are.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.0.as_path())
     }
 
     /// The address the group is bound to (with the real port if 0 was asked).
@@ -106,51 +140,72 @@ impl Group {
         &self.members
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force (read from the maps: another process may have
+    /// switched it).
+    pub fn policy(&self) -> Result<Policy> {
+        match &self.steering {
+            Some(s) if lock(s).has_program() => Ok(control::policy_of(&lock(s).maps().config()?)),
+            _ => Ok(Policy::new(PolicyKind::Kernel)),
+        }
     }
 
-    /// The loaded program, or `None` under the `kernel` policy.
+    /// The loaded object, or `None` when the group runs without BPF.
     pub fn steering(&self) -> Option<Arc<Mutex<Steering>>> {
         self.steering.clone()
     }
 
-    /// The program's counters (all zero under the `kernel` policy).
-    pub fn bpf_counters(&self) -> Result<BpfCounters> {
-        match &self.steering {
-            Some(s) => lock(s).counters(),
-            None => Ok(BpfCounters::zero(MAX_WORKERS as usize)),
-        }
+    /// The shared record of the worker of `slot`.
+    pub fn worker_stats(&self, slot: u32) -> WorkerStats {
+        WorkerStats::new(self.workers.clone(), slot)
     }
 
-    fn live(&self) -> Vec<LiveSlot> {
-        live_slots(self.members.iter().map(|m| (m.slot, m.cpu)))
+    /// The program's counters (all zero when no program is attached).
+    pub fn bpf_counters(&self) -> Result<BpfCounters> {
+        match &self.steering {
+            Some(s) => lock(s).maps().counters(),
+            None => Ok(BpfCounters::zero()),
+        }
     }
 
     /// Puts another policy in force on the running group. Open connections
     /// are not touched; new ones follow the new policy from the switch on.
-    pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
-        check_key(&policy, self.proto)?;
+    pub fn set_policy(&mut self, policy: &Policy) -> Result<()> {
+        check_key(policy, self.proto)?;
         let steering = self.steering.as_ref().ok_or(PolicyError::Kernel)?;
-        let plan = policy::plan(&policy, &self.live())?;
-        lock(steering).apply(&plan)?;
-        self.policy = policy;
-        Ok(())
+        let mut steering = lock(steering);
+        if !steering.has_program() {
+            return Err(PolicyError::Kernel.into());
+        }
+        let live = control::live_slots(&self.workers.snapshot());
+        let plan = policy::plan(policy, &live)?;
+        steering.maps_mut().apply(&plan)
     }
 
-    /// Detaches the program and closes every member socket. Connections
-    /// still waiting in the accept queues are reset by the kernel; accepted
-    /// connections are not affected. Returns once the port is free (when no
-    /// other handle of the sockets is open).
-    pub fn close(self) -> Result<()> {
-        if self.steering.is_some() {
-            if let Some(first) = self.members.first() {
-                Steering::detach(first.socket.as_fd())?;
-                info!("detached the steering program from {}", self.addr);
+    /// Detaches the program, closes every member socket and removes the
+    /// pins. Connections still waiting in the accept queues are reset by
+    /// the kernel; accepted connections are not affected. The port is free
+    /// once no other handle of the sockets is open.
+    pub fn close(mut self) -> Result<()> {
+        if let Some(s) = &self.steering {
+            if lock(s).has_program() {
+                if let Some(first) = self.members.first() {
+                    Steering::detach(first.socket.as_fd())?;
+                    info!("detached the steering program from {}", self.addr);
+                }
             }
         }
-        drop(self.members);
+        for m in &self.members {
+            self.workers
+                .slot(m.slot)
+                .state
+                .store(worker_state::EMPTY, std::sync::atomic::Ordering::Release);
+        }
+        self.members.clear();
+        if let Some(pins) = self.pins.take() {
+            let dir = pins.0.clone();
+            drop(pins);
+            info!("removed the pins in {}", dir.display());
+        }
         Ok(())
     }
 }
@@ -193,6 +248,19 @@ impl GroupBuilder {
         self
     }
 
+    /// The group's name: its maps are pinned in
+    /// `/sys/fs/bpf/reuseport/<name>/`. Default: `<proto>-<address>-<port>`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Whether to pin the maps for `reuseport ctl` and `stats` (default yes).
+    pub fn pin(mut self, pin: bool) -> Self {
+        self.pin = pin;
+        self
+    }
+
     /// Loads another program of the object instead of the steering program
     /// (benchmarks load the cost floor; tests load one the verifier rejects).
     #[doc(hidden)]
@@ -202,10 +270,10 @@ impl GroupBuilder {
     }
 
     /// Creates the group: binds every member, loads and attaches the program,
-    /// fills the socket map and puts the policy in force.
+    /// fills the socket map, puts the policy in force and pins the maps.
     pub fn build(self) -> Result<Group> {
-        let cpus = match self.cpus {
-            Some(c) if !c.is_empty() => c,
+        let cpus = match &self.cpus {
+            Some(c) if !c.is_empty() => c.clone(),
             _ => sys::usable_cpus()?,
         };
         let n = self.workers.unwrap_or(cpus.len());
@@ -215,101 +283,132 @@ impl GroupBuilder {
                 max: MAX_WORKERS,
             });
         }
-        let placement: Vec<(u32, usize)> =
-            (0..n).map(|i| (i as u32, cpus[i % cpus.len()])).collect();
+        let placement: Vec<LiveSlot> = (0..n)
+            .map(|i| LiveSlot {
+                slot: i as u32,
+                cpu: cpus[i % cpus.len()] as u32,
+            })
+            .collect();
         check_key(&self.policy, self.proto)?;
+        if let Some(name) = &self.name {
+            control::validate_name(name)?;
+        }
         // Plan first: a bad policy setting fails before anything is bound.
-        let plan = match self.policy.kind {
-            PolicyKind::Kernel => None,
-            _ => Some(policy::plan(
-                &self.policy,
-                &live_slots(placement.iter().copied()),
-            )?),
-        };
+        let plan = policy::plan(&self.policy, &placement)?;
+        let with_program = self.policy.kind != PolicyKind::Kernel;
+        if with_program {
+            sys::check_kernel("the steering program")?;
+            sys::check_bpf_privilege("loading the steering program")?;
+        }
 
-        let steering = match plan {
-            Some(_) => Some(Steering::load(&self.program)?),
-            None => None,
-        };
-
-        let mut members: Vec<Member> = Vec::with_capacity(n);
-        let mut addr = self.addr;
-        for &(slot, cpu) in &placement {
-            let socket = socket::bind_member(addr, self.proto)?;
-            if slot == 0 {
-                // Our bind succeeded, so any other socket on this address is
-                // a reuseport socket of this user: a group we would silently
-                // join, replacing its program. Refuse.
-                if self.addr.port() != 0 {
-                    let ours = usize::from(self.proto == Proto::Udp);
-                    let count =
-                        socket::existing_members(self.addr, self.proto)?.saturating_sub(ours);
-                    if count > 0 {
-                        return Err(Error::GroupExists {
-                            addr: self.addr,
-                            proto: self.proto,
-                            count,
-                        });
-                    }
-                }
-                addr = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .ok_or_else(|| Error::io("getsockname", std::io::Error::other("no address")))?;
-                // Attached before any member listens, so no connection is
-                // ever steered by the kernel's hash instead of the policy.
-                if let Some(s) = &steering {
-                    s.attach(socket.as_fd())?;
-                }
+        let first = socket::bind_member(self.addr, self.proto)?;
+        // Our bind succeeded, so any other socket on this address is a
+        // reuseport socket of this user: a group we would silently join,
+        // replacing its program. Refuse.
+        if self.addr.port() != 0 {
+            let ours = usize::from(self.proto == Proto::Udp);
+            let count = socket::existing_members(self.addr, self.proto)?.saturating_sub(ours);
+            if count > 0 {
+                return Err(Error::GroupExists {
+                    addr: self.addr,
+                    proto: self.proto,
+                    count,
+                });
             }
-            members.push(Member { slot, cpu, socket });
+        }
+        let addr = first
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| Error::io("getsockname", std::io::Error::other("no address")))?;
+
+        // The maps: with a program always; under the kernel policy only if
+        // we may create them (they carry the counters `stats` reads).
+        let may_bpf = with_program || sys::has_bpf_privilege();
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| control::default_group_name(self.proto, addr));
+        let pins = match (self.pin && may_bpf, self.pin) {
+            (true, _) => Some(Pins(control::claim(&name)?)),
+            (false, true) => {
+                warn!("without CAP_BPF the group's counters are not pinned: `reuseport ctl` and `stats` will not see it");
+                None
+            }
+            (false, false) => None,
+        };
+        let steering = if may_bpf {
+            let program = with_program.then_some(self.program.as_str());
+            Some(Steering::load(
+                program,
+                pins.as_ref().map(|p| p.0.as_path()),
+            )?)
+        } else {
+            None
+        };
+        let workers = match &steering {
+            Some(s) => s.maps().workers().clone(),
+            None => Arc::new(WorkerRegion::anonymous()?),
+        };
+
+        // Attached before any member listens, so no connection is ever
+        // steered by the kernel's hash instead of the policy.
+        if let Some(s) = steering.as_ref().filter(|s| s.has_program()) {
+            s.attach(first.as_fd())?;
+        }
+        let mut members = Vec::with_capacity(n);
+        let mut first = Some(first);
+        for l in &placement {
+            let socket = match first.take() {
+                Some(s) => s,
+                None => socket::bind_member(addr, self.proto)?,
+            };
+            members.push(Member {
+                slot: l.slot,
+                cpu: l.cpu as usize,
+                socket,
+            });
         }
         if self.proto == Proto::Tcp {
             for m in &members {
                 socket::listen(&m.socket, self.backlog)?;
             }
         }
-        let steering = match (steering, plan) {
-            (Some(mut s), Some(plan)) => {
-                install(&mut s, &members, &plan)?;
+        for m in &members {
+            workers.slot(m.slot).reset(m.cpu as u32);
+        }
+        let steering = match steering {
+            Some(mut s) => {
+                let info = control::group_info(addr, self.proto, n as u32, s.has_program());
+                s.maps_mut().set_group_info(&info)?;
+                if s.has_program() {
+                    for m in &members {
+                        s.maps_mut().set_slot(m.slot, &m.socket)?;
+                    }
+                    s.maps_mut().apply(&plan)?;
+                }
                 Some(Arc::new(Mutex::new(s)))
             }
-            _ => None,
+            None => None,
         };
         Ok(Group {
+            name: pins.as_ref().map(|_| name),
             addr,
             proto: self.proto,
             members,
             steering,
-            policy: self.policy,
+            workers,
+            pins,
         })
     }
 }
 
-fn install(steering: &mut Steering, members: &[Member], plan: &Plan) -> Result<()> {
-    for m in members {
-        steering.set_slot(m.slot, &m.socket)?;
-    }
-    steering.apply(plan)
-}
-
-fn check_key(policy: &Policy, proto: Proto) -> Result<(), PolicyError> {
+/// Refuses a payload key on a TCP group.
+pub(crate) fn check_key(policy: &Policy, proto: Proto) -> Result<(), PolicyError> {
     match (policy.kind.hashes(), policy.key, proto) {
         (true, key @ HashKey::Payload { .. }, Proto::Tcp) => Err(PolicyError::PayloadKeyOnTcp(key)),
         _ => Ok(()),
     }
-}
-
-fn live_slots(members: impl Iterator<Item = (u32, usize)>) -> Vec<LiveSlot> {
-    let mut live: Vec<LiveSlot> = members
-        .map(|(slot, cpu)| LiveSlot {
-            slot,
-            cpu: cpu as u32,
-        })
-        .collect();
-    live.sort_by_key(|l| l.slot);
-    live
 }
 
 /// Locks the steering state; a panic while it was held cannot leave the

@@ -10,17 +10,23 @@
 //! - [`policy`]: the policies and what they become in the program's maps
 //! - [`steering`]: loading, attaching and configuring the program
 //! - [`worker`]: the thread-per-core workers; [`echo`]: the echo service
+//! - [`maps`]: the program's maps; [`control`]: a running group seen
+//!   from any process through its pinned maps (`reuseport ctl`, `stats`)
 //! - [`metrics`]: Prometheus metrics; [`server`]: `reuseport run`
 #![deny(missing_docs)]
 
+pub mod balance;
 pub mod cli;
+pub mod control;
 pub mod echo;
 pub mod error;
 pub mod group;
+pub mod maps;
 pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod socket;
+pub mod stats;
 pub mod steering;
 pub mod sys;
 pub mod worker;

@@ -23,8 +23,11 @@ use prometheus_client::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    balance::balance,
+    control,
     error::{Error, Result},
     group::lock,
+    maps::BpfCounters,
     steering::Steering,
     worker::{WorkerInfo, WorkerStats},
 };
@@ -33,19 +36,23 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct Sources {
     /// Each worker and its counters.
-    pub workers: Vec<(WorkerInfo, Arc<WorkerStats>)>,
-    /// The program, if one is attached.
+    pub workers: Vec<(WorkerInfo, WorkerStats)>,
+    /// The loaded object, if any.
     pub steering: Option<Arc<Mutex<Steering>>>,
     /// Number of slots (for the per-slot series).
     pub slots: u32,
 }
 
 #[derive(Debug)]
-struct GroupCollector(Sources);
+struct GroupCollector {
+    sources: Sources,
+    /// Accepted counts at the previous scrape, for the balance gauges.
+    previous: Mutex<Vec<u64>>,
+}
 
 impl Collector for GroupCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let workers = &self.0.workers;
+        let workers = &self.sources.workers;
         let per_worker = |encoder: &mut DescriptorEncoder,
                           name: &str,
                           help: &str,
@@ -89,15 +96,16 @@ impl Collector for GroupCollector {
             &|s| s.bytes.load(Ordering::Relaxed),
         )?;
 
-        let counters = match &self.0.steering {
-            Some(s) => match lock(s).counters() {
+        self.encode_balance(&mut encoder)?;
+        let counters = match &self.sources.steering {
+            Some(s) => match lock(s).maps().counters() {
                 Ok(c) => c,
                 Err(e) => {
                     warn!("metrics: {e}");
                     return Ok(());
                 }
             },
-            None => crate::steering::BpfCounters::zero(self.0.slots as usize),
+            None => BpfCounters::zero(),
         };
         let mut family = encoder.encode_descriptor(
             "reuseport_bpf_selected",
@@ -105,7 +113,7 @@ impl Collector for GroupCollector {
             None,
             MetricType::Counter,
         )?;
-        for slot in 0..self.0.slots {
+        for slot in 0..self.sources.slots {
             let labels = [("slot", slot.to_string())];
             let v = counters.selected.get(slot as usize).copied().unwrap_or(0);
             ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
@@ -146,7 +154,13 @@ impl Collector for GroupCollector {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
         }
-        if let Some(Ok((time, runs))) = self.0.steering.as_ref().map(|s| lock(s).run_stats()) {
+        let stats = self
+            .sources
+            .steering
+            .as_ref()
+            .filter(|s| lock(s).has_program())
+            .map(|s| lock(s).run_stats());
+        if let Some(Ok((time, runs))) = stats {
             let m = encoder.encode_descriptor(
                 "reuseport_bpf_runs",
                 "Runs of the steering program counted by the kernel (only while BPF statistics are on).",
@@ -166,10 +180,71 @@ impl Collector for GroupCollector {
     }
 }
 
+impl GroupCollector {
+    /// The policy in force, and the balance of the connections accepted
+    /// since the previous scrape.
+    fn encode_balance(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let policy = match &self.sources.steering {
+            Some(s) if lock(s).has_program() => lock(s)
+                .maps()
+                .config()
+                .map(|c| control::policy_of(&c).kind.name())
+                .unwrap_or("unknown"),
+            _ => "kernel",
+        };
+        let mut family = encoder.encode_descriptor(
+            "reuseport_policy",
+            "The steering policy in force (value 1, name in the label).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(1).encode(family.encode_family(&[("policy", policy)])?)?;
+
+        let now: Vec<u64> = self
+            .sources
+            .workers
+            .iter()
+            .map(|(_, s)| s.accepted.load(Ordering::Relaxed))
+            .collect();
+        let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+        let delta: Vec<u64> = now
+            .iter()
+            .zip(previous.iter().chain(std::iter::repeat(&0)))
+            .map(|(n, p)| n.saturating_sub(*p))
+            .collect();
+        *previous = now;
+        let b = balance(&delta);
+        for (name, help, value) in [
+            (
+                "reuseport_balance_max_over_mean",
+                "Busiest worker's accepted connections over the mean, since the previous scrape (1 is perfect).",
+                b.map(|b| b.max_over_mean),
+            ),
+            (
+                "reuseport_balance_cv",
+                "Coefficient of variation of accepted connections per worker since the previous scrape (0 is perfect).",
+                b.map(|b| b.cv),
+            ),
+            (
+                "reuseport_balance_jain_index",
+                "Jain's fairness index of accepted connections per worker since the previous scrape (1 is perfect).",
+                b.map(|b| b.jain),
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value.unwrap_or(f64::NAN)).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
 /// The registry with every metric of a group.
 pub fn registry(sources: Sources) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(GroupCollector(sources)));
+    registry.register_collector(Box::new(GroupCollector {
+        sources,
+        previous: Mutex::new(Vec::new()),
+    }));
     registry
 }
 

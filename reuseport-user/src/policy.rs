@@ -190,8 +190,8 @@ impl fmt::Display for Policy {
 /// Why a policy cannot be planned.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    /// `kernel` has no plan: it runs without a program.
-    #[error("the kernel policy runs without a program")]
+    /// The group runs without a program, so there is nothing to switch.
+    #[error("this group was started with the kernel policy, without a program: restart it with another policy to switch live")]
     Kernel,
     /// The weights do not match the workers.
     #[error("--weights has {given} weights for {workers} workers: give one per worker")]
@@ -245,6 +245,9 @@ pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
     for (i, l) in live.iter().enumerate() {
         config.live[i] = l.slot;
     }
+    for (slot, w) in policy.weights.iter().enumerate().take(MAX_WORKERS as usize) {
+        config.weights[slot] = *w;
+    }
     if policy.kind.hashes() {
         config.key = policy.key.id();
         config.seed = policy.seed;
@@ -255,7 +258,9 @@ pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
     }
     let mut table = vec![0u32; TABLE_CAPACITY as usize];
     match policy.kind {
-        PolicyKind::Kernel => return Err(PolicyError::Kernel),
+        // With a program attached, "kernel" selects nothing: every run
+        // falls back to the kernel's hash (and is counted as a fallback).
+        PolicyKind::Kernel => {}
         PolicyKind::Cpu => {
             let pairs: Vec<(u32, u32)> = live.iter().map(|l| (l.slot, l.cpu)).collect();
             let (row_len, len) = cpu_table(&pairs, &mut table).map_err(PolicyError::Table)?;
@@ -263,6 +268,13 @@ pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
             config.table_len = len;
         }
         PolicyKind::Weighted => {
+            let max_slot = live.iter().map(|l| l.slot).max().unwrap_or(0) as usize;
+            if policy.weights.len() <= max_slot {
+                return Err(PolicyError::WeightCount {
+                    given: policy.weights.len(),
+                    workers: live.len(),
+                });
+            }
             let pairs: Vec<(u32, u32)> = live
                 .iter()
                 .map(|l| {
@@ -348,10 +360,26 @@ mod tests {
     }
 
     #[test]
-    fn kernel_policy_has_no_plan() {
+    fn kernel_policy_plans_no_selection() {
+        let p = plan(&Policy::new(PolicyKind::Kernel), &live(2)).unwrap();
+        assert_eq!(p.config.policy, id::NONE);
+        assert_eq!(p.config.n_live, 2);
+    }
+
+    #[test]
+    fn weighted_plan_needs_a_weight_per_worker() {
+        let mut policy = Policy::new(PolicyKind::Weighted);
+        policy.weights = vec![3, 1];
+        let p = plan(&policy, &live(2)).unwrap();
+        assert_eq!(p.table.len(), 4);
+        assert_eq!(&p.config.weights[..3], &[3, 1, 0]);
+        policy.weights = vec![3];
         assert_eq!(
-            plan(&Policy::new(PolicyKind::Kernel), &live(2)),
-            Err(PolicyError::Kernel)
+            plan(&policy, &live(2)),
+            Err(PolicyError::WeightCount {
+                given: 1,
+                workers: 2
+            })
         );
     }
 }

@@ -33,11 +33,16 @@ pub fn run_echo(
     let group = builder.build()?;
     // Held for as long as the group runs: statistics stop when it closes.
     let _stats = match (bpf_stats, group.steering()) {
-        (true, Some(_)) => Some(crate::steering::enable_run_stats()?),
+        (true, Some(s)) if crate::group::lock(&s).has_program() => {
+            Some(crate::steering::enable_run_stats()?)
+        }
         _ => None,
     };
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "policy {}", group.policy());
+    let _ = writeln!(out, "policy {}", group.policy()?);
+    if let (Some(name), Some(dir)) = (group.name(), group.pin_dir()) {
+        let _ = writeln!(out, "group {name} (maps pinned in {})", dir.display());
+    }
     for m in group.members() {
         let _ = writeln!(out, "worker {}: slot {}, cpu {}", m.slot, m.slot, m.cpu);
     }
@@ -53,6 +58,7 @@ pub fn run_echo(
         workers.push(worker::spawn_tcp(
             info,
             m.tcp_listener()?,
+            group.worker_stats(m.slot),
             limits.clone(),
             echo::echo,
             shutdown.clone(),

@@ -89,6 +89,31 @@ pub fn check_bpf_privilege(action: &'static str) -> Result<()> {
     }
 }
 
+/// Whether [`check_bpf_privilege`] would pass.
+pub fn has_bpf_privilege() -> bool {
+    check_bpf_privilege("").is_ok()
+}
+
+/// Connections waiting in a listening TCP socket's accept queue: for a
+/// listener, `tcp_info.tcpi_unacked` is the queue length
+/// (`tcp_get_info()` in `net/ipv4/tcp.c`).
+pub fn accept_queue_len(listener: &impl std::os::fd::AsRawFd) -> Option<u64> {
+    // SAFETY: an all-zero tcp_info is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` describe a writable buffer of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(u64::from(info.tcpi_unacked))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

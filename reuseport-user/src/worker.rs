@@ -7,10 +7,7 @@ use std::{
     io,
     net::SocketAddr,
     rc::Rc,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     thread,
     time::Duration,
 };
@@ -20,6 +17,7 @@ use tokio::{net::TcpStream, sync::Semaphore, task::LocalSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::error::{Error, Result};
+pub use crate::maps::WorkerStats;
 
 /// Per-connection and per-worker limits.
 #[derive(Clone, Debug)]
@@ -48,17 +46,6 @@ impl Default for Limits {
     }
 }
 
-/// Counters of one worker, shared with the metrics endpoint.
-#[derive(Debug, Default)]
-pub struct WorkerStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Connections open now.
-    pub active: AtomicU64,
-    /// Bytes echoed (or otherwise counted by the handler).
-    pub bytes: AtomicU64,
-}
-
 /// Identity of a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkerInfo {
@@ -76,7 +63,7 @@ pub struct Conn {
     /// The client's address.
     pub peer: SocketAddr,
     /// The worker's counters.
-    pub stats: Arc<WorkerStats>,
+    pub stats: WorkerStats,
     /// The limits in force.
     pub limits: Arc<Limits>,
 }
@@ -87,7 +74,7 @@ pub struct WorkerHandle {
     /// Who it is.
     pub info: WorkerInfo,
     /// Its counters.
-    pub stats: Arc<WorkerStats>,
+    pub stats: WorkerStats,
     thread: thread::JoinHandle<()>,
 }
 
@@ -111,6 +98,7 @@ impl WorkerHandle {
 pub fn spawn_tcp<H, F>(
     info: WorkerInfo,
     listener: std::net::TcpListener,
+    stats: WorkerStats,
     limits: Arc<Limits>,
     handler: H,
     shutdown: CancellationToken,
@@ -119,7 +107,6 @@ where
     H: Fn(TcpStream, Conn) -> F + Send + 'static,
     F: Future<Output = io::Result<()>> + 'static,
 {
-    let stats = Arc::new(WorkerStats::default());
     let thread_stats = stats.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = thread::Builder::new()
@@ -169,13 +156,44 @@ where
     }
 }
 
-/// Decrements the active count when a connection's task ends, however it
-/// ends (including a panic in the handler).
-struct ActiveGuard(Arc<WorkerStats>);
+/// Ends a connection's accounting when its task ends, however it ends
+/// (including a panic in the handler): one fewer active connection, and
+/// one less unit of the slot's load.
+struct ActiveGuard(WorkerStats);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.finish_one();
+    }
+}
+
+/// Corrects the slot's load for work that was steered to it but never
+/// reached the worker (a handshake that did not complete, a syncookie ACK
+/// that ran the program a second time): every second the load is compared
+/// with what the worker can see (open connections plus its accept queue),
+/// and an excess seen twice in a row is taken away. Taking away (not
+/// storing) keeps the program's concurrent additions.
+struct LoadAudit {
+    last_excess: u64,
+}
+
+impl LoadAudit {
+    fn check(&mut self, stats: &WorkerStats, queued: u64) {
+        let seen = stats.active.load(Ordering::Relaxed) + queued;
+        let excess = stats.load.load(Ordering::Relaxed).saturating_sub(seen);
+        let settled = excess.min(self.last_excess);
+        self.last_excess = excess;
+        if settled > 0 {
+            let _ = stats
+                .load
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(settled))
+                });
+            debug!(
+                "load of this slot corrected by {settled} (work steered here that never arrived)"
+            );
+        }
     }
 }
 
@@ -183,7 +201,7 @@ async fn accept_loop<H, F>(
     info: WorkerInfo,
     listener: tokio::net::TcpListener,
     limits: Arc<Limits>,
-    stats: Arc<WorkerStats>,
+    stats: WorkerStats,
     handler: H,
     shutdown: CancellationToken,
 ) where
@@ -193,20 +211,34 @@ async fn accept_loop<H, F>(
     let handler = Rc::new(handler);
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut audit = LoadAudit { last_excess: 0 };
+    let mut audit_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         // At the connection limit, stop accepting: new connections wait in
         // the kernel's queue instead of being accepted and starved.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.cancelled() => break,
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                stats.at_limit.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.cancelled() => break,
+                }
+            }
         };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.cancelled() => break,
+        let accepted = loop {
+            tokio::select! {
+                r = listener.accept() => break Some(r),
+                _ = shutdown.cancelled() => break None,
+                _ = audit_tick.tick() => {
+                    audit.check(&stats, crate::sys::accept_queue_len(&listener).unwrap_or(0));
+                }
+            }
         };
+        let Some(accepted) = accepted else { break };
         let (stream, peer) = match accepted {
             Ok(v) => v,
             Err(e) => {

@@ -74,9 +74,37 @@ pub fn cpus() -> Vec<usize> {
         .collect()
 }
 
+/// A group name no other test uses (bpffs is shared by every namespace).
+pub fn unique_group() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("test-{}-{n}", std::process::id())
+}
+
+/// Where a group's maps are pinned.
+pub fn pin_dir(group: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/reuseport").join(group)
+}
+
+/// Runs `reuseport ARGS` to completion: (exit code, stdout, stderr).
+pub fn reuseport(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running reuseport");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running `reuseport run` process.
 pub struct Server {
     child: Option<Child>,
+    /// The group's name (`--group`).
+    pub group: String,
     /// The group's address (with its real port).
     pub addr: SocketAddr,
     /// The metrics address, if metrics were asked for.
@@ -119,8 +147,27 @@ impl Server {
         if !args.contains(&"--metrics-addr") {
             full.extend(["--metrics-addr", "127.0.0.1:0"]);
         }
+        let group = unique_group();
+        if !args.contains(&"--group") {
+            full.extend(["--group", &group]);
+        }
         full.extend(args);
         Server::spawn(Command::new(binary()).args(&full))
+    }
+
+    /// `reuseport ctl --group GROUP ARGS`: (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let mut full = vec!["ctl", "--group", &self.group];
+        full.extend(args);
+        reuseport(&full)
+    }
+
+    /// `reuseport ctl policy ARGS`, which must succeed.
+    pub fn switch(&self, args: &[&str]) {
+        let mut full = vec!["policy"];
+        full.extend(args);
+        let (code, out, err) = self.ctl(&full);
+        assert_eq!(code, 0, "ctl policy {args:?}: {out}{err}");
     }
 
     /// Starts a prepared command of the binary and waits for "ready".
@@ -211,8 +258,14 @@ impl Server {
                 .and_then(|r| r.strip_suffix("/metrics"))
                 .and_then(|a| a.parse().ok())
         });
+        let group = banner
+            .iter()
+            .find_map(|l| l.strip_prefix("group ")?.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
         Ok(Server {
             child: Some(child),
+            group,
             addr,
             metrics_addr,
             banner,
@@ -273,8 +326,23 @@ impl Drop for Server {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            // Killed, it could not remove its pins: do it for it.
+            if !self.group.is_empty() {
+                remove_pins(&self.group);
+            }
         }
     }
+}
+
+/// Removes a group's pin directory (what a killed server leaves behind).
+pub fn remove_pins(group: &str) {
+    let dir = pin_dir(group);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(&dir);
 }
 
 /// One scrape of `/metrics`: series (`name{labels}`) to value.
@@ -343,6 +411,33 @@ impl Metrics {
     /// Program fallbacks to the kernel's hash.
     pub fn fallback(&self) -> u64 {
         self.count("reuseport_bpf_fallback_total", &[])
+    }
+}
+
+impl Metrics {
+    /// Connections `worker` has open now.
+    pub fn active(&self, worker: usize) -> u64 {
+        self.count(
+            "reuseport_worker_active_connections",
+            &[("worker", &worker.to_string())],
+        )
+    }
+
+    /// Picks that found their slot empty.
+    pub fn empty_slot(&self) -> u64 {
+        self.count("reuseport_bpf_empty_slot_total", &[])
+    }
+
+    /// The policy in force, from `reuseport_policy{policy=...}`.
+    pub fn policy(&self) -> String {
+        self.0
+            .keys()
+            .find_map(|k| {
+                k.strip_prefix("reuseport_policy{policy=\"")?
+                    .strip_suffix("\"}")
+            })
+            .expect("reuseport_policy series")
+            .to_string()
     }
 }
 
@@ -484,4 +579,74 @@ pub fn bpf_program_exists(id: u32) -> bool {
     } else {
         false
     }
+}
+
+/// Empties `slot` of a group's socket map from outside, as the kernel does
+/// when a worker's socket closes: `BPF_OBJ_GET` on the pinned map, then
+/// `BPF_MAP_DELETE_ELEM`.
+pub fn empty_slot(group: &str, slot: u32) {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // Explicit, so it is zero: the kernel refuses non-zero bytes past
+        // the command's fields.
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct MapElem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = CString::new(pin_dir(group).join("SOCKETS").as_os_str().as_bytes()).unwrap();
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET with its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            size_of::<ObjGet>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_OBJ_GET {path:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    let key = slot;
+    let del = MapElem {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: as above, for BPF_MAP_DELETE_ELEM; `key` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &del as *const MapElem,
+            size_of::<MapElem>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: we own the descriptor.
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(rc, 0, "deleting slot {slot}: {err}");
 }

@@ -3,10 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use reuseport_common::{
-    hash::{hash_key, Key},
-    key,
-};
+use reuseport_common::{hash::hash_addrs, key};
 use reuseport_tests::{
     accepted_delta, connect_from, echo_on, netns, pattern, reset, selected_delta, Server,
 };
@@ -19,8 +16,8 @@ fn predicted(
     client: SocketAddr,
     server: SocketAddr,
 ) -> usize {
-    let key = Key::for_addrs(kind, client, server).expect("address key");
-    (hash_key(seed, &key) % workers as u32) as usize
+    let hash = hash_addrs(kind, seed, client, server).expect("address key");
+    (hash % workers as u32) as usize
 }
 
 /// Opens one echo connection from `src` and returns the worker that

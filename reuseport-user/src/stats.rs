@@ -1,0 +1,91 @@
+//! The per-worker table of `reuseport stats` and `reuseport ctl status`.
+
+use std::fmt::Write as _;
+
+use reuseport_common::worker_state;
+
+use crate::{balance::balance, control::Status};
+
+fn state_name(state: u32) -> &'static str {
+    match state {
+        worker_state::SERVING => "serving",
+        worker_state::DRAINING => "draining",
+        _ => "gone",
+    }
+}
+
+/// The group's table. With `previous` (a snapshot taken `seconds` earlier)
+/// the balance line is that of the interval; without, of the totals.
+pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "group {}: {} {}, pid {}, policy {}{}",
+        now.name,
+        now.proto,
+        now.addr,
+        now.owner_pid,
+        now.policy,
+        if now.steered {
+            ""
+        } else {
+            " (no program attached)"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:>4} {:>4} {:>8} {:>12} {:>12} {:>8} {:>14}",
+        "slot", "cpu", "state", "selected", "accepted", "active", "bytes"
+    );
+    for s in &now.slots {
+        let r = &s.record;
+        let _ = writeln!(
+            out,
+            "{:>4} {:>4} {:>8} {:>12} {:>12} {:>8} {:>14}",
+            s.slot,
+            r.cpu,
+            state_name(r.state),
+            s.selected,
+            r.accepted,
+            r.active,
+            r.bytes
+        );
+    }
+    let serving: Vec<_> = now
+        .slots
+        .iter()
+        .filter(|s| s.record.state != worker_state::EMPTY)
+        .collect();
+    let accepted_before = |slot: u32| {
+        previous
+            .and_then(|(p, _)| p.slots.iter().find(|s| s.slot == slot))
+            .map_or(0, |s| s.record.accepted)
+    };
+    let counts: Vec<u64> = serving
+        .iter()
+        .map(|s| s.record.accepted.saturating_sub(accepted_before(s.slot)))
+        .collect();
+    let span = match previous {
+        Some((_, secs)) => format!("last {secs:.1} s"),
+        None => "since start".to_string(),
+    };
+    match balance(&counts) {
+        Some(b) => {
+            let _ = writeln!(
+                out,
+                "balance ({span}): {} accepted, max/mean {:.3}, cv {:.3}, jain {:.4}",
+                b.total, b.max_over_mean, b.cv, b.jain
+            );
+        }
+        None => {
+            let _ = writeln!(out, "balance ({span}): no connections");
+        }
+    }
+    let c = &now.counters;
+    let _ = writeln!(
+        out,
+        "program: fallback {}, dropped {}, empty slot {}, key unreadable {}, short payload {}, migrated {}",
+        c.fallback, c.dropped, c.empty_slot, c.key_unreadable, c.short_payload, c.migrated
+    );
+    out
+}

@@ -1,0 +1,208 @@
+//! `reuseport ctl` and `reuseport stats` on a running group, through its
+//! pinned maps: errors, pins, stale pins, the table.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use reuseport_tests::{
+    binary, cpus, echo, netns, pattern, pin_dir, pin_to_cpu, reuseport, unique_group, Server,
+};
+
+#[test]
+fn ctl_errors_are_one_clear_line() {
+    netns();
+    let (code, _, err) = reuseport(&["ctl", "--group", "no-such-group", "status"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "error: no group named no-such-group is running (nothing pinned at /sys/fs/bpf/reuseport/no-such-group)"
+    );
+
+    let server = Server::start(&["--policy", "cpu", "--workers", "2"]);
+    let (code, _, err) = server.ctl(&["policy", "weighted", "--weights", "3,x"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with(
+            "error: invalid value '3,x' for '--weights <WEIGHTS>': bad weight list `3,x`"
+        ),
+        "{err}"
+    );
+
+    let (code, _, err) = server.ctl(&["policy", "weighted", "--weights", "3"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "error: --weights has 1 weights for 2 workers: give one per worker"
+    );
+
+    let (code, _, err) = server.ctl(&["policy", "weighted"]);
+    assert_eq!(code, 1, "weighted without weights: {err}");
+
+    let (code, _, err) = server.ctl(&["policy", "fastest"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("error: invalid value 'fastest' for '<POLICY>'"),
+        "{err}"
+    );
+
+    let (code, _, err) = server.ctl(&["policy", "hash", "--hash-key", "payload:0:4"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("needs --proto udp"), "{err}");
+
+    // Nothing of that changed the policy.
+    assert_eq!(server.metrics().policy(), "cpu");
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn a_group_started_without_a_program_cannot_switch() {
+    netns();
+    let server = Server::start(&["--policy", "kernel"]);
+    let (code, _, err) = server.ctl(&["policy", "round-robin"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: group {} was started with the kernel policy, without a program: restart it with another policy to switch live",
+            server.group
+        )
+    );
+    // Its counters are still there for `stats`.
+    let (code, out, err) = reuseport(&["stats", "--group", &server.group]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("policy kernel (no program attached)"), "{out}");
+}
+
+#[test]
+fn pins_are_private_and_removed_on_clean_exit() {
+    netns();
+    let server = Server::start(&["--policy", "cpu"]);
+    let dir = pin_dir(&server.group);
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        assert_eq!(
+            e.metadata().unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{:?}",
+            e.path()
+        );
+        names.push(e.file_name().into_string().unwrap());
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["ACTIVE", "CONFIG", "COUNTERS", "GROUP", "SOCKETS", "TABLE", "WORKERS"]
+    );
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    assert!(!dir.exists(), "pins removed on clean exit");
+}
+
+#[test]
+fn stale_pins_of_a_crashed_run_are_replaced_and_a_live_group_is_refused() {
+    netns();
+    let group = unique_group();
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--policy", "cpu", "--group", group.as_str()];
+        args.extend(extra);
+        Server::try_start(&args)
+    };
+    let first = start(&[]).expect("first run");
+    // A second group under the same name while the first runs: refused.
+    let refused = start(&[]).err().expect("the name is taken");
+    assert_eq!(
+        refused.stderr.lines().next().unwrap(),
+        format!(
+            "error: group {group} is already running (pid {}); stop it or pick another --group",
+            first.pid()
+        )
+    );
+    // The first one crashes: its pins stay behind.
+    let crashed_pid = first.pid();
+    first.signal(Signal::SIGKILL);
+    thread::sleep(Duration::from_millis(200));
+    assert!(pin_dir(&group).exists());
+    let second = start(&[]).expect("a new run replaces stale pins");
+    assert!(
+        second.stderr().contains(&format!(
+            "removing stale pins of group {group} left by pid {crashed_pid}, which is gone"
+        )),
+        "{}",
+        second.stderr()
+    );
+    let p = pattern(10, 1);
+    assert_eq!(echo(second.addr, &p), p);
+    let (status, _) = second.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn stats_prints_the_table_and_the_balance() {
+    netns();
+    let server = Server::start(&["--policy", "cpu", "--workers", "2"]);
+    let addr = server.addr;
+    for (i, cpu) in cpus().into_iter().enumerate() {
+        thread::spawn(move || {
+            pin_to_cpu(cpu);
+            for k in 0..(10 * (i + 1)) as u64 {
+                let p = pattern(100, k);
+                assert_eq!(echo(addr, &p), p);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    let (code, out, err) = reuseport(&["stats", "--group", &server.group]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!(
+            "group {}: tcp {addr}, pid {}, policy cpu",
+            server.group,
+            server.pid()
+        )),
+        "{out}"
+    );
+    let row = |slot: &str| -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f.first().map(String::as_str) == Some(slot) && f.len() == 7)
+            .unwrap_or_else(|| panic!("row {slot} in\n{out}"))
+    };
+    // slot cpu state selected accepted active bytes
+    assert_eq!(row("0")[2..], ["serving", "10", "10", "0", "1000"]);
+    assert_eq!(row("1")[2..], ["serving", "20", "20", "0", "2000"]);
+    assert!(
+        out.contains("balance (since start): 30 accepted, max/mean 1.333, cv 0.333, jain 0.9000"),
+        "{out}"
+    );
+    assert!(
+        out.contains("program: fallback 0, dropped 0, empty slot 0"),
+        "{out}"
+    );
+
+    // --watch: one table per interval, with that interval's balance.
+    let mut watch = Command::new(binary())
+        .args(["stats", "--group", &server.group, "--watch", "0.3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(1000));
+    watch.kill().unwrap();
+    let out = watch.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.matches("balance (last 0.3 s): no connections").count() >= 2,
+        "{out}"
+    );
+}

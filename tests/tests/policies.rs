@@ -1,0 +1,342 @@
+//! The policies beyond the kernel's: round robin, least loaded, weighted,
+//! consistent; and every policy's behaviour when a slot is empty.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use reuseport_tests::{
+    accepted_delta, connect_from, cpus, echo, echo_on, empty_slot, eventually, netns, pattern,
+    pin_to_cpu, reset, selected_delta, Metrics, Server,
+};
+
+/// Opens one echo connection from `src` and returns the worker that
+/// served it (the one whose accepted counter moved).
+fn served_by(server: &Server, src: IpAddr, workers: usize) -> usize {
+    let before = server.metrics();
+    let stream = connect_from(SocketAddr::new(src, 0), server.addr);
+    let payload = pattern(16, 1);
+    assert_eq!(echo_on(stream.try_clone().unwrap(), &payload), payload);
+    reset(stream);
+    let after = server.metrics();
+    let delta = accepted_delta(&before, &after, workers);
+    assert_eq!(delta.iter().sum::<u64>(), 1, "{delta:?}");
+    assert_eq!(
+        selected_delta(&before, &after, workers),
+        delta,
+        "the program placed it"
+    );
+    delta.iter().position(|&d| d == 1).unwrap()
+}
+
+fn ip(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x7f10_0000 + n))
+}
+
+#[test]
+fn round_robin_rotates_over_the_workers() {
+    netns();
+    let workers = 3;
+    let server = Server::start(&["--policy", "round-robin", "--workers", "3"]);
+    // One connection at a time: the sequence of workers is a rotation, so
+    // any K consecutive connections differ by at most one per worker.
+    let seq: Vec<usize> = (0..30)
+        .map(|i| served_by(&server, ip(i % 5 + 1), workers))
+        .collect();
+    for pair in seq.windows(2) {
+        assert_eq!(pair[1], (pair[0] + 1) % workers, "sequence {seq:?}");
+    }
+    // Many clients at once: tickets are taken atomically, so the totals
+    // still differ by at most one.
+    let before = server.metrics();
+    let addr = server.addr;
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            thread::spawn(move || {
+                for i in 0..500 {
+                    let p = pattern(8, t * 1000 + i);
+                    assert_eq!(echo(addr, &p), p);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let after = server.metrics();
+    let sel = selected_delta(&before, &after, workers);
+    let (min, max) = (sel.iter().min().unwrap(), sel.iter().max().unwrap());
+    assert_eq!(sel.iter().sum::<u64>(), 2000);
+    assert!(max - min <= 1, "2000 concurrent connections: {sel:?}");
+    assert_eq!(accepted_delta(&before, &after, workers), sel);
+}
+
+/// A skewed load on 2 workers: long connections alternate with short ones,
+/// the pattern that fools round robin (every long one lands on the same
+/// worker). Returns the open connections per worker at the end.
+fn skewed_load(server: &Server) -> Vec<u64> {
+    let mut long = Vec::new();
+    for i in 0..10u64 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&[i as u8]).unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        long.push(s);
+        let p = pattern(100, i);
+        assert_eq!(echo(server.addr, &p), p);
+        // Wait until the short connection is gone on the server too.
+        assert!(eventually(Duration::from_secs(5), || {
+            let m = server.metrics();
+            m.active(0) + m.active(1) == long.len() as u64
+        }));
+    }
+    let m = server.metrics();
+    let active = vec![m.active(0), m.active(1)];
+    drop(long);
+    active
+}
+
+#[test]
+fn least_loaded_evens_out_open_connections_where_others_do_not() {
+    netns();
+    let ll = Server::start(&["--policy", "least-loaded", "--workers", "2"]);
+    let active = skewed_load(&ll);
+    assert!(
+        active[0].abs_diff(active[1]) <= 1,
+        "least-loaded: open per worker {active:?}"
+    );
+    assert_eq!(active.iter().sum::<u64>(), 10);
+
+    let rr = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let active = skewed_load(&rr);
+    assert!(
+        active[0].abs_diff(active[1]) > 1,
+        "round-robin is fooled: {active:?}"
+    );
+
+    let hash = Server::start(&["--policy", "hash", "--workers", "2"]);
+    let active = skewed_load(&hash);
+    assert!(
+        active[0].abs_diff(active[1]) > 1,
+        "hash (one client) is fooled: {active:?}"
+    );
+}
+
+#[test]
+fn weighted_shares_follow_the_weights() {
+    netns();
+    let server = Server::start(&["--policy", "weighted", "--weights", "3,1", "--workers", "2"]);
+    let addr = server.addr;
+    let clients: Vec<_> = (0..4u64)
+        .map(|t| {
+            thread::spawn(move || {
+                for i in 0..2500 {
+                    let p = pattern(4, t * 10_000 + i);
+                    assert_eq!(echo(addr, &p), p);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let m = server.metrics();
+    let sel = [m.selected(0), m.selected(1)];
+    assert_eq!(sel[0] + sel[1], 10_000);
+    let share = sel[0] as f64 / 10_000.0;
+    println!(
+        "weighted 3,1 over 10000 connections: {sel:?} ({:.2} % to worker 0)",
+        share * 100.0
+    );
+    assert!((share - 0.75).abs() <= 0.02, "{sel:?}");
+    assert_eq!([m.accepted(0), m.accepted(1)], sel);
+}
+
+/// For each client address, the worker that serves it.
+fn placement(server: &Server, workers: usize, clients: u32) -> Vec<usize> {
+    (1..=clients)
+        .map(|i| served_by(server, ip(i), workers))
+        .collect()
+}
+
+#[test]
+fn consistent_moves_only_the_keys_of_the_worker_that_came_or_went() {
+    netns();
+    let clients = 300;
+    let four = Server::start(&["--policy", "consistent", "--workers", "4"]);
+    let five = Server::start(&["--policy", "consistent", "--workers", "5"]);
+    let three = Server::start(&["--policy", "consistent", "--workers", "3"]);
+    let p4 = placement(&four, 4, clients);
+    let p5 = placement(&five, 5, clients);
+    let p3 = placement(&three, 3, clients);
+
+    // A fifth worker joins: only keys that now go to it move.
+    let moved: Vec<usize> = (0..p4.len()).filter(|&i| p4[i] != p5[i]).collect();
+    assert!(
+        moved.iter().all(|&i| p5[i] == 4),
+        "a key moved between old workers"
+    );
+    let added = moved.len() as f64 / clients as f64;
+    // Worker 3 leaves: only its keys move.
+    let moved: Vec<usize> = (0..p4.len()).filter(|&i| p4[i] != p3[i]).collect();
+    assert!(
+        moved.iter().all(|&i| p4[i] == 3),
+        "a key of a remaining worker moved"
+    );
+    assert_eq!(
+        moved.len(),
+        p4.iter().filter(|&&w| w == 3).count(),
+        "every key of the leaver moved"
+    );
+    let removed = moved.len() as f64 / clients as f64;
+    println!("consistent: {:.1} % of keys moved when a 5th worker came (ideal 20 %), {:.1} % when 1 of 4 left (ideal 25 %)", added * 100.0, removed * 100.0);
+    assert!((added - 0.20).abs() < 0.07, "{added}");
+    assert!((removed - 0.25).abs() < 0.07, "{removed}");
+    for w in 0..4 {
+        assert!(p4.contains(&w), "worker {w} gets keys");
+    }
+}
+
+#[test]
+fn every_policy_skips_an_empty_slot_and_counts_it() {
+    netns();
+    let workers = 3;
+    let server = Server::start(&["--policy", "cpu", "--workers", "3"]);
+    // The kernel empties a slot when its socket closes; do the same, behind
+    // the control plane's back, so the configuration still lists slot 1.
+    empty_slot(&server.group, 1);
+    let cpus = cpus();
+    for policy in [
+        vec!["cpu"],
+        vec!["hash", "--hash-key", "src-ip"],
+        vec!["round-robin"],
+        vec!["least-loaded"],
+        vec!["weighted", "--weights", "1,1,1"],
+        vec!["consistent", "--hash-key", "four-tuple"],
+    ] {
+        server.switch(&policy);
+        let before = server.metrics();
+        let addr = server.addr;
+        let handles: Vec<_> = cpus
+            .iter()
+            .copied()
+            .map(|cpu| {
+                thread::spawn(move || {
+                    pin_to_cpu(cpu);
+                    for i in 0..30u32 {
+                        let s = connect_from(SocketAddr::new(ip(i + 1), 0), addr);
+                        let p = pattern(10, i.into());
+                        assert_eq!(echo_on(s, &p), p);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let after: Metrics = server.metrics();
+        let n = 30 * cpus.len() as u64;
+        let delta = accepted_delta(&before, &after, workers);
+        assert_eq!(
+            delta.iter().sum::<u64>(),
+            n,
+            "{policy:?}: every connection served"
+        );
+        assert_eq!(
+            delta[1], 0,
+            "{policy:?}: nothing reaches the empty slot's worker: {delta:?}"
+        );
+        assert_eq!(
+            selected_delta(&before, &after, workers),
+            delta,
+            "{policy:?}: the program placed them"
+        );
+        assert!(
+            after.empty_slot() > before.empty_slot(),
+            "{policy:?}: the empty slot was counted"
+        );
+        assert_eq!(
+            after.fallback(),
+            0,
+            "{policy:?}: none left to the kernel's hash"
+        );
+    }
+}
+
+#[test]
+fn switching_policy_keeps_open_connections_and_steers_new_ones() {
+    netns();
+    let server = Server::start(&["--policy", "cpu", "--workers", "2"]);
+    let addr = server.addr;
+    let cpu = cpus()[0];
+    // Open connections under `cpu`: all on the worker of the client's CPU.
+    let mut open: Vec<TcpStream> = thread::spawn(move || {
+        pin_to_cpu(cpu);
+        (0..8u8)
+            .map(|i| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(&[i]).unwrap();
+                let mut b = [0u8];
+                s.read_exact(&mut b).unwrap();
+                s
+            })
+            .collect()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(server.metrics().active(0), 8);
+
+    server.switch(&["round-robin"]);
+    assert_eq!(server.metrics().policy(), "round-robin");
+    let before = server.metrics();
+    thread::spawn(move || {
+        pin_to_cpu(cpu);
+        for i in 0..100u64 {
+            let p = pattern(32, i);
+            assert_eq!(echo(addr, &p), p);
+        }
+    })
+    .join()
+    .unwrap();
+    let after = server.metrics();
+    assert_eq!(
+        accepted_delta(&before, &after, 2),
+        vec![50, 50],
+        "new connections follow round robin"
+    );
+    // The connections opened before the switch still echo, and end cleanly.
+    for (i, s) in open.iter_mut().enumerate() {
+        let p = pattern(5000, 100 + i as u64);
+        s.write_all(&p).unwrap();
+        let mut got = vec![0; p.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, p);
+    }
+    drop(open);
+    assert!(eventually(Duration::from_secs(5), || server
+        .metrics()
+        .active(0)
+        == 0));
+
+    server.switch(&["cpu"]);
+    let before = server.metrics();
+    thread::spawn(move || {
+        pin_to_cpu(cpu);
+        for i in 0..20u64 {
+            let p = pattern(8, i);
+            assert_eq!(echo(addr, &p), p);
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        accepted_delta(&before, &server.metrics(), 2),
+        vec![20, 0],
+        "and back to cpu"
+    );
+}
