@@ -160,22 +160,18 @@ pub fn maglev_table(slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
     }
     let out = &mut out[..m as usize];
     out.fill(EMPTY);
-    let mut offset = [0u64; MAX_WORKERS as usize];
-    let mut skip = [0u64; MAX_WORKERS as usize];
+    let perm: [Permutation; MAX_WORKERS as usize] =
+        core::array::from_fn(|i| Permutation::of(slots.get(i).copied().unwrap_or(0)));
     let mut next = [0u64; MAX_WORKERS as usize];
-    for (i, &slot) in slots.iter().enumerate() {
-        offset[i] = u64::from(hash_u32(MAGLEV_OFFSET_SEED, slot) % m);
-        skip[i] = u64::from(hash_u32(MAGLEV_SKIP_SEED, slot) % (m - 1) + 1);
-    }
     let mut filled = 0;
     // Every slot's sequence visits all M entries (M prime, 0 < skip < M), so
     // each turn finds a free entry and the loop ends after M claims.
     'fill: loop {
         for (i, &slot) in slots.iter().enumerate() {
-            let mut c = ((offset[i] + next[i] * skip[i]) % u64::from(m)) as usize;
+            let mut c = perm[i].at(next[i]);
             while out[c] != EMPTY {
                 next[i] += 1;
-                c = ((offset[i] + next[i] * skip[i]) % u64::from(m)) as usize;
+                c = perm[i].at(next[i]);
             }
             out[c] = slot;
             next[i] += 1;
@@ -186,6 +182,117 @@ pub fn maglev_table(slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
         }
     }
     Ok(m)
+}
+
+/// One slot's Maglev preference order: entry `perm(j)` is its `j`-th choice.
+#[derive(Clone, Copy)]
+struct Permutation {
+    offset: u64,
+    skip: u64,
+}
+
+impl Permutation {
+    fn of(slot: u32) -> Self {
+        let m = MAGLEV_TABLE_SIZE;
+        Permutation {
+            offset: u64::from(hash_u32(MAGLEV_OFFSET_SEED, slot) % m),
+            skip: u64::from(hash_u32(MAGLEV_SKIP_SEED, slot) % (m - 1) + 1),
+        }
+    }
+
+    fn at(self, j: u64) -> usize {
+        ((self.offset + j * self.skip) % u64::from(MAGLEV_TABLE_SIZE)) as usize
+    }
+}
+
+/// Rebuilds the `consistent` policy's table for a new set of live `slots`
+/// from the `previous` table in force, moving only what must move:
+///
+/// - entries of a slot that is gone go to the remaining slots;
+/// - a new slot takes entries only from slots above their new share.
+///
+/// So when a worker leaves, exactly its keys move, and when one joins, only
+/// keys that now go to it move; every slot still ends with
+/// `⌊M/N⌋` or `⌈M/N⌉` entries. Freed entries are claimed as in
+/// [`maglev_table`] (slots in turn, each along its own preference order),
+/// and a slot above its share gives up the entries it prefers least. The
+/// result depends only on `previous` and `slots`, so any process computes
+/// the same table. A `previous` of the wrong size builds afresh.
+pub fn maglev_update(previous: &[u32], slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
+    const EMPTY: u32 = u32::MAX;
+    let m = MAGLEV_TABLE_SIZE as usize;
+    if previous.len() != m {
+        return maglev_table(slots, out);
+    }
+    if slots.is_empty() {
+        return Err(TableError::NoSlots);
+    }
+    if slots.len() > MAX_WORKERS as usize {
+        return Err(TableError::TooManySlots);
+    }
+    if out.len() < m {
+        return Err(TableError::BufferTooSmall);
+    }
+    let n = slots.len();
+    let out = &mut out[..m];
+    let index_of = |slot: u32| slots.iter().position(|&s| s == slot);
+    let mut count = [0usize; MAX_WORKERS as usize];
+    for (entry, &prev) in out.iter_mut().zip(previous) {
+        *entry = match index_of(prev) {
+            Some(i) => {
+                count[i] += 1;
+                prev
+            }
+            None => EMPTY,
+        };
+    }
+    // Shares: ⌈M/N⌉ for the r slots holding the most entries now (fewest
+    // moves), ⌊M/N⌋ for the others; ties by slot number.
+    let (q, r) = (m / n, m % n);
+    let mut order = [0usize; MAX_WORKERS as usize];
+    for (k, o) in order.iter_mut().enumerate().take(n) {
+        *o = k;
+    }
+    order[..n].sort_unstable_by(|&a, &b| count[b].cmp(&count[a]).then(slots[a].cmp(&slots[b])));
+    let mut target = [q; MAX_WORKERS as usize];
+    for &i in &order[..r] {
+        target[i] = q + 1;
+    }
+    let perm: [Permutation; MAX_WORKERS as usize] =
+        core::array::from_fn(|i| Permutation::of(slots.get(i).copied().unwrap_or(0)));
+    // Slots above their share give up the entries they prefer least.
+    for i in 0..n {
+        let mut j = m as u64;
+        while count[i] > target[i] && j > 0 {
+            j -= 1;
+            let c = perm[i].at(j);
+            if out[c] == slots[i] {
+                out[c] = EMPTY;
+                count[i] -= 1;
+            }
+        }
+    }
+    // Slots below their share claim free entries in turn, in preference order.
+    let mut next = [0u64; MAX_WORKERS as usize];
+    loop {
+        let mut claimed = false;
+        for i in 0..n {
+            if count[i] >= target[i] {
+                continue;
+            }
+            while out[perm[i].at(next[i])] != EMPTY {
+                next[i] += 1;
+            }
+            out[perm[i].at(next[i])] = slots[i];
+            next[i] += 1;
+            count[i] += 1;
+            claimed = true;
+        }
+        if !claimed {
+            break;
+        }
+    }
+    Ok(MAGLEV_TABLE_SIZE)
 }
 
 #[cfg(test)]
@@ -265,6 +372,71 @@ mod tests {
             assert!((c - ideal).abs() / ideal < 0.02, "slot {s}: {c} vs {ideal}");
         }
         assert!(t.iter().all(|s| slots.contains(s)));
+    }
+
+    fn moved(a: &[u32], b: &[u32]) -> Vec<usize> {
+        (0..a.len()).filter(|&i| a[i] != b[i]).collect()
+    }
+
+    fn assert_even(table: &[u32], slots: &[u32]) {
+        let m = MAGLEV_TABLE_SIZE as usize;
+        for s in slots {
+            let c = count(table, *s);
+            assert!(
+                c == m / slots.len() || c == m / slots.len() + 1,
+                "slot {s}: {c}"
+            );
+        }
+        assert!(table.iter().all(|s| slots.contains(s)));
+    }
+
+    #[test]
+    fn maglev_update_moves_exactly_the_leavers_keys() {
+        let m = MAGLEV_TABLE_SIZE as usize;
+        let mut before = vec![0u32; m];
+        let mut after = vec![0u32; m];
+        maglev_table(&[0, 1, 2, 3, 4], &mut before).unwrap();
+        maglev_update(&before, &[0, 1, 3, 4], &mut after).unwrap();
+        let mv = moved(&before, &after);
+        assert!(
+            mv.iter().all(|&i| before[i] == 2),
+            "only slot 2's entries move"
+        );
+        assert_eq!(mv.len(), count(&before, 2));
+        assert_even(&after, &[0, 1, 3, 4]);
+    }
+
+    #[test]
+    fn maglev_update_moves_only_keys_to_a_joiner() {
+        let m = MAGLEV_TABLE_SIZE as usize;
+        let mut before = vec![0u32; m];
+        let mut after = vec![0u32; m];
+        maglev_table(&[0, 1, 2, 3], &mut before).unwrap();
+        maglev_update(&before, &[0, 1, 2, 3, 9], &mut after).unwrap();
+        let mv = moved(&before, &after);
+        assert!(
+            mv.iter().all(|&i| after[i] == 9),
+            "only entries to the new slot move"
+        );
+        assert_eq!(mv.len(), count(&after, 9));
+        assert_even(&after, &[0, 1, 2, 3, 9]);
+        // And back: the joiner leaves again.
+        let mut again = vec![0u32; m];
+        maglev_update(&after, &[0, 1, 2, 3], &mut again).unwrap();
+        assert!(moved(&after, &again).iter().all(|&i| after[i] == 9));
+        assert_even(&again, &[0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn maglev_update_of_a_wrong_size_builds_afresh() {
+        let m = MAGLEV_TABLE_SIZE as usize;
+        let mut fresh = vec![0u32; m];
+        let mut updated = vec![0u32; m];
+        maglev_table(&[1, 2], &mut fresh).unwrap();
+        maglev_update(&[1, 2, 3], &[1, 2], &mut updated).unwrap();
+        assert_eq!(fresh, updated);
+        maglev_update(&fresh, &[1, 2], &mut updated).unwrap();
+        assert_eq!(fresh, updated, "the same live set keeps the same table");
     }
 
     #[test]

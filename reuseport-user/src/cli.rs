@@ -13,7 +13,9 @@ use crate::{
     error::Result,
     group::{Group, DEFAULT_BACKLOG},
     policy::{HashKey, Policy, PolicyKind},
-    server, stats,
+    server,
+    socket::Proto,
+    stats,
     worker::Limits,
 };
 
@@ -110,6 +112,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub addr: SocketAddr,
 
+    /// Transport: tcp (an echo of each connection) or udp (an echo of each
+    /// datagram).
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    pub proto: Proto,
+
     /// Number of workers [default: one per CPU this process may use]. More
     /// workers than CPUs wrap round the CPUs.
     #[arg(long)]
@@ -120,7 +127,8 @@ pub struct RunArgs {
     pub policy: PolicyKind,
 
     /// What the hash policies (hash, consistent) hash: src-ip (client
-    /// affinity), four-tuple.
+    /// affinity), four-tuple, or payload:OFFSET:LEN (UDP: LEN bytes, 1 to
+    /// 16, at OFFSET of the payload, e.g. a QUIC connection ID).
     #[arg(long, default_value = "src-ip")]
     pub hash_key: HashKey,
 
@@ -234,6 +242,7 @@ fn run_group(a: RunArgs) -> Result<()> {
     };
     let mut builder = Group::builder()
         .addr(a.addr)
+        .proto(a.proto)
         .policy(policy)
         .backlog(a.backlog)
         .program(&a.bpf_program);

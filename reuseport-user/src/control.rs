@@ -338,8 +338,9 @@ impl Control {
             Proto::Tcp
         };
         crate::group::check_key(policy, proto)?;
-        let plan = policy::plan(policy, &self.live_slots())?;
-        self.maps.apply(&plan)
+        let live = self.live_slots();
+        self.maps
+            .update(|current| Ok(policy::replan(policy, &live, current)?))
     }
 }
 

@@ -177,8 +177,9 @@ impl Group {
             return Err(PolicyError::Kernel.into());
         }
         let live = control::live_slots(&self.workers.snapshot());
-        let plan = policy::plan(policy, &live)?;
-        steering.maps_mut().apply(&plan)
+        steering
+            .maps_mut()
+            .update(|current| Ok(policy::replan(policy, &live, current)?))
     }
 
     /// Detaches the program, closes every member socket and removes the

@@ -18,6 +18,7 @@
 pub mod balance;
 pub mod cli;
 pub mod control;
+pub mod datagram;
 pub mod echo;
 pub mod error;
 pub mod group;

@@ -316,6 +316,19 @@ impl Maps {
     /// the group's lock (when pinned) so two writers cannot interleave.
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
         let _lock = self.lock()?;
+        self.write(plan)
+    }
+
+    /// Replaces the plan in force by `next(current)`, under the group's
+    /// lock, so that no other writer changes it in between.
+    pub fn update(&mut self, next: impl FnOnce(&Plan) -> Result<Plan>) -> Result<()> {
+        let _lock = self.lock()?;
+        let current = self.current_plan()?;
+        let plan = next(&current)?;
+        self.write(&plan)
+    }
+
+    fn write(&mut self, plan: &Plan) -> Result<()> {
         let next = self.generation()? ^ 1;
         let base = next * TABLE_CAPACITY;
         if plan.table.len() > TABLE_CAPACITY as usize {
@@ -355,6 +368,24 @@ impl Maps {
         self.config
             .get(&g, 0)
             .map_err(|e| Error::bpf("reading the policy configuration", e))
+    }
+
+    /// The plan in force: the configuration and its table.
+    pub fn current_plan(&self) -> Result<Plan> {
+        let g = self.generation()?;
+        let config = self
+            .config
+            .get(&g, 0)
+            .map_err(|e| Error::bpf("reading the policy configuration", e))?;
+        let base = g * TABLE_CAPACITY;
+        let table = (0..config.table_len.min(TABLE_CAPACITY))
+            .map(|i| {
+                self.table
+                    .get(&(base + i), 0)
+                    .map_err(|e| Error::bpf("reading the policy table", e))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        Ok(Plan { config, table })
     }
 
     /// The group's record.

@@ -8,7 +8,7 @@ use std::{fmt, str::FromStr};
 
 use reuseport_common::{
     key, policy as id,
-    table::{cpu_table, maglev_table, weighted_table, TableError},
+    table::{cpu_table, maglev_table, maglev_update, weighted_table, TableError},
     Config, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY,
 };
 
@@ -228,11 +228,27 @@ pub struct Plan {
     pub table: Vec<u32>,
 }
 
-/// Turns a policy and the live slots into a [`Plan`].
+/// Turns a policy and the live slots into a [`Plan`], from scratch.
 ///
 /// `live` must be sorted by slot. `weights` of a `weighted` policy are indexed
 /// by slot; a slot with no weight given gets none of the traffic.
 pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
+    plan_with(policy, live, None)
+}
+
+/// Like [`plan`], for a running group whose plan in force is `current`:
+/// when both are `consistent`, the Maglev table is updated rather than
+/// rebuilt, so that only the keys of workers that came or went move
+/// ([`maglev_update`]).
+pub fn replan(policy: &Policy, live: &[LiveSlot], current: &Plan) -> Result<Plan, PolicyError> {
+    plan_with(policy, live, Some(current))
+}
+
+fn plan_with(
+    policy: &Policy,
+    live: &[LiveSlot],
+    current: Option<&Plan>,
+) -> Result<Plan, PolicyError> {
     if live.is_empty() {
         return Err(PolicyError::Table(TableError::NoSlots));
     }
@@ -288,7 +304,11 @@ pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
         }
         PolicyKind::Consistent => {
             let slots: Vec<u32> = live.iter().map(|l| l.slot).collect();
-            config.table_len = maglev_table(&slots, &mut table).map_err(PolicyError::Table)?;
+            config.table_len = match current.filter(|c| c.config.policy == id::CONSISTENT) {
+                Some(c) => maglev_update(&c.table, &slots, &mut table),
+                None => maglev_table(&slots, &mut table),
+            }
+            .map_err(PolicyError::Table)?;
             debug_assert_eq!(config.table_len, MAGLEV_TABLE_SIZE);
         }
         PolicyKind::Hash | PolicyKind::RoundRobin | PolicyKind::LeastLoaded => {}

@@ -13,6 +13,7 @@ use crate::{
     error::{Error, Result},
     group::GroupBuilder,
     metrics,
+    socket::Proto,
     worker::{self, Limits, WorkerInfo},
 };
 
@@ -55,14 +56,18 @@ pub fn run_echo(
             worker: m.slot,
             cpu: m.cpu,
         };
-        workers.push(worker::spawn_tcp(
-            info,
-            m.tcp_listener()?,
-            group.worker_stats(m.slot),
-            limits.clone(),
-            echo::echo,
-            shutdown.clone(),
-        )?);
+        let stats = group.worker_stats(m.slot);
+        workers.push(match group.proto() {
+            Proto::Tcp => worker::spawn_tcp(
+                info,
+                m.tcp_listener()?,
+                stats,
+                limits.clone(),
+                echo::echo,
+                shutdown.clone(),
+            )?,
+            Proto::Udp => worker::spawn_udp_echo(info, m.udp_socket()?, stats, shutdown.clone())?,
+        });
     }
 
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -56,12 +56,48 @@ pub fn bind_member(addr: SocketAddr, proto: Proto) -> Result<Socket> {
     socket
         .set_nonblocking(true)
         .map_err(|e| Error::io("setting O_NONBLOCK", e))?;
+    if proto == Proto::Udp {
+        enlarge_receive_buffer(&socket, UDP_RECEIVE_BUFFER);
+    }
     match socket.bind(&addr.into()) {
         Ok(()) => Ok(socket),
         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
             Err(Error::AddrInUse { addr, proto })
         }
         Err(e) => Err(Error::io(format!("binding {proto} {addr}"), e)),
+    }
+}
+
+/// Receive buffer asked for each UDP member: room for a burst of large
+/// datagrams while its worker is busy (the default, about 208 KiB, holds
+/// only a few datagrams of 64 KiB; beyond it the kernel drops them).
+pub const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Sets SO_RCVBUF to `bytes`; if `net.core.rmem_max` caps it lower and the
+/// process has CAP_NET_ADMIN, SO_RCVBUFFORCE goes past the cap. A smaller
+/// buffer is not an error, only logged.
+fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
+    let _ = socket.set_recv_buffer_size(bytes);
+    // The kernel reports twice what was set (it counts its bookkeeping).
+    let got = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if got >= bytes {
+        return;
+    }
+    let value = bytes as libc::c_int;
+    // SAFETY: a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "UDP receive buffer is {got} bytes (net.core.rmem_max); bursts beyond it are dropped by the kernel"
+        );
     }
 }
 

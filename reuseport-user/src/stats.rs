@@ -34,20 +34,21 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4} {:>4} {:>8} {:>12} {:>12} {:>8} {:>14}",
-        "slot", "cpu", "state", "selected", "accepted", "active", "bytes"
+        "{:>4} {:>4} {:>8} {:>12} {:>12} {:>8} {:>6} {:>14}",
+        "slot", "cpu", "state", "selected", "accepted", "active", "load", "bytes"
     );
     for s in &now.slots {
         let r = &s.record;
         let _ = writeln!(
             out,
-            "{:>4} {:>4} {:>8} {:>12} {:>12} {:>8} {:>14}",
+            "{:>4} {:>4} {:>8} {:>12} {:>12} {:>8} {:>6} {:>14}",
             s.slot,
             r.cpu,
             state_name(r.state),
             s.selected,
             r.accepted,
             r.active,
+            r.load,
             r.bytes
         );
     }

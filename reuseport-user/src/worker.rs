@@ -108,38 +108,74 @@ where
     F: Future<Output = io::Result<()>> + 'static,
 {
     let thread_stats = stats.clone();
+    spawn_pinned(info, stats, move || {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| Error::io("registering a listener", e))?;
+        Ok(accept_loop(
+            info,
+            listener,
+            limits,
+            thread_stats,
+            handler,
+            shutdown,
+        ))
+    })
+}
+
+/// Starts a worker thread that echoes every datagram of `socket` back to
+/// its sender until `shutdown` is cancelled.
+pub fn spawn_udp_echo(
+    info: WorkerInfo,
+    socket: std::net::UdpSocket,
+    stats: WorkerStats,
+    shutdown: CancellationToken,
+) -> Result<WorkerHandle> {
+    let thread_stats = stats.clone();
+    let local = socket
+        .local_addr()
+        .map_err(|e| Error::io("getsockname", e))?;
+    let pktinfo = crate::datagram::enable_pktinfo(std::os::fd::AsFd::as_fd(&socket), local)
+        .map_err(|e| Error::io("setsockopt IP_PKTINFO", e))?;
+    spawn_pinned(info, stats, move || {
+        let socket = tokio::net::UdpSocket::from_std(socket)
+            .map_err(|e| Error::io("registering a UDP socket", e))?;
+        Ok(udp_echo(info, socket, pktinfo, thread_stats, shutdown))
+    })
+}
+
+/// Runs `make`'s future on a new thread pinned to `info.cpu`, on a
+/// current-thread runtime of its own. `make` runs on that thread inside the
+/// runtime; its error is returned here.
+fn spawn_pinned<M, F>(info: WorkerInfo, stats: WorkerStats, make: M) -> Result<WorkerHandle>
+where
+    M: FnOnce() -> Result<F> + Send + 'static,
+    F: Future<Output = ()> + 'static,
+{
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = thread::Builder::new()
         .name(format!("worker-{}", info.worker))
         .spawn(move || {
-            let setup = || -> Result<(tokio::runtime::Runtime, tokio::net::TcpListener)> {
+            let setup = || -> Result<(tokio::runtime::Runtime, F)> {
                 crate::sys::pin_current_thread(info.cpu)?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .map_err(|e| Error::io("starting a worker runtime", e))?;
-                let listener = {
+                let fut = {
                     let _guard = rt.enter();
-                    tokio::net::TcpListener::from_std(listener)
-                        .map_err(|e| Error::io("registering a listener", e))?
+                    make()?
                 };
-                Ok((rt, listener))
+                Ok((rt, fut))
             };
-            let (rt, listener) = match setup() {
-                Ok(v) => {
+            match setup() {
+                Ok((rt, fut)) => {
                     let _ = ready_tx.send(Ok(()));
-                    v
+                    LocalSet::new().block_on(&rt, fut);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
-                    return;
                 }
-            };
-            let local = LocalSet::new();
-            local.block_on(
-                &rt,
-                accept_loop(info, listener, limits, thread_stats, handler, shutdown),
-            );
+            }
         })
         .map_err(|e| Error::io("spawning a worker thread", e))?;
     match ready_rx.recv() {
@@ -153,6 +189,43 @@ where
             format!("worker {}", info.worker),
             io::Error::other("the worker thread died while starting"),
         )),
+    }
+}
+
+/// Largest UDP payload (IPv6: 65535 minus the 8-byte UDP header; IPv4's
+/// limit, 65507, is lower).
+pub const MAX_DATAGRAM: usize = 65_527;
+
+async fn udp_echo(
+    info: WorkerInfo,
+    socket: tokio::net::UdpSocket,
+    pktinfo: bool,
+    stats: WorkerStats,
+    shutdown: CancellationToken,
+) {
+    // One buffer per worker, of the largest datagram, so nothing is cut.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        let (n, peer, dst) = tokio::select! {
+            r = crate::datagram::recv(&socket, &mut buf, pktinfo) => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // An error queued by an earlier datagram (e.g. an ICMP
+                    // error) concerns that one only.
+                    debug!("worker {}: receive failed: {e}", info.worker);
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        match crate::datagram::reply(&socket, &buf[..n], peer, dst).await {
+            Ok(_) => {
+                stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => debug!("worker {}: echo to {peer} failed: {e}", info.worker),
+        }
+        stats.finish_one();
     }
 }
 

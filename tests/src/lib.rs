@@ -650,3 +650,40 @@ pub fn empty_slot(group: &str, slot: u32) {
     unsafe { libc::close(fd as i32) };
     assert_eq!(rc, 0, "deleting slot {slot}: {err}");
 }
+
+/// Sends one datagram from `src` (port 0: any) to `server` and returns the
+/// reply (waits up to 5 s).
+pub fn udp_exchange(src: SocketAddr, server: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let s = udp_socket(src);
+    udp_exchange_on(&s, server, payload)
+}
+
+/// A UDP socket bound to `src`, with SO_REUSEADDR so a test can reuse a port.
+pub fn udp_socket(src: SocketAddr) -> std::net::UdpSocket {
+    let s = Socket::new(Domain::for_address(src), Type::DGRAM, None).expect("socket");
+    s.set_reuse_address(true).expect("SO_REUSEADDR");
+    s.bind(&src.into())
+        .expect("bind the client's source address");
+    let s: std::net::UdpSocket = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s
+}
+
+/// [`udp_exchange`] on an existing socket.
+pub fn udp_exchange_on(s: &std::net::UdpSocket, server: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    s.send_to(payload, server).expect("send");
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = s.recv_from(&mut buf).expect("the echo of a datagram");
+    assert_eq!(from, server, "the reply comes from the group's address");
+    buf.truncate(n);
+    buf
+}
+
+/// The loopback address of `server`'s family, port 0.
+pub fn any_local(server: SocketAddr) -> SocketAddr {
+    match server {
+        SocketAddr::V4(_) => "127.0.0.1:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::1]:0".parse().unwrap(),
+    }
+}

@@ -176,12 +176,12 @@ fn stats_prints_the_table_and_the_balance() {
         lines
             .iter()
             .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-            .find(|f| f.first().map(String::as_str) == Some(slot) && f.len() == 7)
+            .find(|f| f.first().map(String::as_str) == Some(slot) && f.len() == 8)
             .unwrap_or_else(|| panic!("row {slot} in\n{out}"))
     };
-    // slot cpu state selected accepted active bytes
-    assert_eq!(row("0")[2..], ["serving", "10", "10", "0", "1000"]);
-    assert_eq!(row("1")[2..], ["serving", "20", "20", "0", "2000"]);
+    // slot cpu state selected accepted active load bytes
+    assert_eq!(row("0")[2..], ["serving", "10", "10", "0", "0", "1000"]);
+    assert_eq!(row("1")[2..], ["serving", "20", "20", "0", "0", "2000"]);
     assert!(
         out.contains("balance (since start): 30 accepted, max/mean 1.333, cv 0.333, jain 0.9000"),
         "{out}"

@@ -163,8 +163,12 @@ fn placement(server: &Server, workers: usize, clients: u32) -> Vec<usize> {
         .collect()
 }
 
+/// Groups built afresh with 3, 4 and 5 workers: Maglev tables of different
+/// live sets. (A running group that loses or gains a worker updates its
+/// table instead, and then moves exactly the keys it must: see the tests of
+/// `ctl drain` and `add-worker`.)
 #[test]
-fn consistent_moves_only_the_keys_of_the_worker_that_came_or_went() {
+fn consistent_tables_of_neighbouring_sizes_share_most_keys() {
     netns();
     let clients = 300;
     let four = Server::start(&["--policy", "consistent", "--workers", "4"]);
@@ -174,28 +178,26 @@ fn consistent_moves_only_the_keys_of_the_worker_that_came_or_went() {
     let p5 = placement(&five, 5, clients);
     let p3 = placement(&three, 3, clients);
 
-    // A fifth worker joins: only keys that now go to it move.
-    let moved: Vec<usize> = (0..p4.len()).filter(|&i| p4[i] != p5[i]).collect();
-    assert!(
-        moved.iter().all(|&i| p5[i] == 4),
-        "a key moved between old workers"
+    let moved = |a: &[usize], b: &[usize]| (0..a.len()).filter(|&i| a[i] != b[i]).count();
+    let needless_add = (0..p4.len())
+        .filter(|&i| p4[i] != p5[i] && p5[i] != 4)
+        .count();
+    let needless_remove = (0..p4.len())
+        .filter(|&i| p4[i] != p3[i] && p4[i] != 3)
+        .count();
+    let added = moved(&p4, &p5) as f64 / clients as f64;
+    let removed = moved(&p4, &p3) as f64 / clients as f64;
+    println!(
+        "consistent, fresh tables: {:.1} % of keys differ between 4 and 5 workers (ideal 20 %, {needless_add} not to the 5th), {:.1} % between 4 and 3 (ideal 25 %, {needless_remove} not from the 4th)",
+        added * 100.0,
+        removed * 100.0
     );
-    let added = moved.len() as f64 / clients as f64;
-    // Worker 3 leaves: only its keys move.
-    let moved: Vec<usize> = (0..p4.len()).filter(|&i| p4[i] != p3[i]).collect();
-    assert!(
-        moved.iter().all(|&i| p4[i] == 3),
-        "a key of a remaining worker moved"
-    );
-    assert_eq!(
-        moved.len(),
-        p4.iter().filter(|&&w| w == 3).count(),
-        "every key of the leaver moved"
-    );
-    let removed = moved.len() as f64 / clients as f64;
-    println!("consistent: {:.1} % of keys moved when a 5th worker came (ideal 20 %), {:.1} % when 1 of 4 left (ideal 25 %)", added * 100.0, removed * 100.0);
     assert!((added - 0.20).abs() < 0.07, "{added}");
     assert!((removed - 0.25).abs() < 0.07, "{removed}");
+    assert!(
+        needless_add + needless_remove <= clients as usize * 4 / 100,
+        "Maglev's extra movement stays small"
+    );
     for w in 0..4 {
         assert!(p4.contains(&w), "worker {w} gets keys");
     }
