@@ -687,3 +687,35 @@ pub fn any_local(server: SocketAddr) -> SocketAddr {
         SocketAddr::V6(_) => "[::1]:0".parse().unwrap(),
     }
 }
+
+impl Server {
+    /// Runs `exchange` (one connection or one datagram) and returns the
+    /// worker that served it: the one whose accepted counter moved, which
+    /// must also be the slot the program selected.
+    pub fn served_by<T>(&self, workers: usize, exchange: impl FnOnce() -> T) -> (usize, T) {
+        let before = self.metrics();
+        let out = exchange();
+        let after = self.metrics();
+        let delta = accepted_delta(&before, &after, workers);
+        assert_eq!(delta.iter().sum::<u64>(), 1, "one accept: {delta:?}");
+        assert_eq!(
+            selected_delta(&before, &after, workers),
+            delta,
+            "the program placed it"
+        );
+        (delta.iter().position(|&d| d == 1).expect("one worker"), out)
+    }
+}
+
+/// One TCP echo connection from `src`, closed with a reset (so the same
+/// 4-tuple can be used again at once); returns the client's address.
+pub fn tcp_once(src: SocketAddr, server: SocketAddr, payload: &[u8]) -> SocketAddr {
+    let stream = connect_from(src, server);
+    let local = stream.local_addr().expect("local address");
+    assert_eq!(
+        echo_on(stream.try_clone().expect("clone"), payload),
+        payload
+    );
+    reset(stream);
+    local
+}

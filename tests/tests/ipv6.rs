@@ -8,8 +8,8 @@ use std::{
 
 use reuseport_common::{hash::hash_addrs, key};
 use reuseport_tests::{
-    accepted_delta, connect_from, cpus, echo_on, netns, pattern, pin_to_cpu, reset, selected_delta,
-    udp_exchange, Server,
+    accepted_delta, connect_from, cpus, echo_on, netns, pattern, pin_to_cpu, reset, udp_exchange,
+    Server,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -40,13 +40,9 @@ fn exchange(proto: Proto, src: SocketAddr, server: SocketAddr, payload: &[u8]) {
 }
 
 fn served_by(server: &Server, proto: Proto, src: SocketAddr, workers: usize) -> usize {
-    let before = server.metrics();
-    exchange(proto, src, server.addr, b"v6");
-    let after = server.metrics();
-    let delta = accepted_delta(&before, &after, workers);
-    assert_eq!(delta.iter().sum::<u64>(), 1, "{delta:?}");
-    assert_eq!(selected_delta(&before, &after, workers), delta);
-    delta.iter().position(|&d| d == 1).unwrap()
+    server
+        .served_by(workers, || exchange(proto, src, server.addr, b"v6"))
+        .0
 }
 
 fn start(proto: Proto, addr: &str, args: &[&str]) -> Server {

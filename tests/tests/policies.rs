@@ -10,26 +10,16 @@ use std::{
 
 use reuseport_tests::{
     accepted_delta, connect_from, cpus, echo, echo_on, empty_slot, eventually, netns, pattern,
-    pin_to_cpu, reset, selected_delta, Metrics, Server,
+    pin_to_cpu, selected_delta, tcp_once, Metrics, Server,
 };
 
 /// Opens one echo connection from `src` and returns the worker that
 /// served it (the one whose accepted counter moved).
 fn served_by(server: &Server, src: IpAddr, workers: usize) -> usize {
-    let before = server.metrics();
-    let stream = connect_from(SocketAddr::new(src, 0), server.addr);
-    let payload = pattern(16, 1);
-    assert_eq!(echo_on(stream.try_clone().unwrap(), &payload), payload);
-    reset(stream);
-    let after = server.metrics();
-    let delta = accepted_delta(&before, &after, workers);
-    assert_eq!(delta.iter().sum::<u64>(), 1, "{delta:?}");
-    assert_eq!(
-        selected_delta(&before, &after, workers),
-        delta,
-        "the program placed it"
-    );
-    delta.iter().position(|&d| d == 1).unwrap()
+    let src = SocketAddr::new(src, 0);
+    server
+        .served_by(workers, || tcp_once(src, server.addr, &pattern(16, 1)))
+        .0
 }
 
 fn ip(n: u32) -> IpAddr {

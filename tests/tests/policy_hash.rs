@@ -4,9 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use reuseport_common::{hash::hash_addrs, key};
-use reuseport_tests::{
-    accepted_delta, connect_from, echo_on, netns, pattern, reset, selected_delta, Server,
-};
+use reuseport_tests::{netns, pattern, tcp_once, Server};
 
 /// The worker the program must pick, computed in user space.
 fn predicted(
@@ -23,25 +21,9 @@ fn predicted(
 /// Opens one echo connection from `src` and returns the worker that
 /// served it (the one whose accepted counter moved).
 fn served_by(server: &Server, src: SocketAddr, workers: usize) -> (usize, SocketAddr) {
-    let before = server.metrics();
-    let stream = connect_from(src, server.addr);
-    let local = stream.local_addr().unwrap();
-    let payload = pattern(32, local.port() as u64);
-    assert_eq!(echo_on(stream.try_clone().unwrap(), &payload), payload);
-    reset(stream);
-    let after = server.metrics();
-    let delta = accepted_delta(&before, &after, workers);
-    assert_eq!(
-        delta.iter().sum::<u64>(),
-        1,
-        "one connection, one accept: {delta:?}"
-    );
-    assert_eq!(
-        selected_delta(&before, &after, workers),
-        delta,
-        "the program selected it"
-    );
-    (delta.iter().position(|&d| d == 1).unwrap(), local)
+    server.served_by(workers, || {
+        tcp_once(src, server.addr, &pattern(32, u64::from(src.port())))
+    })
 }
 
 fn client(last: u8, third: u8) -> SocketAddr {

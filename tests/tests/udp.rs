@@ -18,17 +18,11 @@ fn ip(n: u32) -> IpAddr {
 
 /// Sends one datagram from `src` and returns the worker that answered.
 fn served_by(server: &Server, src: SocketAddr, payload: &[u8], workers: usize) -> usize {
-    let before = server.metrics();
-    assert_eq!(udp_exchange(src, server.addr, payload), payload);
-    let after = server.metrics();
-    let delta = accepted_delta(&before, &after, workers);
-    assert_eq!(delta.iter().sum::<u64>(), 1, "{delta:?}");
-    assert_eq!(
-        selected_delta(&before, &after, workers),
-        delta,
-        "the program placed it"
-    );
-    delta.iter().position(|&d| d == 1).unwrap()
+    server
+        .served_by(workers, || {
+            assert_eq!(udp_exchange(src, server.addr, payload), payload)
+        })
+        .0
 }
 
 fn udp(args: &[&str]) -> Server {
