@@ -216,6 +216,8 @@ pub mod worker_state {
     pub const SERVING: u32 = 1;
     /// No longer given new connections; finishing its open ones.
     pub const DRAINING: u32 = 2;
+    /// Asked for (`ctl add-worker`): the group's owner is to start it.
+    pub const STARTING: u32 = 3;
 }
 
 /// What a slot's worker is and has done. One per slot in
@@ -251,6 +253,10 @@ pub mod group_flag {
     /// The steering program is attached (the group was not started with
     /// the `kernel` policy).
     pub const PROGRAM: u32 = 1;
+    /// A new generation took the group over (`run --takeover`): the owner
+    /// drains its workers and exits without detaching the program, which
+    /// is now the new generation's.
+    pub const RETIRED: u32 = 2;
 }
 
 /// The group a set of maps belongs to.
@@ -274,6 +280,11 @@ pub struct GroupInfo {
     /// Start time of the owner (clock ticks after boot, `/proc/PID/stat`
     /// field 22), to tell it from a later process with the same pid.
     pub owner_start: u64,
+    /// `net.ipv4.tcp_migrate_req` as it was before the group set it, plus
+    /// one (0: the group did not touch it). Handed on at a takeover.
+    pub migrate_req_saved: u32,
+    /// Reserved.
+    pub reserved: u32,
 }
 
 #[cfg(feature = "user")]
@@ -297,7 +308,7 @@ mod tests {
         );
         assert_eq!(core::mem::size_of::<WorkerRecord>(), 4 * 4 + 8 * 5);
         assert_eq!(core::mem::size_of::<WorkerRecord>() % 8, 0);
-        assert_eq!(core::mem::size_of::<GroupInfo>(), 16 + 4 * 6 + 8);
+        assert_eq!(core::mem::size_of::<GroupInfo>(), 16 + 4 * 6 + 8 + 4 * 2);
     }
 
     #[test]

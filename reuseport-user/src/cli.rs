@@ -13,7 +13,7 @@ use crate::{
     error::Result,
     group::{Group, DEFAULT_BACKLOG},
     policy::{HashKey, Policy, PolicyKind},
-    server,
+    server::{self, ServeOptions},
     socket::Proto,
     stats,
     worker::Limits,
@@ -34,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve an echo group on one address until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Add this process's workers to a running group, until SIGINT/SIGTERM.
+    Join(JoinArgs),
     /// Act on a running group from another process.
     Ctl(CtlArgs),
     /// Print per-worker counters and the balance of a running group.
@@ -59,6 +61,125 @@ impl std::str::FromStr for Weights {
         }
         Ok(Weights(w))
     }
+}
+
+/// What a serving process (`run`, `join`) takes besides its group.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Most open connections per worker; beyond it the worker stops accepting.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+
+    /// Close a connection idle for this long (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Per-connection buffer in bytes: the most data held before it is echoed.
+    #[arg(long, default_value_t = Limits::default().buffer_size)]
+    pub buffer_size: usize,
+
+    /// On shutdown or drain, how long open connections may take to finish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Listen backlog of each worker's socket.
+    #[arg(long, default_value_t = DEFAULT_BACKLOG)]
+    pub backlog: i32,
+
+    /// Turn on the kernel's BPF run-time statistics while running (they
+    /// cost two clock reads per program run) and report them on /metrics.
+    #[arg(long)]
+    pub bpf_stats: bool,
+}
+
+impl ServeArgs {
+    fn options(&self) -> ServeOptions {
+        ServeOptions {
+            limits: Limits {
+                max_connections: self.max_connections.max(1),
+                idle_timeout: self.idle_timeout,
+                buffer_size: self.buffer_size.max(1),
+                drain_timeout: self.drain_timeout,
+            },
+            metrics_addr: self.metrics_addr,
+            bpf_stats: self.bpf_stats,
+        }
+    }
+}
+
+/// Options of `reuseport run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address and port of the group (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: SocketAddr,
+
+    /// Transport: tcp (an echo of each connection) or udp (an echo of each
+    /// datagram).
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    pub proto: Proto,
+
+    /// Number of workers [default: one per CPU this process may use]. More
+    /// workers than CPUs wrap round the CPUs.
+    #[arg(long)]
+    pub workers: Option<usize>,
+
+    /// Steering policy [default: cpu; with --takeover, the old group's].
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyKind>,
+
+    /// What the hash policies (hash, consistent) hash: src-ip (client
+    /// affinity), four-tuple, or payload:OFFSET:LEN (UDP: LEN bytes, 1 to
+    /// 16, at OFFSET of the payload, e.g. a QUIC connection ID).
+    #[arg(long, default_value = "src-ip")]
+    pub hash_key: HashKey,
+
+    /// Seed of the key hash.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u32,
+
+    /// `weighted`: one weight per worker, in slot order, e.g. 3,1.
+    #[arg(long)]
+    pub weights: Option<Weights>,
+
+    /// Name of the group, for `reuseport ctl` and `stats` (its maps are
+    /// pinned in /sys/fs/bpf/reuseport/NAME) [default: PROTO-ADDRESS-PORT].
+    #[arg(long)]
+    pub group: Option<String>,
+
+    /// Take over the running group of this name: serve its address with a
+    /// new program and these workers, then let the old process drain and
+    /// exit. No connection is refused or reset on the way.
+    #[arg(long, value_name = "GROUP", conflicts_with = "group")]
+    pub takeover: Option<String>,
+
+    /// Options of the serving process.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    /// Program of the eBPF object to load (tests and benchmarks).
+    #[arg(long, hide = true, default_value = reuseport_common::program::STEER)]
+    pub bpf_program: String,
+}
+
+/// Options of `reuseport join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The running group to join.
+    #[arg(long)]
+    pub group: String,
+
+    /// Number of workers this process adds.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+
+    /// Options of the serving process.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// Options of `reuseport ctl`.
@@ -92,6 +213,22 @@ pub enum CtlAction {
     },
     /// Print the group's policy and per-worker counters.
     Status,
+    /// Ask the group's owner for one more worker; it takes a free slot and
+    /// its share of new connections at once.
+    AddWorker {
+        /// CPU to pin it to [default: the usable CPU with the fewest workers].
+        #[arg(long)]
+        cpu: Option<usize>,
+        /// `weighted`: its weight [default: 1].
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Stop giving a worker new connections; it closes once its open ones
+    /// are done (its queued ones move to the others).
+    Drain {
+        /// The worker (slot) to drain.
+        worker: u32,
+    },
 }
 
 /// Options of `reuseport stats`.
@@ -105,84 +242,14 @@ pub struct StatsArgs {
     pub watch: Option<f64>,
 }
 
-/// Options of `reuseport run`.
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Address and port of the group (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    pub addr: SocketAddr,
-
-    /// Transport: tcp (an echo of each connection) or udp (an echo of each
-    /// datagram).
-    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
-    pub proto: Proto,
-
-    /// Number of workers [default: one per CPU this process may use]. More
-    /// workers than CPUs wrap round the CPUs.
-    #[arg(long)]
-    pub workers: Option<usize>,
-
-    /// Steering policy.
-    #[arg(long, value_enum, default_value_t = PolicyKind::Cpu)]
-    pub policy: PolicyKind,
-
-    /// What the hash policies (hash, consistent) hash: src-ip (client
-    /// affinity), four-tuple, or payload:OFFSET:LEN (UDP: LEN bytes, 1 to
-    /// 16, at OFFSET of the payload, e.g. a QUIC connection ID).
-    #[arg(long, default_value = "src-ip")]
-    pub hash_key: HashKey,
-
-    /// Seed of the key hash.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u32,
-
-    /// `weighted`: one weight per worker, in slot order, e.g. 3,1.
-    #[arg(long)]
-    pub weights: Option<Weights>,
-
-    /// Name of the group, for `reuseport ctl` and `stats` (its maps are
-    /// pinned in /sys/fs/bpf/reuseport/NAME) [default: PROTO-ADDRESS-PORT].
-    #[arg(long)]
-    pub group: Option<String>,
-
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long)]
-    pub metrics_addr: Option<SocketAddr>,
-
-    /// Most open connections per worker; beyond it the worker stops accepting.
-    #[arg(long, default_value_t = Limits::default().max_connections)]
-    pub max_connections: usize,
-
-    /// Close a connection idle for this long (e.g. 60s, 5m).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Duration,
-
-    /// Per-connection buffer in bytes: the most data held before it is echoed.
-    #[arg(long, default_value_t = Limits::default().buffer_size)]
-    pub buffer_size: usize,
-
-    /// On shutdown, how long open connections may take to finish.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
-
-    /// Turn on the kernel's BPF run-time statistics while running (they
-    /// cost two clock reads per program run) and report them on /metrics.
-    #[arg(long)]
-    pub bpf_stats: bool,
-
-    /// Listen backlog of each worker's socket.
-    #[arg(long, default_value_t = DEFAULT_BACKLOG)]
-    pub backlog: i32,
-
-    /// Program of the eBPF object to load (tests and benchmarks).
-    #[arg(long, hide = true, default_value = reuseport_common::program::STEER)]
-    pub bpf_program: String,
-}
-
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run_group(args),
+        Command::Join(args) => {
+            let options = args.serve.options();
+            server::join_echo(&args.group, args.workers, None, args.serve.backlog, options)
+        }
         Command::Ctl(args) => ctl(args),
         Command::Stats(args) => watch_stats(args),
     }
@@ -212,6 +279,20 @@ fn ctl(args: CtlArgs) -> Result<()> {
             println!("group {}: policy {next}", control.name());
             Ok(())
         }
+        CtlAction::AddWorker { cpu, weight } => {
+            let (slot, cpu) =
+                control.add_worker(cpu, weight.unwrap_or(1), Duration::from_secs(10))?;
+            println!("group {}: worker {slot} added on CPU {cpu}", control.name());
+            Ok(())
+        }
+        CtlAction::Drain { worker } => {
+            control.drain(worker)?;
+            println!(
+                "group {}: worker {worker} draining (no new connections; it closes after its open ones)",
+                control.name()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -234,17 +315,25 @@ fn watch_stats(args: StatsArgs) -> Result<()> {
 }
 
 fn run_group(a: RunArgs) -> Result<()> {
-    let policy = Policy {
-        kind: a.policy,
-        key: a.hash_key,
-        seed: a.seed,
-        weights: a.weights.map(|w| w.0).unwrap_or_default(),
+    let policy = match (a.policy, &a.takeover) {
+        // Taking over without a policy: keep the old group's.
+        (None, Some(name)) => Control::open(Some(name))?.status()?.policy,
+        (kind, _) => Policy {
+            kind: kind.unwrap_or(PolicyKind::Cpu),
+            key: a.hash_key,
+            seed: a.seed,
+            weights: a.weights.clone().map(|w| w.0).unwrap_or_default(),
+        },
     };
+    run_with(policy, a)
+}
+
+fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
     let mut builder = Group::builder()
         .addr(a.addr)
         .proto(a.proto)
         .policy(policy)
-        .backlog(a.backlog)
+        .backlog(a.serve.backlog)
         .program(&a.bpf_program);
     if let Some(n) = a.workers {
         builder = builder.workers(n);
@@ -252,11 +341,8 @@ fn run_group(a: RunArgs) -> Result<()> {
     if let Some(name) = a.group {
         builder = builder.name(name);
     }
-    let limits = Limits {
-        max_connections: a.max_connections.max(1),
-        idle_timeout: a.idle_timeout,
-        buffer_size: a.buffer_size.max(1),
-        drain_timeout: a.drain_timeout,
-    };
-    server::run_echo(builder, limits, a.metrics_addr, a.bpf_stats)
+    if let Some(name) = a.takeover {
+        builder = builder.takeover(name);
+    }
+    server::run_echo(builder, a.serve.options())
 }

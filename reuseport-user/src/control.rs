@@ -14,6 +14,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
 };
 
 use log::{info, warn};
@@ -180,6 +182,8 @@ pub fn group_info(addr: SocketAddr, proto: Proto, workers: u32, program: bool) -
         owner_pid: pid,
         flags: if program { group_flag::PROGRAM } else { 0 },
         owner_start: process_start_time(pid).unwrap_or(0),
+        migrate_req_saved: 0,
+        reserved: 0,
     }
 }
 
@@ -268,11 +272,9 @@ impl Control {
             }
         };
         let dir = group_dir(&name);
-        if !dir.exists() {
-            return Err(Error::NoSuchGroup { name, dir });
-        }
+        check_exists(&name, &dir)?;
         crate::sys::check_bpf_privilege("opening a group's pinned maps")?;
-        let maps = Maps::from_pins(&dir)?;
+        let maps = Maps::from_pins(&dir).map_err(|e| explain_open(&name, e))?;
         Ok(Control { name, maps })
     }
 
@@ -323,6 +325,11 @@ impl Control {
         })
     }
 
+    /// Rewrites the group's record.
+    pub fn set_group_info(&mut self, info: &GroupInfo) -> Result<()> {
+        self.maps.set_group_info(info)
+    }
+
     /// Puts `policy` in force on the running group. Open connections are not
     /// touched; new ones follow it from now on.
     pub fn set_policy(&mut self, policy: &Policy) -> Result<()> {
@@ -344,6 +351,136 @@ impl Control {
     }
 }
 
+impl Control {
+    /// Asks the group's owner for one more worker on `cpu` (default: the
+    /// usable CPU with the fewest serving workers) with `weight` under the
+    /// `weighted` policy, and waits (at most `timeout`) until it serves.
+    /// Returns its slot and CPU.
+    pub fn add_worker(
+        &mut self,
+        cpu: Option<usize>,
+        weight: u32,
+        timeout: Duration,
+    ) -> Result<(u32, usize)> {
+        let info = self.maps.group_info()?;
+        if process_start_time(info.owner_pid) != Some(info.owner_start) {
+            return Err(Error::OwnerDidNot {
+                what: format!("the group's owner (pid {}) is not running", info.owner_pid),
+            });
+        }
+        let records = self.maps.workers().snapshot();
+        let cpu = match cpu {
+            Some(c) => c,
+            None => {
+                let busy = |c: usize| {
+                    records
+                        .iter()
+                        .filter(|r| r.state == worker_state::SERVING && r.cpu as usize == c)
+                        .count()
+                };
+                crate::sys::usable_cpus()?
+                    .into_iter()
+                    .min_by_key(|&c| (busy(c), c))
+                    .unwrap_or(0)
+            }
+        };
+        let slot = self.maps.claim_slot(cpu as u32, info.owner_pid)?;
+        if info.flags & group_flag::PROGRAM != 0 {
+            // The owner rebuilds the policy from the record in force: give
+            // the newcomer its weight there first.
+            self.maps.update(|current| {
+                let mut next = current.clone();
+                next.config.weights[slot as usize] = weight;
+                Ok(next)
+            })?;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.maps.workers().slot(slot).state.load(Ordering::Acquire) {
+                worker_state::SERVING => return Ok((slot, cpu)),
+                worker_state::STARTING if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                worker_state::STARTING => {
+                    self.maps.workers().slot(slot).state.store(worker_state::EMPTY, Ordering::Release);
+                    return Err(Error::OwnerDidNot {
+                        what: format!(
+                            "the group's owner (pid {}) did not start worker {slot} within {timeout:?}",
+                            info.owner_pid
+                        ),
+                    });
+                }
+                _ => {
+                    return Err(Error::OwnerDidNot {
+                        what: format!(
+                            "the group's owner (pid {}) could not start worker {slot} on CPU {cpu}: see its log",
+                            info.owner_pid
+                        ),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Drains worker `slot`: from now on the policy leaves it out and its
+    /// place in the socket map is empty, so it gets no new connections; its
+    /// process then closes its listener (whose queued connections move to
+    /// the live workers) and lets its open connections finish.
+    pub fn drain(&mut self, slot: u32) -> Result<()> {
+        let records = self.maps.workers().snapshot();
+        let Some(rec) = records.get(slot as usize) else {
+            return Err(Error::NotServing {
+                slot,
+                state: "out of range",
+            });
+        };
+        if rec.state != worker_state::SERVING {
+            return Err(Error::NotServing {
+                slot,
+                state: state_name(rec.state),
+            });
+        }
+        let others = live_slots(&records)
+            .iter()
+            .filter(|l| l.slot != slot)
+            .count();
+        if others == 0 {
+            return Err(Error::LastWorker { slot });
+        }
+        // In this order: the policy stops picking the slot, its socket
+        // leaves the map, and only then is its owner told to close it.
+        let steered = self.maps.group_info()?.flags & group_flag::PROGRAM != 0;
+        if steered {
+            let live: Vec<LiveSlot> = self
+                .live_slots()
+                .into_iter()
+                .filter(|l| l.slot != slot)
+                .collect();
+            self.maps.update(|current| {
+                let policy = policy_of(&current.config);
+                Ok(policy::replan(&policy, &live, current)?)
+            })?;
+            self.maps.clear_slot(slot)?;
+        }
+        self.maps
+            .workers()
+            .slot(slot)
+            .state
+            .store(worker_state::DRAINING, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A worker state's name.
+pub fn state_name(state: u32) -> &'static str {
+    match state {
+        worker_state::SERVING => "serving",
+        worker_state::DRAINING => "draining",
+        worker_state::STARTING => "starting",
+        _ => "gone",
+    }
+}
+
 /// Slots whose record says serving, in slot order.
 pub fn live_slots(records: &[WorkerRecord]) -> Vec<LiveSlot> {
     records
@@ -355,6 +492,60 @@ pub fn live_slots(records: &[WorkerRecord]) -> Vec<LiveSlot> {
             cpu: r.cpu,
         })
         .collect()
+}
+
+/// Fails unless group `name`'s pin directory exists; one this process may
+/// not even look at belongs to another user.
+pub fn check_exists(name: &str, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::symlink_metadata(dir) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Error::NotOwner {
+            name: name.to_string(),
+            owner: fs::metadata(PIN_ROOT).map(|m| m.uid()).unwrap_or(0),
+        }),
+        Err(_) => Err(Error::NoSuchGroup {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+        }),
+    }
+}
+
+/// An error opening group `name`'s pins, with the reason spelled out when
+/// it is that the pins belong to someone else.
+pub fn explain_open(name: &str, e: Error) -> Error {
+    use std::os::unix::fs::MetadataExt;
+    let denied = matches!(&e, Error::Bpf { source, .. } if {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        let mut found = false;
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<io::Error>() {
+                found |= io.kind() == io::ErrorKind::PermissionDenied;
+            }
+            cause = c.source();
+        }
+        found || source.to_string().contains("ermission denied")
+    });
+    if denied {
+        let owner = fs::metadata(group_dir(name)).map(|m| m.uid()).unwrap_or(0);
+        return Error::NotOwner {
+            name: name.to_string(),
+            owner,
+        };
+    }
+    e
+}
+
+/// The address and protocol a group record describes.
+pub fn addr_of(info: &GroupInfo) -> (SocketAddr, Proto) {
+    (
+        SocketAddr::new(ip_of(info), info.port as u16),
+        if info.protocol == 17 {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        },
+    )
 }
 
 fn ip_of(info: &GroupInfo) -> IpAddr {

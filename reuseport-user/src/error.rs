@@ -119,6 +119,45 @@ pub enum Error {
         name: String,
     },
 
+    /// Every slot of the socket map is taken.
+    #[error("the group has no free slot: all {max} are taken")]
+    NoFreeSlot {
+        /// Slots in a group.
+        max: u32,
+    },
+
+    /// The group's pins cannot be opened by this process.
+    #[error("cannot open group {name}'s pinned maps: permission denied (they belong to uid {owner}; only the group's owner may join or steer it)")]
+    NotOwner {
+        /// The group.
+        name: String,
+        /// Owner of the pins.
+        owner: u32,
+    },
+
+    /// A worker that is not serving cannot be drained.
+    #[error("worker {slot} is not serving (it is {state})")]
+    NotServing {
+        /// The slot.
+        slot: u32,
+        /// Its state.
+        state: &'static str,
+    },
+
+    /// Draining the last serving worker would leave nothing to serve.
+    #[error("worker {slot} is the last one serving: stop the group instead")]
+    LastWorker {
+        /// The slot.
+        slot: u32,
+    },
+
+    /// A request to the group's owner was not carried out.
+    #[error("{what}")]
+    OwnerDidNot {
+        /// What did not happen, and where to look.
+        what: String,
+    },
+
     /// A policy that cannot be built from the given settings.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),

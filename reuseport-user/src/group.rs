@@ -1,16 +1,26 @@
 //! A reuseport group: the member sockets, one per worker slot, the steering
 //! program attached to them, and the pinned maps that let other processes
-//! see and steer it.
+//! see, steer and join it.
+//!
+//! A process holds a group in one of three roles:
+//! - **owner**: it created the group (`run`): it loaded and attached the
+//!   program, pinned the maps, and starts the workers `ctl add-worker` asks for;
+//! - **joined**: it added sockets of its own to a running group (`join`),
+//!   using the owner's program and maps;
+//! - **successor**: it took the group over (`run --takeover`) with a program
+//!   and maps of its own; once the old owner has drained and exited it is
+//!   the owner.
 
 use std::{
     net::SocketAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use log::{info, warn};
-use reuseport_common::{program, worker_state, MAX_WORKERS};
+use reuseport_common::{group_flag, program, worker_state, GroupInfo, MAX_WORKERS};
 use socket2::Socket;
 
 use crate::{
@@ -40,6 +50,7 @@ pub struct GroupBuilder {
     program: String,
     name: Option<String>,
     pin: bool,
+    takeover: Option<String>,
 }
 
 /// One member of the group: the socket of one worker slot.
@@ -85,15 +96,40 @@ impl Drop for Pins {
     }
 }
 
+/// How this process holds the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// It created the group.
+    Owner,
+    /// It joined another process's group.
+    Joined,
+    /// It took the group over from `old_pid`, whose pins are at `old_name`.
+    Successor {
+        /// The previous owner.
+        old_pid: u32,
+        /// The group's name (the old owner's pin directory).
+        old_name: String,
+    },
+}
+
+/// `net.ipv4.tcp_migrate_req`, set by a group without a program so that a
+/// closing listener hands its queue to the others; restored at the end.
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
 /// A group of `SO_REUSEPORT` sockets on one address, steered by a policy.
 #[derive(Debug)]
 pub struct Group {
     name: Option<String>,
     addr: SocketAddr,
     proto: Proto,
+    backlog: i32,
+    cpus: Vec<usize>,
+    role: Role,
     members: Vec<Member>,
     steering: Option<Arc<Mutex<Steering>>>,
     workers: Arc<WorkerRegion>,
+    /// Where the maps are pinned (ours, or the owner's when joined).
+    dir: Option<PathBuf>,
     // Declared last: dropped after the sockets and maps it describes.
     pins: Option<Pins>,
 }
@@ -112,7 +148,64 @@ impl Group {
             program: program::STEER.to_string(),
             name: None,
             pin: true,
+            takeover: None,
         }
+    }
+
+    /// Joins the running group `name` (pinned by its owner) with `workers`
+    /// sockets of this process, placed on `cpus` (default: the usable CPUs).
+    /// Each takes a free slot; the policy is rebuilt to include them.
+    pub fn join(
+        name: &str,
+        workers: usize,
+        cpus: Option<Vec<usize>>,
+        backlog: i32,
+    ) -> Result<Group> {
+        control::validate_name(name)?;
+        let dir = control::group_dir(name);
+        control::check_exists(name, &dir)?;
+        sys::check_bpf_privilege("joining a group")?;
+        let steering = Steering::from_pins(&dir).map_err(|e| control::explain_open(name, e))?;
+        let info = steering.maps().group_info()?;
+        let (addr, proto) = control::addr_of(&info);
+        let cpus = match cpus {
+            Some(c) if !c.is_empty() => c,
+            _ => sys::usable_cpus()?,
+        };
+        if workers == 0 || workers > MAX_WORKERS as usize {
+            return Err(Error::WorkerCount {
+                requested: workers,
+                max: MAX_WORKERS,
+            });
+        }
+        let region = steering.maps().workers().clone();
+        let mut group = Group {
+            name: Some(name.to_string()),
+            addr,
+            proto,
+            backlog,
+            cpus: cpus.clone(),
+            role: Role::Joined,
+            members: Vec::new(),
+            steering: Some(Arc::new(Mutex::new(steering))),
+            workers: region,
+            dir: Some(dir),
+            pins: None,
+        };
+        for i in 0..workers {
+            let cpu = cpus[i % cpus.len()];
+            let slot = group.claim_slot(cpu)?;
+            if let Err(e) = group.add_member(slot, cpu) {
+                group
+                    .workers
+                    .slot(slot)
+                    .state
+                    .store(worker_state::EMPTY, Ordering::Release);
+                let _ = group.close();
+                return Err(e);
+            }
+        }
+        Ok(group)
     }
 
     /// The group's name (that of its pin directory), if it is pinned.
@@ -122,7 +215,12 @@ impl Group {
 
     /// Where the group's maps are pinned, if they are.
     pub fn pin_dir(&self) -> Option<&Path> {
-        self.pins.as_ref().map(|p| p.0.as_path())
+        self.dir.as_deref()
+    }
+
+    /// How this process holds the group.
+    pub fn role(&self) -> &Role {
+        &self.role
     }
 
     /// The address the group is bound to (with the real port if 0 was asked).
@@ -135,7 +233,12 @@ impl Group {
         self.proto
     }
 
-    /// The members, in slot order.
+    /// The CPUs this group's workers are placed on.
+    pub fn cpus(&self) -> &[usize] {
+        &self.cpus
+    }
+
+    /// This process's members, in slot order.
     pub fn members(&self) -> &[Member] {
         &self.members
     }
@@ -144,14 +247,28 @@ impl Group {
     /// switched it).
     pub fn policy(&self) -> Result<Policy> {
         match &self.steering {
-            Some(s) if lock(s).has_program() => Ok(control::policy_of(&lock(s).maps().config()?)),
+            Some(s) if self.steered()? => Ok(control::policy_of(&lock(s).maps().config()?)),
             _ => Ok(Policy::new(PolicyKind::Kernel)),
         }
     }
 
-    /// The loaded object, or `None` when the group runs without BPF.
+    /// Whether the group has a steering program (ours or the owner's).
+    fn steered(&self) -> Result<bool> {
+        match &self.steering {
+            Some(s) => Ok(lock(s).maps().group_info()?.flags & group_flag::PROGRAM != 0),
+            None => Ok(false),
+        }
+    }
+
+    /// The loaded object (or, when joined, the group's maps), or `None`
+    /// when the group runs without BPF.
     pub fn steering(&self) -> Option<Arc<Mutex<Steering>>> {
         self.steering.clone()
+    }
+
+    /// Every slot's worker record (this process's and others').
+    pub fn worker_region(&self) -> Arc<WorkerRegion> {
+        self.workers.clone()
     }
 
     /// The shared record of the worker of `slot`.
@@ -167,47 +284,242 @@ impl Group {
         }
     }
 
+    /// Whether a successor took the group over (`run --takeover`): this
+    /// process is to drain its workers and exit, leaving the program alone.
+    pub fn retired(&self) -> bool {
+        self.group_info()
+            .is_some_and(|i| i.flags & group_flag::RETIRED != 0)
+    }
+
+    fn group_info(&self) -> Option<GroupInfo> {
+        self.steering
+            .as_ref()
+            .and_then(|s| lock(s).maps().group_info().ok())
+    }
+
     /// Puts another policy in force on the running group. Open connections
     /// are not touched; new ones follow the new policy from the switch on.
     pub fn set_policy(&mut self, policy: &Policy) -> Result<()> {
         check_key(policy, self.proto)?;
-        let steering = self.steering.as_ref().ok_or(PolicyError::Kernel)?;
-        let mut steering = lock(steering);
-        if !steering.has_program() {
+        if !self.steered()? {
             return Err(PolicyError::Kernel.into());
         }
+        let steering = self.steering.as_ref().ok_or(PolicyError::Kernel)?;
         let live = control::live_slots(&self.workers.snapshot());
-        steering
+        lock(steering)
             .maps_mut()
             .update(|current| Ok(policy::replan(policy, &live, current)?))
     }
 
-    /// Detaches the program, closes every member socket and removes the
-    /// pins. Connections still waiting in the accept queues are reset by
-    /// the kernel; accepted connections are not affected. The port is free
-    /// once no other handle of the sockets is open.
-    pub fn close(mut self) -> Result<()> {
+    /// Rebuilds the policy in force over the workers serving now (after one
+    /// came or went). Nothing to do without a program or without workers.
+    pub fn rebalance(&self) -> Result<()> {
+        let Some(steering) = &self.steering else {
+            return Ok(());
+        };
+        if !self.steered()? {
+            return Ok(());
+        }
+        let live = control::live_slots(&self.workers.snapshot());
+        if live.is_empty() {
+            return Ok(());
+        }
+        lock(steering).maps_mut().update(|current| {
+            let policy = control::policy_of(&current.config);
+            Ok(policy::replan(&policy, &live, current)?)
+        })
+    }
+
+    /// Takes a free slot for a worker of this process on `cpu`.
+    fn claim_slot(&self, cpu: usize) -> Result<u32> {
+        let steering = self.steering.as_ref().ok_or_else(|| {
+            Error::io(
+                "adding a worker",
+                std::io::Error::other("the group has no maps"),
+            )
+        })?;
+        let guard = lock(steering);
+        guard.maps().claim_slot(cpu as u32, std::process::id())
+    }
+
+    /// Adds a member in `slot` (already claimed) with a worker on `cpu`:
+    /// binds and joins its socket, places it in the socket map, marks the
+    /// slot serving and rebuilds the policy to include it.
+    pub fn add_member(&mut self, slot: u32, cpu: usize) -> Result<&Member> {
+        let socket = socket::bind_member(self.addr, self.proto)?;
+        if self.proto == Proto::Tcp {
+            socket::listen(&socket, self.backlog)?;
+        }
         if let Some(s) = &self.steering {
-            if lock(s).has_program() {
-                if let Some(first) = self.members.first() {
-                    Steering::detach(first.socket.as_fd())?;
-                    info!("detached the steering program from {}", self.addr);
+            if self.steered()? {
+                lock(s).maps_mut().set_slot(slot, &socket)?;
+            }
+        }
+        self.workers.slot(slot).reset(cpu as u32);
+        self.members.push(Member { slot, cpu, socket });
+        self.members.sort_by_key(|m| m.slot);
+        self.rebalance()?;
+        info!("worker {slot} joined the group on CPU {cpu}");
+        self.members
+            .iter()
+            .find(|m| m.slot == slot)
+            .ok_or_else(|| Error::io("adding a worker", std::io::Error::other("member vanished")))
+    }
+
+    /// Takes `slot` out of the policy: marks it draining, empties its place
+    /// in the socket map and rebuilds the policy without it. New work stops
+    /// going there at once; what is already queued moves when its socket
+    /// closes ([`Group::remove_member`]).
+    pub fn retire_slot(&self, slot: u32) -> Result<()> {
+        let rec = self.workers.slot(slot);
+        if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
+            rec.state.store(worker_state::DRAINING, Ordering::Release);
+        }
+        if let Some(s) = &self.steering {
+            if self.steered()? && !self.retired() {
+                let _ = lock(s).maps_mut().clear_slot(slot);
+            }
+        }
+        if !self.retired() {
+            self.rebalance()?;
+        }
+        Ok(())
+    }
+
+    /// Closes this process's socket of `slot`. When it was a TCP listener
+    /// the kernel hands the connections in its queues to the live members
+    /// (the program is attached for `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, so
+    /// it picks where). Its worker must have dropped its own handle too.
+    pub fn remove_member(&mut self, slot: u32) {
+        self.members.retain(|m| m.slot != slot);
+    }
+
+    /// Marks `slot`'s record empty (its worker is gone).
+    pub fn release_slot(&self, slot: u32) {
+        let rec = self.workers.slot(slot);
+        rec.active.store(0, Ordering::Relaxed);
+        rec.load.store(0, Ordering::Relaxed);
+        rec.state.store(worker_state::EMPTY, Ordering::Release);
+    }
+
+    /// Slots whose worker belongs to another process that no longer runs:
+    /// marks them empty and rebuilds the policy. Returns them.
+    pub fn reap_dead_workers(&self) -> Result<Vec<(u32, u32)>> {
+        let me = std::process::id();
+        let mut dead = Vec::new();
+        for (slot, r) in self.workers.snapshot().iter().enumerate() {
+            let slot = slot as u32;
+            let busy = r.state == worker_state::SERVING || r.state == worker_state::DRAINING;
+            if busy && r.pid != me && r.pid != 0 && control::process_start_time(r.pid).is_none() {
+                if let Some(s) = &self.steering {
+                    let _ = lock(s).maps_mut().clear_slot(slot);
+                }
+                self.release_slot(slot);
+                dead.push((slot, r.pid));
+            }
+        }
+        if !dead.is_empty() {
+            self.rebalance()?;
+        }
+        Ok(dead)
+    }
+
+    /// After a takeover: waits (at most `timeout`) for the old owner to
+    /// exit, then moves this group's pins to the group's own name.
+    pub fn finish_takeover(&mut self, timeout: Duration) -> Result<()> {
+        let Role::Successor { old_pid, old_name } = self.role.clone() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        while control::process_start_time(old_pid).is_some() {
+            if Instant::now() > deadline {
+                warn!("the previous owner (pid {old_pid}) has not exited after {timeout:?}; taking its group's name anyway");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let final_dir = control::group_dir(&old_name);
+        if final_dir.exists() {
+            control::release(&final_dir)?;
+        }
+        if let Some(pins) = self.pins.take() {
+            std::fs::rename(&pins.0, &final_dir).map_err(|e| {
+                Error::io(
+                    format!("renaming {} to {}", pins.0.display(), final_dir.display()),
+                    e,
+                )
+            })?;
+            // Renamed: the guard of the old path must not remove it.
+            std::mem::forget(pins);
+            self.pins = Some(Pins(final_dir.clone()));
+            self.dir = Some(final_dir.clone());
+            if let Some(s) = &self.steering {
+                lock(s).maps_mut().set_pin_dir(&final_dir);
+            }
+        }
+        self.name = Some(old_name.clone());
+        self.role = Role::Owner;
+        info!("took over group {old_name} from pid {old_pid}");
+        Ok(())
+    }
+
+    /// Stops the group's part in this process: takes this process's slots
+    /// out of the policy, detaches the program (if this process owns the
+    /// group and no successor took it over), closes the sockets and removes
+    /// the pins. Connections still in the accept queues move to another
+    /// process's members if any are left, else the kernel resets them;
+    /// accepted connections are not affected.
+    pub fn close(mut self) -> Result<()> {
+        let retired = self.retired();
+        let slots: Vec<u32> = self.members.iter().map(|m| m.slot).collect();
+        if self.role == Role::Joined {
+            for &slot in &slots {
+                self.retire_slot(slot)?;
+            }
+        }
+        let owner = matches!(self.role, Role::Owner | Role::Successor { .. });
+        if owner && !retired && self.steered()? {
+            let others = control::live_slots(&self.workers.snapshot())
+                .iter()
+                .filter(|l| !slots.contains(&l.slot))
+                .count();
+            if let Some(first) = self.members.first() {
+                Steering::detach(first.socket.as_fd())?;
+                info!("detached the steering program from {}", self.addr);
+                if others > 0 {
+                    warn!("{others} worker(s) of other processes still serve {}: they go on under the kernel's hash", self.addr);
                 }
             }
         }
-        for m in &self.members {
-            self.workers
-                .slot(m.slot)
-                .state
-                .store(worker_state::EMPTY, std::sync::atomic::Ordering::Release);
+        for &slot in &slots {
+            self.release_slot(slot);
         }
         self.members.clear();
+        if owner {
+            self.restore_migrate_req(retired);
+        }
         if let Some(pins) = self.pins.take() {
             let dir = pins.0.clone();
             drop(pins);
             info!("removed the pins in {}", dir.display());
         }
         Ok(())
+    }
+
+    /// Puts back `net.ipv4.tcp_migrate_req` if this group changed it; a
+    /// retired owner leaves that to its successor.
+    fn restore_migrate_req(&self, retired: bool) {
+        let Some(info) = self.group_info() else {
+            return;
+        };
+        if info.migrate_req_saved == 0 || retired {
+            return;
+        }
+        let before = info.migrate_req_saved - 1;
+        match std::fs::write(MIGRATE_REQ, before.to_string()) {
+            Ok(()) => info!("restored net.ipv4.tcp_migrate_req to {before}"),
+            Err(e) => warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}"),
+        }
     }
 }
 
@@ -262,6 +574,14 @@ impl GroupBuilder {
         self
     }
 
+    /// Takes over the running group `name` instead of creating one: binds
+    /// to its address, attaches a program of our own to it, and tells the
+    /// old owner to drain and exit. See [`Group::finish_takeover`].
+    pub fn takeover(mut self, name: impl Into<String>) -> Self {
+        self.takeover = Some(name.into());
+        self
+    }
+
     /// Loads another program of the object instead of the steering program
     /// (benchmarks load the cost floor; tests load one the verifier rejects).
     #[doc(hidden)]
@@ -272,7 +592,7 @@ impl GroupBuilder {
 
     /// Creates the group: binds every member, loads and attaches the program,
     /// fills the socket map, puts the policy in force and pins the maps.
-    pub fn build(self) -> Result<Group> {
+    pub fn build(mut self) -> Result<Group> {
         let cpus = match &self.cpus {
             Some(c) if !c.is_empty() => c.clone(),
             _ => sys::usable_cpus()?,
@@ -290,10 +610,22 @@ impl GroupBuilder {
                 cpu: cpus[i % cpus.len()] as u32,
             })
             .collect();
-        check_key(&self.policy, self.proto)?;
         if let Some(name) = &self.name {
             control::validate_name(name)?;
         }
+        // A takeover serves the old group's address.
+        let mut old = match &self.takeover {
+            Some(name) => Some(control::Control::open(Some(name))?),
+            None => None,
+        };
+        let old_info = match &old {
+            Some(c) => Some(c.maps().group_info()?),
+            None => None,
+        };
+        if let Some(info) = &old_info {
+            (self.addr, self.proto) = control::addr_of(info);
+        }
+        check_key(&self.policy, self.proto)?;
         // Plan first: a bad policy setting fails before anything is bound.
         let plan = policy::plan(&self.policy, &placement)?;
         let with_program = self.policy.kind != PolicyKind::Kernel;
@@ -305,8 +637,8 @@ impl GroupBuilder {
         let first = socket::bind_member(self.addr, self.proto)?;
         // Our bind succeeded, so any other socket on this address is a
         // reuseport socket of this user: a group we would silently join,
-        // replacing its program. Refuse.
-        if self.addr.port() != 0 {
+        // replacing its program. Refuse, unless taking it over is the point.
+        if self.addr.port() != 0 && old.is_none() {
             let ours = usize::from(self.proto == Proto::Udp);
             let count = socket::existing_members(self.addr, self.proto)?.saturating_sub(ours);
             if count > 0 {
@@ -326,10 +658,12 @@ impl GroupBuilder {
         // The maps: with a program always; under the kernel policy only if
         // we may create them (they carry the counters `stats` reads).
         let may_bpf = with_program || sys::has_bpf_privilege();
-        let name = self
-            .name
-            .clone()
-            .unwrap_or_else(|| control::default_group_name(self.proto, addr));
+        let name = match (&self.takeover, &self.name) {
+            // Pinned aside until the old owner has gone with its pins.
+            (Some(old_name), _) => format!("{old_name}-next-{}", std::process::id()),
+            (None, Some(name)) => name.clone(),
+            (None, None) => control::default_group_name(self.proto, addr),
+        };
         let pins = match (self.pin && may_bpf, self.pin) {
             (true, _) => Some(Pins(control::claim(&name)?)),
             (false, true) => {
@@ -353,8 +687,10 @@ impl GroupBuilder {
         };
 
         // Attached before any member listens, so no connection is ever
-        // steered by the kernel's hash instead of the policy.
-        if let Some(s) = steering.as_ref().filter(|s| s.has_program()) {
+        // steered by the kernel's hash instead of the policy. (A takeover
+        // attaches later, once its sockets are in its map.)
+        let attach_now = old.is_none();
+        if let Some(s) = steering.as_ref().filter(|s| s.has_program() && attach_now) {
             s.attach(first.as_fd())?;
         }
         let mut members = Vec::with_capacity(n);
@@ -378,29 +714,100 @@ impl GroupBuilder {
         for m in &members {
             workers.slot(m.slot).reset(m.cpu as u32);
         }
+        let mut migrate_req_saved = old_info.map_or(0, |i| i.migrate_req_saved);
+        if !with_program && self.proto == Proto::Tcp && migrate_req_saved == 0 {
+            migrate_req_saved = enable_migrate_req();
+        }
         let steering = match steering {
             Some(mut s) => {
-                let info = control::group_info(addr, self.proto, n as u32, s.has_program());
+                let mut info = control::group_info(addr, self.proto, n as u32, s.has_program());
+                info.migrate_req_saved = migrate_req_saved;
                 s.maps_mut().set_group_info(&info)?;
                 if s.has_program() {
                     for m in &members {
                         s.maps_mut().set_slot(m.slot, &m.socket)?;
                     }
                     s.maps_mut().apply(&plan)?;
+                    if !attach_now {
+                        // The whole group switches to our program (and so
+                        // to our sockets) with this one setsockopt.
+                        s.attach(members[0].socket.as_fd())?;
+                    }
                 }
                 Some(Arc::new(Mutex::new(s)))
             }
             None => None,
         };
+        let role = match (old.as_mut(), old_info, &self.takeover) {
+            (Some(old), Some(info), Some(old_name)) => {
+                retire(old, &info)?;
+                Role::Successor {
+                    old_pid: info.owner_pid,
+                    old_name: old_name.clone(),
+                }
+            }
+            _ => Role::Owner,
+        };
         Ok(Group {
             name: pins.as_ref().map(|_| name),
+            dir: pins.as_ref().map(|p| p.0.clone()),
             addr,
             proto: self.proto,
+            backlog: self.backlog,
+            cpus,
+            role,
             members,
             steering,
             workers,
             pins,
         })
+    }
+}
+
+/// Tells the old owner of a group taken over to drain and exit: flags the
+/// group retired and marks each of its serving workers draining.
+fn retire(old: &mut control::Control, info: &GroupInfo) -> Result<()> {
+    let mut flagged = *info;
+    flagged.flags |= group_flag::RETIRED;
+    let region = old.maps().workers().clone();
+    for (slot, r) in region.snapshot().iter().enumerate() {
+        if r.state == worker_state::SERVING && r.pid == info.owner_pid {
+            region
+                .slot(slot as u32)
+                .state
+                .store(worker_state::DRAINING, Ordering::Release);
+        }
+    }
+    old.set_group_info(&flagged)?;
+    info!(
+        "took the group's traffic over; told the previous owner (pid {}) to drain and exit",
+        info.owner_pid
+    );
+    Ok(())
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` to 1 (for a group without a program:
+/// with one, the program's attach type already asks for migration) and
+/// returns its old value plus one, or 0 if it was already 1 or cannot be set.
+fn enable_migrate_req() -> u32 {
+    let before: u32 = match std::fs::read_to_string(MIGRATE_REQ) {
+        Ok(s) => s.trim().parse().unwrap_or(0),
+        Err(_) => return 0,
+    };
+    if before == 1 {
+        return 0;
+    }
+    match std::fs::write(MIGRATE_REQ, "1") {
+        Ok(()) => {
+            info!(
+                "set net.ipv4.tcp_migrate_req to 1 (was {before}): a closing listener hands its queued connections to the others; restored on exit"
+            );
+            before + 1
+        }
+        Err(e) => {
+            warn!("could not set net.ipv4.tcp_migrate_req (connections queued on a closing listener will be reset): {e}");
+            0
+        }
     }
 }
 

@@ -282,6 +282,28 @@ impl Maps {
         self.pin_dir.as_deref()
     }
 
+    /// Records that the pins moved to `dir` (after a takeover).
+    pub fn set_pin_dir(&mut self, dir: &Path) {
+        self.pin_dir = Some(dir.to_path_buf());
+    }
+
+    /// Takes a free slot (its record empty) for a worker of process `pid`
+    /// on `cpu`, under the group's lock: marks it starting. Whoever starts
+    /// the worker marks it serving ([`WorkerCounters::reset`]).
+    pub fn claim_slot(&self, cpu: u32, pid: u32) -> Result<u32> {
+        let _lock = self.lock()?;
+        for slot in 0..MAX_WORKERS {
+            let rec = self.workers.slot(slot);
+            if rec.state.load(Ordering::Acquire) == worker_state::EMPTY {
+                rec.cpu.store(cpu, Ordering::Relaxed);
+                rec.pid.store(pid, Ordering::Relaxed);
+                rec.state.store(worker_state::STARTING, Ordering::Release);
+                return Ok(slot);
+            }
+        }
+        Err(Error::NoFreeSlot { max: MAX_WORKERS })
+    }
+
     /// The workers' records.
     pub fn workers(&self) -> &Arc<WorkerRegion> {
         &self.workers
@@ -295,11 +317,18 @@ impl Maps {
             .map_err(|e| Error::bpf(format!("placing a socket in slot {slot}"), e))
     }
 
-    /// Empties `slot`: the program stops selecting it at once.
+    /// Empties `slot`: the program stops selecting it at once. A slot that
+    /// is already empty (its socket closed) is fine.
     pub fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        self.sockets
-            .clear_index(&slot)
-            .map_err(|e| Error::bpf(format!("clearing slot {slot}"), e))
+        match self.sockets.clear_index(&slot) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(Error::bpf(format!("clearing slot {slot}"), e)),
+        }
     }
 
     fn generation(&self) -> Result<u32> {

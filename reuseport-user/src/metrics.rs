@@ -8,7 +8,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{Arc, Mutex},
 };
 
 use http_body_util::Full;
@@ -22,25 +22,38 @@ use prometheus_client::{
 };
 use tokio_util::sync::CancellationToken;
 
+use reuseport_common::{worker_state, WorkerRecord};
+
 use crate::{
     balance::balance,
     control,
     error::{Error, Result},
     group::lock,
-    maps::BpfCounters,
+    maps::{BpfCounters, WorkerRegion},
     steering::Steering,
-    worker::{WorkerInfo, WorkerStats},
 };
 
 /// Everything the metrics endpoint reports.
 #[derive(Clone, Debug)]
 pub struct Sources {
-    /// Each worker and its counters.
-    pub workers: Vec<(WorkerInfo, WorkerStats)>,
-    /// The loaded object, if any.
+    /// Every slot's worker record (this process's workers and those of
+    /// processes that joined the group).
+    pub region: Arc<WorkerRegion>,
+    /// The loaded object (or the group's maps), if any.
     pub steering: Option<Arc<Mutex<Steering>>>,
-    /// Number of slots (for the per-slot series).
-    pub slots: u32,
+}
+
+impl Sources {
+    /// The slots to report: those with a worker now or counts from before.
+    fn slots(&self) -> Vec<(u32, WorkerRecord)> {
+        self.region
+            .snapshot()
+            .into_iter()
+            .enumerate()
+            .filter(|(_, r)| r.state != worker_state::EMPTY || r.accepted > 0)
+            .map(|(s, r)| (s as u32, r))
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -52,21 +65,18 @@ struct GroupCollector {
 
 impl Collector for GroupCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let workers = &self.sources.workers;
+        let slots = self.sources.slots();
         let per_worker = |encoder: &mut DescriptorEncoder,
                           name: &str,
                           help: &str,
                           kind: MetricType,
-                          value: &dyn Fn(&WorkerStats) -> u64|
+                          value: &dyn Fn(&WorkerRecord) -> u64|
          -> std::fmt::Result {
             let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-            for (info, stats) in workers {
-                let labels = [
-                    ("worker", info.worker.to_string()),
-                    ("cpu", info.cpu.to_string()),
-                ];
+            for (slot, r) in &slots {
+                let labels = [("worker", slot.to_string()), ("cpu", r.cpu.to_string())];
                 let metric = family.encode_family(&labels)?;
-                let v = value(stats);
+                let v = value(r);
                 match kind {
                     MetricType::Gauge => ConstGauge::new(v as i64).encode(metric)?,
                     _ => ConstCounter::new(v).encode(metric)?,
@@ -77,25 +87,38 @@ impl Collector for GroupCollector {
         per_worker(
             &mut encoder,
             "reuseport_worker_accepted",
-            "Connections accepted by the worker.",
+            "Connections (TCP) or datagrams (UDP) the worker accepted.",
             MetricType::Counter,
-            &|s| s.accepted.load(Ordering::Relaxed),
+            &|r| r.accepted,
         )?;
         per_worker(
             &mut encoder,
             "reuseport_worker_active_connections",
             "Connections the worker has open now.",
             MetricType::Gauge,
-            &|s| s.active.load(Ordering::Relaxed),
+            &|r| r.active,
         )?;
         per_worker(
             &mut encoder,
             "reuseport_worker_bytes",
             "Bytes the worker echoed.",
             MetricType::Counter,
-            &|s| s.bytes.load(Ordering::Relaxed),
+            &|r| r.bytes,
         )?;
-
+        per_worker(
+            &mut encoder,
+            "reuseport_worker_load",
+            "Work steered to the worker and not finished (what least-loaded compares).",
+            MetricType::Gauge,
+            &|r| r.load,
+        )?;
+        per_worker(
+            &mut encoder,
+            "reuseport_worker_at_limit",
+            "Times the worker reached its connection limit and stopped accepting.",
+            MetricType::Counter,
+            &|r| r.at_limit,
+        )?;
         self.encode_balance(&mut encoder)?;
         let counters = match &self.sources.steering {
             Some(s) => match lock(s).maps().counters() {
@@ -113,9 +136,9 @@ impl Collector for GroupCollector {
             None,
             MetricType::Counter,
         )?;
-        for slot in 0..self.sources.slots {
+        for (slot, _) in &slots {
             let labels = [("slot", slot.to_string())];
-            let v = counters.selected.get(slot as usize).copied().unwrap_or(0);
+            let v = counters.selected.get(*slot as usize).copied().unwrap_or(0);
             ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
         }
         let single: [(&str, &str, u64); 6] = [
@@ -202,15 +225,24 @@ impl GroupCollector {
 
         let now: Vec<u64> = self
             .sources
-            .workers
+            .region
+            .snapshot()
             .iter()
-            .map(|(_, s)| s.accepted.load(Ordering::Relaxed))
+            .map(|r| r.accepted)
             .collect();
         let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
-        let delta: Vec<u64> = now
+        let serving: Vec<usize> = self
+            .sources
+            .region
+            .snapshot()
             .iter()
-            .zip(previous.iter().chain(std::iter::repeat(&0)))
-            .map(|(n, p)| n.saturating_sub(*p))
+            .enumerate()
+            .filter(|(_, r)| r.state == worker_state::SERVING)
+            .map(|(s, _)| s)
+            .collect();
+        let delta: Vec<u64> = serving
+            .iter()
+            .map(|&s| now[s].saturating_sub(previous.get(s).copied().unwrap_or(0)))
             .collect();
         *previous = now;
         let b = balance(&delta);

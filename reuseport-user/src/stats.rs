@@ -4,15 +4,10 @@ use std::fmt::Write as _;
 
 use reuseport_common::worker_state;
 
-use crate::{balance::balance, control::Status};
-
-fn state_name(state: u32) -> &'static str {
-    match state {
-        worker_state::SERVING => "serving",
-        worker_state::DRAINING => "draining",
-        _ => "gone",
-    }
-}
+use crate::{
+    balance::balance,
+    control::{state_name, Status},
+};
 
 /// The group's table. With `previous` (a snapshot taken `seconds` earlier)
 /// the balance line is that of the interval; without, of the totals.

@@ -33,7 +33,8 @@ pub const EBPF_LOG_TARGET: &str = "reuseport_ebpf";
 /// A loaded steering object: its maps and, unless the group runs on the
 /// kernel's hash, the steering program.
 pub struct Steering {
-    ebpf: Ebpf,
+    /// `None` when the maps were opened from pins (a process that joined).
+    ebpf: Option<Ebpf>,
     program: Option<String>,
     maps: Maps,
 }
@@ -94,9 +95,19 @@ impl Steering {
         }
         let maps = Maps::from_ebpf(&mut ebpf, pin_dir)?;
         Ok(Steering {
-            ebpf,
+            ebpf: Some(ebpf),
             program: program.map(str::to_string),
             maps,
+        })
+    }
+
+    /// The maps of a running group, opened from its pins in `dir`, without
+    /// a program of our own (the group's owner attached one for all).
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        Ok(Steering {
+            ebpf: None,
+            program: None,
+            maps: Maps::from_pins(dir)?,
         })
     }
 
@@ -118,7 +129,7 @@ impl Steering {
     fn prog(&self) -> Result<&SkReuseport> {
         self.program
             .as_deref()
-            .and_then(|name| self.ebpf.program(name))
+            .and_then(|name| self.ebpf.as_ref()?.program(name))
             .and_then(|p| <&SkReuseport>::try_from(p).ok())
             .ok_or_else(|| {
                 Error::bpf(

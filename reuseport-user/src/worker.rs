@@ -79,6 +79,11 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// Whether the worker's thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// Waits for the worker to finish (after shutdown was requested).
     pub fn join(self) -> Result<()> {
         self.thread.join().map_err(|_| {

@@ -148,7 +148,7 @@ impl Server {
             full.extend(["--metrics-addr", "127.0.0.1:0"]);
         }
         let group = unique_group();
-        if !args.contains(&"--group") {
+        if !args.contains(&"--group") && !args.contains(&"--takeover") {
             full.extend(["--group", &group]);
         }
         full.extend(args);
@@ -718,4 +718,209 @@ pub fn tcp_once(src: SocketAddr, server: SocketAddr, payload: &[u8]) -> SocketAd
     );
     reset(stream);
     local
+}
+
+/// A steady client load: threads that open echo connections one after the
+/// other until stopped, checking every echo.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    /// Starts `threads` clients against `addr`.
+    pub fn start(addr: SocketAddr, threads: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|t| {
+                let stop = stop.clone();
+                thread::spawn(move || {
+                    let mut ok = 0u64;
+                    let mut failures = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        i += 1;
+                        let payload = pattern(64, (t as u64) << 32 | i);
+                        match try_echo(addr, &payload) {
+                            Ok(()) => ok += 1,
+                            Err(e) => failures.push(e),
+                        }
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the clients: (connections echoed correctly, failures).
+    pub fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ok = 0;
+        let mut failures = Vec::new();
+        for t in self.threads {
+            let (o, f) = t.join().expect("load thread");
+            ok += o;
+            failures.extend(f);
+        }
+        (ok, failures)
+    }
+}
+
+/// One echo connection; every way it can fail, as text.
+pub fn try_echo(addr: SocketAddr, payload: &[u8]) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(payload).map_err(|e| format!("send: {e}"))?;
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("half-close: {e}"))?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .map_err(|e| format!("receive: {e}"))?;
+    if got != payload {
+        return Err(format!(
+            "echo differs: {} of {} bytes",
+            got.len(),
+            payload.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Drops, on `lo` of the caller's namespace, every pure ACK (flags exactly
+/// ACK) sent to TCP port `port`, with a small XDP program attached in
+/// generic mode, so that handshakes to that port stay half-open (the
+/// server never sees the client's final ACK) until the client sends data.
+/// The kernel's migrate_reuseport selftest drops the ACK the same way.
+/// Detached when the guard drops.
+pub struct DropPureAcks {
+    pin: PathBuf,
+}
+
+impl DropPureAcks {
+    /// Attaches the program.
+    pub fn to_port(port: u16) -> DropPureAcks {
+        // (code, src << 4 | dst, off, imm)
+        let port_le = i32::from(u16::from_ne_bytes(port.to_be_bytes()));
+        let insns: [(u8, u8, i16, i32); 19] = [
+            (0x61, 0x12, 0, 0),       // r2 = ctx->data
+            (0x61, 0x13, 4, 0),       // r3 = ctx->data_end
+            (0xbf, 0x24, 0, 0),       // r4 = r2
+            (0x07, 0x04, 0, 54),      // r4 += eth + ip + tcp headers
+            (0x2d, 0x34, 12, 0),      // if r4 > r3 goto pass
+            (0x69, 0x25, 12, 0),      // r5 = eth proto
+            (0x55, 0x05, 10, 0x0008), // if r5 != htons(ETH_P_IP) goto pass
+            (0x71, 0x25, 23, 0),      // r5 = ip protocol
+            (0x55, 0x05, 8, 6),       // if r5 != TCP goto pass
+            (0x71, 0x25, 14, 0),      // r5 = version/ihl
+            (0x55, 0x05, 6, 0x45),    // if no plain 20-byte header goto pass
+            (0x69, 0x25, 36, 0),      // r5 = tcp dest port
+            (0x55, 0x05, 4, port_le), // if r5 != port goto pass
+            (0x71, 0x25, 47, 0),      // r5 = tcp flags
+            (0x55, 0x05, 2, 0x10),    // if r5 != ACK goto pass
+            (0xb7, 0x00, 0, 1),       // r0 = XDP_DROP
+            (0x95, 0x00, 0, 0),       // exit
+            (0xb7, 0x00, 0, 2),       // pass: r0 = XDP_PASS
+            (0x95, 0x00, 0, 0),       // exit
+        ];
+        let mut code = Vec::new();
+        for (op, regs, off, imm) in insns {
+            code.push(op);
+            code.push(regs);
+            code.extend_from_slice(&off.to_le_bytes());
+            code.extend_from_slice(&imm.to_le_bytes());
+        }
+        #[repr(C)]
+        struct ProgLoad {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+            kern_version: u32,
+            prog_flags: u32,
+        }
+        let license = b"GPL\0";
+        let mut log = vec![0u8; 65536];
+        let load = ProgLoad {
+            prog_type: 6, // BPF_PROG_TYPE_XDP
+            insn_cnt: insns.len() as u32,
+            insns: code.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 1,
+            log_size: log.len() as u32,
+            log_buf: log.as_mut_ptr() as u64,
+            kern_version: 0,
+            prog_flags: 0,
+        };
+        // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD (5); the
+        // buffers it points to outlive the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                5,
+                &load as *const ProgLoad,
+                size_of::<ProgLoad>(),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "loading the ACK-dropping XDP program: {}\n{}",
+            std::io::Error::last_os_error(),
+            String::from_utf8_lossy(&log).trim_end_matches('\0')
+        );
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/reuseport-test-xdp-{}-{n}",
+            std::process::id()
+        ));
+        let path = std::ffi::CString::new(pin.to_str().unwrap()).unwrap();
+        #[repr(C)]
+        struct ObjPin {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+            path_fd: i32,
+            _pad: u32,
+        }
+        let obj = ObjPin {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: fd as u32,
+            file_flags: 0,
+            path_fd: 0,
+            _pad: 0,
+        };
+        // SAFETY: as above, for BPF_OBJ_PIN (6).
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, 6, &obj as *const ObjPin, size_of::<ObjPin>()) };
+        assert_eq!(
+            rc,
+            0,
+            "pinning the XDP program: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: we own the descriptor; the pin keeps the program.
+        unsafe { libc::close(fd as i32) };
+        let st = Command::new("ip")
+            .args(["link", "set", "dev", "lo", "xdpgeneric", "pinned"])
+            .arg(&pin)
+            .status()
+            .expect("ip link set xdpgeneric");
+        assert!(st.success(), "attaching the XDP program to lo");
+        DropPureAcks { pin }
+    }
+}
+
+impl Drop for DropPureAcks {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", "dev", "lo", "xdpgeneric", "off"])
+            .status();
+        let _ = std::fs::remove_file(&self.pin);
+    }
 }
