@@ -18,11 +18,19 @@ pub mod table;
 pub const MAX_WORKERS: u32 = 64;
 const _: () = assert!(MAX_WORKERS.is_power_of_two());
 
-/// Entries of one generation of the policy table (see [`map::TABLE`]).
-///
-/// The table is double-buffered: generation `g` occupies
-/// `[g * TABLE_CAPACITY, g * TABLE_CAPACITY + Config::table_len)`.
+/// Entries of one generation of the policy table (see [`Table`]); a power
+/// of two, so an index can be masked into range.
 pub const TABLE_CAPACITY: u32 = 8192;
+const _: () = assert!(TABLE_CAPACITY.is_power_of_two());
+const _: () = assert!(
+    MAX_WORKERS <= u8::MAX as u32 + 1,
+    "slots are stored as bytes"
+);
+
+/// Entries of the `cpu` policy's table (CPUs times workers per CPU); a
+/// power of two.
+pub const CPU_TABLE_LEN: u32 = 256;
+const _: () = assert!(CPU_TABLE_LEN.is_power_of_two());
 
 /// Size of the `consistent` policy's Maglev lookup table: a prime, as Maglev
 /// requires, and more than 100 entries per worker at [`MAX_WORKERS`] so that
@@ -34,16 +42,14 @@ pub mod map {
     /// `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY`, [`MAX_WORKERS`](crate::MAX_WORKERS)
     /// entries: slot `i` holds the listening socket of worker `i`.
     pub const SOCKETS: &str = "SOCKETS";
-    /// `BPF_MAP_TYPE_ARRAY` of two [`Config`](crate::Config) records (generations).
-    pub const CONFIG: &str = "CONFIG";
-    /// `BPF_MAP_TYPE_ARRAY` of one `u32`: the generation of `CONFIG` and `TABLE` in force.
-    pub const ACTIVE: &str = "ACTIVE";
-    /// `BPF_MAP_TYPE_ARRAY` of `2 * TABLE_CAPACITY` slot numbers, for the policies
-    /// that steer by a table (`cpu`, `weighted`, `consistent`).
+    /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of one [`State`](crate::State):
+    /// the generation in force, the ticket counter and both generations of
+    /// the [`Config`](crate::Config). User space writes it through a shared
+    /// mapping.
+    pub const STATE: &str = "STATE";
+    /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of two [`Table`](crate::Table)s,
+    /// one per generation: the slot table of `cpu`, `weighted` and `consistent`.
     pub const TABLE: &str = "TABLE";
-    /// `BPF_MAP_TYPE_ARRAY` of one `u64`: the ticket counter of `round-robin`
-    /// and `weighted` (advanced with an atomic fetch-add).
-    pub const TICKETS: &str = "TICKETS";
     /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of `MAX_WORKERS`
     /// [`WorkerRecord`](crate::WorkerRecord)s: what each slot's worker is and
     /// has done, written by the workers, read by `stats` and `ctl`.
@@ -133,7 +139,7 @@ pub mod counter {
 /// One generation of the steering configuration.
 ///
 /// The loader writes the generation not in force, then flips
-/// [`map::ACTIVE`], so the program never sees a half-written record.
+/// [`State::active`], so the program never sees a half-written record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -153,6 +159,10 @@ pub struct Config {
     pub payload_offset: u32,
     /// Payload key: length in bytes (1 to 16).
     pub payload_len: u32,
+    /// `cpu` policy: its table, here rather than in [`Table`] so that the
+    /// cheapest policy touches one map value only: CPU `c`'s row is
+    /// `cpu_table[c * row_len ..][..row_len]` (see [`Config::cpu_index`]).
+    pub cpu_table: [u8; CPU_TABLE_LEN as usize],
     /// The slots that hold a serving socket, in slot order.
     pub live: [u32; MAX_WORKERS as usize],
     /// `weighted`: the weight of each slot (by slot number). Kept with the
@@ -171,6 +181,7 @@ impl Config {
         row_len: 0,
         payload_offset: 0,
         payload_len: 0,
+        cpu_table: [0; CPU_TABLE_LEN as usize],
         live: [0; MAX_WORKERS as usize],
         weights: [0; MAX_WORKERS as usize],
     };
@@ -206,6 +217,45 @@ impl Config {
             None
         }
     }
+}
+
+/// Everything the program reads on every run, in one map value (one
+/// lookup, two pages), written by user space through a shared mapping.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct State {
+    /// The generation of `config` (and of the [`Table`]) in force: 0 or 1.
+    pub active: u32,
+    /// Reserved (keeps `tickets` on a cache line of its own).
+    pub reserved: [u32; 15],
+    /// Ticket counter of `round-robin` and `weighted`, advanced by the
+    /// program with an atomic fetch-and-add.
+    pub tickets: u64,
+    /// Reserved (keeps the configurations off the tickets' cache line).
+    pub reserved2: [u64; 7],
+    /// The two generations of the configuration.
+    pub config: [Config; 2],
+}
+
+impl State {
+    /// A state with nothing configured.
+    pub const EMPTY: State = State {
+        active: 0,
+        reserved: [0; 15],
+        tickets: 0,
+        reserved2: [0; 7],
+        config: [Config::EMPTY; 2],
+    };
+}
+
+/// One generation's slot table: slot numbers as bytes, indexed by CPU row
+/// (`cpu`), ticket (`weighted`) or key hash (`consistent`). Bytes keep the
+/// Maglev table in two pages (8 KiB), which the program reads at random.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Table {
+    /// The first `Config::table_len` entries are in use.
+    pub slots: [u8; TABLE_CAPACITY as usize],
 }
 
 /// States of a slot's worker ([`WorkerRecord::state`]).
@@ -292,6 +342,8 @@ mod pod {
     // SAFETY (all three): `repr(C)`, fixed-width integer fields only, no
     // padding (checked by the size tests), every bit pattern valid.
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::State {}
+    unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::WorkerRecord {}
     unsafe impl aya::Pod for super::GroupInfo {}
 }
@@ -304,9 +356,15 @@ mod tests {
     fn shared_structs_have_no_padding() {
         assert_eq!(
             core::mem::size_of::<Config>(),
-            4 * (8 + 2 * MAX_WORKERS as usize)
+            4 * (8 + 2 * MAX_WORKERS as usize) + CPU_TABLE_LEN as usize
         );
         assert_eq!(core::mem::size_of::<WorkerRecord>(), 4 * 4 + 8 * 5);
+        assert_eq!(
+            core::mem::size_of::<State>(),
+            128 + 2 * core::mem::size_of::<Config>()
+        );
+        assert_eq!(core::mem::offset_of!(State, tickets), 64);
+        assert_eq!(core::mem::offset_of!(State, config), 128);
         assert_eq!(core::mem::size_of::<WorkerRecord>() % 8, 0);
         assert_eq!(core::mem::size_of::<GroupInfo>(), 16 + 4 * 6 + 8 + 4 * 2);
     }

@@ -3,7 +3,7 @@
 //! The kernel runs [`steer`] for every new TCP connection (on its SYN) and
 //! every UDP datagram that reaches the group, before it picks a socket
 //! (`reuseport_select_sock` in `net/core/sock_reuseport.c`). The program reads
-//! the policy in force from `CONFIG`, picks a slot, and hands the packet to
+//! the policy in force from `STATE`, picks a slot, and hands the packet to
 //! that slot's socket with `bpf_sk_select_reuseport`. Every run ends in
 //! exactly one outcome counter (a slot's selections, a fallback, or a drop),
 //! so user space can always tell this program's steering from the kernel's.
@@ -26,10 +26,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action, BPF_F_MMAPABLE},
-    helpers::{
-        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_skb_load_bytes,
-        bpf_skb_load_bytes_relative,
-    },
+    helpers::{bpf_get_smp_processor_id, bpf_skb_load_bytes, bpf_skb_load_bytes_relative},
     macros::{map, sk_reuseport},
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -39,23 +36,19 @@ use aya_log_ebpf::trace;
 use reuseport_common::{
     counter,
     hash::{hash_four_tuple, hash_payload, hash_src_ip, v4_mapped},
-    key, policy, Config, GroupInfo, WorkerRecord, MAX_WORKERS, TABLE_CAPACITY,
+    key, policy, Config, GroupInfo, State, Table, WorkerRecord, CPU_TABLE_LEN, MAX_WORKERS,
+    TABLE_CAPACITY,
 };
 
 #[map]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_WORKERS, 0);
 
+/// Memory-mappable: user space writes the configuration in place.
 #[map]
-static CONFIG: Array<Config> = Array::with_max_entries(2, 0);
+static STATE: Array<State> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[map]
-static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
-
-#[map]
-static TABLE: Array<u32> = Array::with_max_entries(2 * TABLE_CAPACITY, 0);
-
-#[map]
-static TICKETS: Array<u64> = Array::with_max_entries(1, 0);
+static TABLE: Array<Table> = Array::with_max_entries(2, BPF_F_MMAPABLE);
 
 /// Memory-mappable so that workers update their own record with atomic
 /// instructions instead of a syscall per connection.
@@ -98,24 +91,26 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
 /// the kernel's hash.
 #[inline(always)]
 fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
-    let generation = ACTIVE.get(0).copied().unwrap_or(0) & 1;
-    let cfg = CONFIG.get(generation).ok_or(())?;
-    let base = generation * TABLE_CAPACITY;
+    let state = STATE.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: a map value, valid while the map exists; user space rewrites
+    // only the generation not in force, then flips `active`.
+    let generation = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
+    let cfg: &Config = unsafe { &(*state).config[generation as usize] };
     if ctx.migrating_sk().is_some() {
         count(counter::MIGRATED);
     }
     // Each policy returns its first choice and a position in the live list
     // from which to look further if that slot turns out empty.
     let (first, probe_from) = match cfg.policy {
-        policy::CPU => by_cpu(ctx, cfg, base)?,
+        policy::CPU => by_cpu(ctx, cfg)?,
         policy::HASH => by_hash(ctx, cfg)?,
-        policy::ROUND_ROBIN => round_robin(cfg)?,
-        policy::LEAST_LOADED => least_loaded(cfg)?,
-        policy::WEIGHTED => weighted(cfg, base)?,
-        policy::CONSISTENT => consistent(ctx, cfg, base)?,
+        policy::ROUND_ROBIN => round_robin(state, cfg)?,
+        policy::LEAST_LOADED => least_loaded(ctx, cfg)?,
+        policy::WEIGHTED => weighted(state, cfg, generation)?,
+        policy::CONSISTENT => consistent(ctx, cfg, generation)?,
         _ => return Err(()),
     };
-    if select(ctx, first).is_ok() {
+    if select(ctx, cfg, first).is_ok() {
         return Ok(first);
     }
     count(counter::EMPTY_SLOT);
@@ -128,7 +123,7 @@ fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
         }
         let slot = cfg.live_at(probe_from.wrapping_add(i)).ok_or(())?;
         if slot != first {
-            if select(ctx, slot).is_ok() {
+            if select(ctx, cfg, slot).is_ok() {
                 return Ok(slot);
             }
             count(counter::EMPTY_SLOT);
@@ -139,39 +134,46 @@ fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
 }
 
 #[inline(always)]
-fn select(ctx: &SkReuseportContext, slot: u32) -> Result<(), ()> {
+fn select(ctx: &SkReuseportContext, cfg: &Config, slot: u32) -> Result<(), ()> {
     SOCKETS.select_reuseport(ctx, slot).map_err(|_| ())?;
-    // Count the work as the slot's from the moment it is steered (whatever
-    // the policy, so the count stays right across policy switches): a burst
-    // of SYNs then does not all go to the same least-loaded worker.
-    if let Some(rec) = WORKERS.get_ptr_mut(slot) {
-        // SAFETY: an array map value is valid, aligned memory for as long
-        // as the map exists, which outlives this program run.
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
-                core::ptr::addr_of_mut!((*rec).load),
-                1,
-            )
-        };
+    if cfg.policy == policy::LEAST_LOADED {
+        // Count the work as the slot's from the moment it is steered, so a
+        // burst of SYNs does not all go to the same least-loaded worker.
+        // (Only under this policy: the atomic add is not free, and the
+        // workers' audit brings the counts right after a switch.)
+        if let Some(rec) = WORKERS.get_ptr_mut(slot) {
+            // SAFETY: an array map value is valid, aligned memory for as
+            // long as the map exists, which outlives this program run.
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
+                    core::ptr::addr_of_mut!((*rec).load),
+                    1,
+                )
+            };
+        }
     }
     Ok(())
 }
 
+/// Entry `index` of generation `generation`'s slot table.
 #[inline(always)]
-fn table(base: u32, index: u32) -> Result<u32, ()> {
-    if index >= TABLE_CAPACITY {
-        return Err(());
-    }
-    TABLE.get(base + index).copied().ok_or(())
+fn table(generation: u32, index: u32) -> Result<u32, ()> {
+    let t = TABLE.get_ptr(generation).ok_or(())?;
+    // SAFETY: a map value; the mask keeps the index inside it.
+    Ok(u32::from(unsafe {
+        (*t).slots[(index & (TABLE_CAPACITY - 1)) as usize]
+    }))
 }
 
 /// `cpu`: the slot of a worker pinned to the CPU that received the packet.
 #[inline(always)]
-fn by_cpu(ctx: &SkReuseportContext, cfg: &Config, base: u32) -> Result<(u32, u32), ()> {
-    // SAFETY: a helper without arguments or side effects.
+fn by_cpu(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()> {
+    // SAFETY: a helper without arguments or side effects (inlined by the
+    // verifier into a per-CPU load).
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let index = cfg.cpu_index(cpu, ctx.hash()).ok_or(())?;
-    Ok((table(base, index)?, ctx.hash()))
+    let slot = cfg.cpu_table[(index & (CPU_TABLE_LEN - 1)) as usize];
+    Ok((u32::from(slot), ctx.hash()))
 }
 
 /// `hash`: the live slot at the key's hash modulo the live slots.
@@ -183,18 +185,19 @@ fn by_hash(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()> {
 
 /// `round-robin`: the next ticket modulo the live slots.
 #[inline(always)]
-fn round_robin(cfg: &Config) -> Result<(u32, u32), ()> {
-    let ticket = next_ticket()? as u32;
+fn round_robin(state: *mut State, cfg: &Config) -> Result<(u32, u32), ()> {
+    let ticket = next_ticket(state) as u32;
     Ok((cfg.live_at(ticket).ok_or(())?, ticket))
 }
 
 /// `least-loaded`: the live slot with the least work in flight (see
-/// `WorkerRecord::load`). The scan starts at a random live slot, so equally
-/// loaded workers share the work instead of the first one taking it all.
+/// `WorkerRecord::load`). The scan starts at a live slot picked by the
+/// kernel's flow hash, so equally loaded workers share the work instead of
+/// the first one taking it all (and no helper call is spent on a random
+/// number).
 #[inline(always)]
-fn least_loaded(cfg: &Config) -> Result<(u32, u32), ()> {
-    // SAFETY: a helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
+fn least_loaded(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()> {
+    let start = ctx.hash();
     let mut best = cfg.live_at(start).ok_or(())?;
     let mut best_load = u64::MAX;
     // Only map values flow into `best`: were the loop index kept with it,
@@ -221,29 +224,33 @@ fn least_loaded(cfg: &Config) -> Result<(u32, u32), ()> {
 
 /// `weighted`: the next ticket's entry of the weighted sequence.
 #[inline(always)]
-fn weighted(cfg: &Config, base: u32) -> Result<(u32, u32), ()> {
+fn weighted(state: *mut State, cfg: &Config, generation: u32) -> Result<(u32, u32), ()> {
     if cfg.table_len == 0 {
         return Err(());
     }
-    let ticket = (next_ticket()? % u64::from(cfg.table_len)) as u32;
-    Ok((table(base, ticket)?, ticket))
+    let ticket = (next_ticket(state) % u64::from(cfg.table_len)) as u32;
+    Ok((table(generation, ticket)?, ticket))
 }
 
 /// `consistent`: the Maglev table entry at the key's hash.
 #[inline(always)]
-fn consistent(ctx: &SkReuseportContext, cfg: &Config, base: u32) -> Result<(u32, u32), ()> {
+fn consistent(ctx: &SkReuseportContext, cfg: &Config, generation: u32) -> Result<(u32, u32), ()> {
     if cfg.table_len == 0 {
         return Err(());
     }
     let h = key_hash(ctx, cfg)?;
-    Ok((table(base, h % cfg.table_len)?, h))
+    Ok((table(generation, h % cfg.table_len)?, h))
 }
 
 #[inline(always)]
-fn next_ticket() -> Result<u64, ()> {
-    let p = TICKETS.get_ptr_mut(0).ok_or(())?;
-    // SAFETY: see `select`.
-    Ok(unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, 1) })
+fn next_ticket(state: *mut State) -> u64 {
+    // SAFETY: see `select`; the tickets have a cache line of their own.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
+            core::ptr::addr_of_mut!((*state).tickets),
+            1,
+        )
+    }
 }
 
 /// The configured key's MurmurHash3 (see `reuseport_common::hash`). A key
@@ -259,6 +266,8 @@ fn key_hash(ctx: &SkReuseportContext, cfg: &Config) -> Result<u32, ()> {
 }
 
 /// Hashes the `src-ip` or `four-tuple` key read from the IP and L4 headers.
+/// One helper call reads the addresses (the IP header lies before the
+/// context's data, out of direct reach); the ports are read directly.
 #[inline(always)]
 fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
     let (src, dst) = match ctx.eth_protocol() {
@@ -270,11 +279,15 @@ fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
                 v4_mapped([a[4], a[5], a[6], a[7]]),
             )
         }
-        // IPv6 header: source at 8, destination at 24.
-        ETH_P_IPV6_BE => (
-            load(ctx, 8, BPF_HDR_START_NET)?,
-            load(ctx, 24, BPF_HDR_START_NET)?,
-        ),
+        ETH_P_IPV6_BE => {
+            // IPv6 header: source at 8, destination at 24.
+            let a: [u8; 32] = load(ctx, 8, BPF_HDR_START_NET)?;
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&a[..16]);
+            dst.copy_from_slice(&a[16..]);
+            (src, dst)
+        }
         _ => {
             count(counter::KEY_UNREADABLE);
             return None;
@@ -285,8 +298,21 @@ fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
     }
     // TCP and UDP both start with source port then destination port, and
     // the context's data begins at the L4 header.
-    let ports: [u8; 4] = load(ctx, 0, L4_START)?;
+    let ports = l4_ports(ctx)?;
     Some(hash_four_tuple(cfg.seed, &src, &dst, ports))
+}
+
+/// The first 4 bytes of the L4 header (both ports), read directly from the
+/// packet: no helper call.
+#[inline(always)]
+fn l4_ports(ctx: &SkReuseportContext) -> Option<[u8; 4]> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 4 > end {
+        // Not in the linear part: read it with the helper.
+        return load(ctx, 0, L4_START);
+    }
+    // SAFETY: the 4 bytes at `data` are within [data, data_end).
+    Some(unsafe { core::ptr::read_unaligned(data as *const [u8; 4]) })
 }
 
 /// `bpf_skb_load_bytes` offsets are from the L4 header (the start of the

@@ -40,6 +40,30 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Print per-worker counters and the balance of a running group.
     Stats(StatsArgs),
+    /// Measure every policy and the classic server designs side by side.
+    Bench(BenchArgs),
+}
+
+/// Options of `reuseport bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A short run (well under a minute), for CI.
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory for the CSV, JSON and SVG files [default: target/bench/TIME].
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Exit non-zero unless the run was clean: every model measured, every
+    /// echo verified, nothing dropped by the kernel.
+    #[arg(long)]
+    pub check: bool,
+    /// Only these models (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Only these workloads (comma-separated: connection-rate, bpf-cost,
+    /// distribution, persistent-echo, open-loop-latency, skewed-mix, udp-echo).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
 }
 
 /// Per-worker weights, in slot order: `3,1,1`.
@@ -252,7 +276,25 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Ctl(args) => ctl(args),
         Command::Stats(args) => watch_stats(args),
+        Command::Bench(args) => bench(args),
     }
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let options = crate::bench::BenchOptions {
+        quick: args.quick,
+        out: args.out,
+        only: args.only,
+        workloads: args.workloads,
+    };
+    let report = crate::bench::run(&options)?;
+    println!("{}", crate::bench::report::markdown(&report));
+    if args.check && !report.clean {
+        return Err(crate::error::Error::BenchNotClean {
+            problems: report.problems.join("; "),
+        });
+    }
+    Ok(())
 }
 
 fn ctl(args: CtlArgs) -> Result<()> {

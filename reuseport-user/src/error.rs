@@ -158,6 +158,13 @@ pub enum Error {
         what: String,
     },
 
+    /// A benchmark run with failures, missing figures or kernel drops.
+    #[error("the benchmark run was not clean: {problems}")]
+    BenchNotClean {
+        /// What went wrong.
+        problems: String,
+    },
+
     /// A policy that cannot be built from the given settings.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),

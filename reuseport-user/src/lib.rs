@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod balance;
+pub mod bench;
 pub mod cli;
 pub mod control;
 pub mod datagram;

@@ -22,7 +22,8 @@ use aya::{
 };
 use memmap2::{MmapMut, MmapOptions};
 use reuseport_common::{
-    counter, map, worker_state, Config, GroupInfo, WorkerRecord, MAX_WORKERS, TABLE_CAPACITY,
+    counter, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord, MAX_WORKERS,
+    TABLE_CAPACITY,
 };
 
 use crate::{
@@ -32,10 +33,9 @@ use crate::{
 
 /// The maps that are pinned for other processes (the log ring buffer and
 /// the ticket counter are private to the program).
-pub const PINNED: [&str; 7] = [
+pub const PINNED: [&str; 6] = [
     map::SOCKETS,
-    map::CONFIG,
-    map::ACTIVE,
+    map::STATE,
     map::TABLE,
     map::COUNTERS,
     map::WORKERS,
@@ -151,21 +151,29 @@ pub struct WorkerRegion {
     mmap: MmapMut,
 }
 
+/// Maps `len` bytes of the memory-mappable array map whose descriptor is
+/// `fd` (its elements back to back, each `value_size` rounded up to 8).
+fn map_array(fd: BorrowedFd<'_>, len: usize, name: &str) -> Result<MmapMut> {
+    let owned = fd
+        .try_clone_to_owned()
+        .map_err(|e| Error::io(format!("duplicating the {name} map descriptor"), e))?;
+    let file = File::from(owned);
+    // SAFETY: the map was created with BPF_F_MMAPABLE and holds at least
+    // `len` bytes; the mapping stays valid after the descriptor closes. The
+    // memory is shared with the program, so it is only accessed through
+    // atomics or volatile reads and writes.
+    unsafe { MmapOptions::new().len(len).map_mut(&file) }
+        .map_err(|e| Error::io(format!("mapping the {name} map"), e))
+}
+
 impl WorkerRegion {
     const LEN: usize = MAX_WORKERS as usize * size_of::<WorkerRecord>();
 
     /// Maps the `WORKERS` map whose descriptor is `fd`.
     pub fn map(fd: BorrowedFd<'_>) -> Result<Self> {
-        let owned = fd
-            .try_clone_to_owned()
-            .map_err(|e| Error::io("duplicating the WORKERS map descriptor", e))?;
-        let file = File::from(owned);
-        // SAFETY: the map is a memory-mappable array of exactly this many
-        // 56-byte records (elem_size is value_size rounded up to 8, which
-        // it already is); it stays valid while the mapping exists.
-        let mmap = unsafe { MmapOptions::new().len(Self::LEN).map_mut(&file) }
-            .map_err(|e| Error::io("mapping the WORKERS map", e))?;
-        Ok(WorkerRegion { mmap })
+        Ok(WorkerRegion {
+            mmap: map_array(fd, Self::LEN, map::WORKERS)?,
+        })
     }
 
     /// Records in private memory, for a group that runs without BPF.
@@ -216,9 +224,8 @@ impl std::ops::Deref for WorkerStats {
 /// Handles on every pinned map of a group.
 pub struct Maps {
     sockets: ReusePortSockArray<MapData>,
-    config: Array<MapData, Config>,
-    active: Array<MapData, u32>,
-    table: Array<MapData, u32>,
+    state: MmapMut,
+    table: MmapMut,
     counters: PerCpuArray<MapData, u64>,
     group: Array<MapData, GroupInfo>,
     workers: Arc<WorkerRegion>,
@@ -260,16 +267,21 @@ impl Maps {
     }
 
     fn assemble(get: &mut dyn FnMut(&str) -> Result<Map>, pin_dir: Option<&Path>) -> Result<Self> {
-        let workers_map = get(map::WORKERS)?;
-        let workers = match &workers_map {
-            Map::Array(data) => WorkerRegion::map(data.fd().as_fd())?,
-            _ => return Err(wrong_type(map::WORKERS)),
+        let mut mapped = |name: &str, len: usize| -> Result<MmapMut> {
+            match get(name)? {
+                Map::Array(data) => map_array(data.fd().as_fd(), len, name),
+                _ => Err(wrong_type(name)),
+            }
         };
+        let workers = WorkerRegion {
+            mmap: mapped(map::WORKERS, WorkerRegion::LEN)?,
+        };
+        let state = mapped(map::STATE, size_of::<State>())?;
+        let table = mapped(map::TABLE, 2 * size_of::<Table>())?;
         Ok(Maps {
             sockets: typed(get(map::SOCKETS)?, map::SOCKETS)?,
-            config: typed(get(map::CONFIG)?, map::CONFIG)?,
-            active: typed(get(map::ACTIVE)?, map::ACTIVE)?,
-            table: typed(get(map::TABLE)?, map::TABLE)?,
+            state,
+            table,
             counters: typed(get(map::COUNTERS)?, map::COUNTERS)?,
             group: typed(get(map::GROUP)?, map::GROUP)?,
             workers: Arc::new(workers),
@@ -331,12 +343,16 @@ impl Maps {
         }
     }
 
-    fn generation(&self) -> Result<u32> {
-        let g = self
-            .active
-            .get(&0, 0)
-            .map_err(|e| Error::bpf("reading the policy generation", e))?;
-        Ok(g & 1)
+    fn state(&self) -> *mut State {
+        self.state.as_ptr() as *mut State
+    }
+
+    /// The generation in force.
+    fn generation(&self) -> u32 {
+        // SAFETY: `active` is the first, 4-byte aligned field of the mapped
+        // State; the program only reads it.
+        let active = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.state()).active)) };
+        active.load(Ordering::Acquire) & 1
     }
 
     /// Puts a plan in force: writes the generation not in use, then makes it
@@ -358,25 +374,36 @@ impl Maps {
     }
 
     fn write(&mut self, plan: &Plan) -> Result<()> {
-        let next = self.generation()? ^ 1;
-        let base = next * TABLE_CAPACITY;
+        let next = self.generation() ^ 1;
         if plan.table.len() > TABLE_CAPACITY as usize {
             return Err(Error::bpf(
                 "writing the policy table",
                 io::Error::other("table larger than TABLE_CAPACITY"),
             ));
         }
-        for (i, slot) in plan.table.iter().enumerate() {
-            self.table
-                .set(base + i as u32, slot, 0)
-                .map_err(|e| Error::bpf("writing the policy table", e))?;
+        let table = self.table_ptr(next);
+        for (i, &slot) in plan.table.iter().enumerate() {
+            // SAFETY: in bounds (checked above) of generation `next`'s
+            // table, which the program does not read until `active` flips.
+            unsafe { std::ptr::write_volatile(table.add(i), slot as u8) };
         }
-        self.config
-            .set(next, plan.config, 0)
-            .map_err(|e| Error::bpf("writing the policy configuration", e))?;
-        self.active
-            .set(0, next, 0)
-            .map_err(|e| Error::bpf("switching the policy generation", e))
+        // SAFETY: as above, for generation `next` of the configuration.
+        unsafe {
+            std::ptr::write_volatile(
+                std::ptr::addr_of_mut!((*self.state()).config[next as usize]),
+                plan.config,
+            )
+        };
+        // SAFETY: see `generation`.
+        let active = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.state()).active)) };
+        // Release: the writes above are visible before the flip.
+        active.store(next, Ordering::Release);
+        Ok(())
+    }
+
+    fn table_ptr(&self, generation: u32) -> *mut u8 {
+        // SAFETY: generation is 0 or 1, and the mapping holds two tables.
+        unsafe { (self.table.as_ptr() as *mut u8).add(generation as usize * size_of::<Table>()) }
     }
 
     /// An exclusive lock on the group's pin directory (flock(2)), held by
@@ -393,27 +420,22 @@ impl Maps {
 
     /// The configuration in force.
     pub fn config(&self) -> Result<Config> {
-        let g = self.generation()?;
-        self.config
-            .get(&g, 0)
-            .map_err(|e| Error::bpf("reading the policy configuration", e))
+        let g = self.generation();
+        // SAFETY: generation `g` is not written while it is in force.
+        Ok(unsafe {
+            std::ptr::read_volatile(std::ptr::addr_of!((*self.state()).config[g as usize]))
+        })
     }
 
     /// The plan in force: the configuration and its table.
     pub fn current_plan(&self) -> Result<Plan> {
-        let g = self.generation()?;
-        let config = self
-            .config
-            .get(&g, 0)
-            .map_err(|e| Error::bpf("reading the policy configuration", e))?;
-        let base = g * TABLE_CAPACITY;
-        let table = (0..config.table_len.min(TABLE_CAPACITY))
-            .map(|i| {
-                self.table
-                    .get(&(base + i), 0)
-                    .map_err(|e| Error::bpf("reading the policy table", e))
-            })
-            .collect::<Result<Vec<u32>>>()?;
+        let g = self.generation();
+        let config = self.config()?;
+        let table = self.table_ptr(g);
+        let table = (0..config.table_len.min(TABLE_CAPACITY) as usize)
+            // SAFETY: in bounds of generation `g`'s table.
+            .map(|i| u32::from(unsafe { std::ptr::read_volatile(table.add(i)) }))
+            .collect();
         Ok(Plan { config, table })
     }
 

@@ -9,7 +9,7 @@ use std::{fmt, str::FromStr};
 use reuseport_common::{
     key, policy as id,
     table::{cpu_table, maglev_table, maglev_update, weighted_table, TableError},
-    Config, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY,
+    Config, CPU_TABLE_LEN, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY,
 };
 
 /// How new connections (or datagrams) are spread over the workers.
@@ -280,8 +280,16 @@ fn plan_with(
         PolicyKind::Cpu => {
             let pairs: Vec<(u32, u32)> = live.iter().map(|l| (l.slot, l.cpu)).collect();
             let (row_len, len) = cpu_table(&pairs, &mut table).map_err(PolicyError::Table)?;
+            if len > CPU_TABLE_LEN {
+                return Err(PolicyError::Table(TableError::TooLarge { needed: len }));
+            }
             config.row_len = row_len;
             config.table_len = len;
+            for (entry, &slot) in config.cpu_table.iter_mut().zip(&table[..len as usize]) {
+                *entry = slot as u8;
+            }
+            // The table lives in the configuration record.
+            table.clear();
         }
         PolicyKind::Weighted => {
             let max_slot = live.iter().map(|l| l.slot).max().unwrap_or(0) as usize;
@@ -362,7 +370,8 @@ mod tests {
         let p = plan(&Policy::new(PolicyKind::Cpu), &live(2)).unwrap();
         assert_eq!(p.config.policy, id::CPU);
         assert_eq!((p.config.row_len, p.config.table_len), (1, 2));
-        assert_eq!(p.table, vec![0, 1]);
+        assert_eq!(&p.config.cpu_table[..2], &[0, 1]);
+        assert!(p.table.is_empty(), "the cpu table is in the record");
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 /// Sets SO_RCVBUF to `bytes`; if `net.core.rmem_max` caps it lower and the
 /// process has CAP_NET_ADMIN, SO_RCVBUFFORCE goes past the cap. A smaller
 /// buffer is not an error, only logged.
-fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
+pub(crate) fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
     let _ = socket.set_recv_buffer_size(bytes);
     // The kernel reports twice what was set (it counts its bookkeeping).
     let got = socket.recv_buffer_size().unwrap_or(0) / 2;

@@ -89,6 +89,58 @@ pub fn check_bpf_privilege(action: &'static str) -> Result<()> {
     }
 }
 
+/// Raises this process's open-file limit to its hard limit (each connection
+/// is a descriptor); returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                log::warn!("could not raise the open-file limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}
+
+/// Brings up `lo` in the calling thread's network namespace (a new
+/// namespace starts with it down).
+pub fn set_loopback_up() -> Result<()> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::io("socket for SIOCSIFFLAGS", e.into()))?;
+    // SAFETY: an all-zero ifreq is valid; the name fits in IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: `req` is a valid ifreq for these requests on a socket we own.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(Error::io(
+                "SIOCGIFFLAGS lo",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(Error::io(
+                "SIOCSIFFLAGS lo",
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether [`check_bpf_privilege`] would pass.
 pub fn has_bpf_privilege() -> bool {
     check_bpf_privilege("").is_ok()

@@ -135,6 +135,43 @@ pub fn spawn_udp_echo(
     stats: WorkerStats,
     shutdown: CancellationToken,
 ) -> Result<WorkerHandle> {
+    spawn_udp(
+        info,
+        socket,
+        stats,
+        |_: &mut [u8], len: usize, _: SocketAddr| Some(len),
+        shutdown,
+    )
+}
+
+/// What a UDP worker does with each datagram: the request is
+/// `buf[..len]`; the handler writes its reply into `buf` (the request's
+/// bytes, in place, for an echo) and returns its length, or `None` to send
+/// nothing. `buf` holds the largest datagram.
+pub trait DatagramHandler: Send + 'static {
+    /// Handles one datagram from `peer`.
+    fn handle(&mut self, buf: &mut [u8], len: usize, peer: SocketAddr) -> Option<usize>;
+}
+
+impl<F> DatagramHandler for F
+where
+    F: FnMut(&mut [u8], usize, SocketAddr) -> Option<usize> + Send + 'static,
+{
+    fn handle(&mut self, buf: &mut [u8], len: usize, peer: SocketAddr) -> Option<usize> {
+        self(buf, len, peer)
+    }
+}
+
+/// Starts a worker thread that answers every datagram of `socket` with
+/// `handler` until `shutdown` is cancelled. Replies go out from the address
+/// each datagram was sent to, even on a wildcard socket.
+pub fn spawn_udp<H: DatagramHandler>(
+    info: WorkerInfo,
+    socket: std::net::UdpSocket,
+    stats: WorkerStats,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Result<WorkerHandle> {
     let thread_stats = stats.clone();
     let local = socket
         .local_addr()
@@ -144,7 +181,14 @@ pub fn spawn_udp_echo(
     spawn_pinned(info, stats, move || {
         let socket = tokio::net::UdpSocket::from_std(socket)
             .map_err(|e| Error::io("registering a UDP socket", e))?;
-        Ok(udp_echo(info, socket, pktinfo, thread_stats, shutdown))
+        Ok(udp_loop(
+            info,
+            socket,
+            pktinfo,
+            thread_stats,
+            handler,
+            shutdown,
+        ))
     })
 }
 
@@ -201,11 +245,12 @@ where
 /// limit, 65507, is lower).
 pub const MAX_DATAGRAM: usize = 65_527;
 
-async fn udp_echo(
+async fn udp_loop<H: DatagramHandler>(
     info: WorkerInfo,
     socket: tokio::net::UdpSocket,
     pktinfo: bool,
     stats: WorkerStats,
+    mut handler: H,
     shutdown: CancellationToken,
 ) {
     // One buffer per worker, of the largest datagram, so nothing is cut.
@@ -224,11 +269,14 @@ async fn udp_echo(
             _ = shutdown.cancelled() => break,
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        match crate::datagram::reply(&socket, &buf[..n], peer, dst).await {
-            Ok(_) => {
-                stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(reply) = handler.handle(&mut buf, n, peer) {
+            let reply = reply.min(buf.len());
+            match crate::datagram::reply(&socket, &buf[..reply], peer, dst).await {
+                Ok(_) => {
+                    stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => debug!("worker {}: reply to {peer} failed: {e}", info.worker),
             }
-            Err(e) => debug!("worker {}: echo to {peer} failed: {e}", info.worker),
         }
         stats.finish_one();
     }
@@ -246,12 +294,19 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Corrects the slot's load for work that was steered to it but never
-/// reached the worker (a handshake that did not complete, a syncookie ACK
-/// that ran the program a second time): every second the load is compared
-/// with what the worker can see (open connections plus its accept queue),
-/// and an excess seen twice in a row is taken away. Taking away (not
-/// storing) keeps the program's concurrent additions.
+/// Keeps the slot's load (what `least-loaded` compares) true to what the
+/// worker can see, its open connections plus its accept queue, checked
+/// every second:
+/// - work steered here that never arrived (a handshake that did not
+///   complete, a syncookie ACK that ran the program twice) leaves an
+///   excess; an excess seen twice in a row is taken away (once could be a
+///   handshake still under way);
+/// - connections opened while another policy was in force were never
+///   counted (the program counts only under `least-loaded`); a shortfall
+///   is made up at once.
+///
+/// Both are atomic adjustments, not stores, so the program's concurrent
+/// additions are kept.
 struct LoadAudit {
     last_excess: u64,
 }
@@ -259,7 +314,13 @@ struct LoadAudit {
 impl LoadAudit {
     fn check(&mut self, stats: &WorkerStats, queued: u64) {
         let seen = stats.active.load(Ordering::Relaxed) + queued;
-        let excess = stats.load.load(Ordering::Relaxed).saturating_sub(seen);
+        let load = stats.load.load(Ordering::Relaxed);
+        if load < seen {
+            stats.load.fetch_add(seen - load, Ordering::Relaxed);
+            self.last_excess = 0;
+            return;
+        }
+        let excess = load - seen;
         let settled = excess.min(self.last_excess);
         self.last_excess = excess;
         if settled > 0 {

@@ -100,7 +100,7 @@ fn pins_are_private_and_removed_on_clean_exit() {
     names.sort();
     assert_eq!(
         names,
-        ["ACTIVE", "CONFIG", "COUNTERS", "GROUP", "SOCKETS", "TABLE", "WORKERS"]
+        ["COUNTERS", "GROUP", "SOCKETS", "STATE", "TABLE", "WORKERS"]
     );
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");

@@ -5,6 +5,7 @@
 //! - `run -- ARGS`: build, then `reuseport run ARGS`
 //! - `test`: build, then run every test (unit and integration)
 //! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
+//! - `bench -- ARGS`: build, then `reuseport bench ARGS`
 //!
 //! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
 //! and says what it installs.
@@ -46,6 +47,13 @@ enum Task {
     },
     /// rustfmt check and clippy -D warnings (host crates, then the eBPF crate).
     Lint,
+    /// Build (release), then run `reuseport bench` with the arguments after
+    /// `--` (e.g. `-- --quick`); results go to target/bench/<time>/.
+    Bench {
+        /// Arguments for `reuseport bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,23 +74,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::ensure()?;
             cargo(&root, &["build", "--release", "--all-targets"])
         }
-        Task::Run { args } => {
-            setup::ensure()?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "-p",
-                    "reuseport-user",
-                    "--bin",
-                    "reuseport",
-                ],
-            )?;
-            let bin = root.join("target/release/reuseport");
-            println!("xtask: {} run {}", bin.display(), args.join(" "));
-            exec(Command::new(&bin).arg("run").args(&args))
-        }
+        Task::Run { args } => release(&root, "run", &args),
         Task::Test { args } => {
             setup::ensure()?;
             cargo(
@@ -98,6 +90,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("xtask: cargo test (REUSEPORT_BIN={})", bin.display());
             status(&mut cmd)
         }
+        Task::Bench { args } => release(&root, "bench", &args),
         Task::Lint => {
             setup::ensure()?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
@@ -113,6 +106,30 @@ fn run(cli: Cli) -> Result<()> {
             status(&mut cmd)
         }
     }
+}
+
+/// Sets up, builds the release binary, then becomes `reuseport SUBCOMMAND ARGS`.
+fn release(root: &Path, subcommand: &str, args: &[String]) -> Result<()> {
+    setup::ensure()?;
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "reuseport-user",
+            "--bin",
+            "reuseport",
+        ],
+    )?;
+    let bin = root.join("target/release/reuseport");
+    println!("xtask: {} {subcommand} {}", bin.display(), args.join(" "));
+    exec(
+        Command::new(&bin)
+            .current_dir(root)
+            .arg(subcommand)
+            .args(args),
+    )
 }
 
 fn workspace_root() -> Result<PathBuf> {

@@ -4,7 +4,8 @@
 //! 1. the nightly toolchain with `rust-src` (`-Z build-std=core` for the BPF target);
 //! 2. LLVM development files of the nightly's own LLVM major version,
 //!    from Debian's packages (`llvm-N-dev`);
-//! 3. `bpf-linker` built against that LLVM.
+//! 3. `bpf-linker` built against that LLVM;
+//! 4. fontconfig's development files (the benchmark's charts).
 //!
 //! The recipe is the one verified in `shared/notes/toolchain.md`.
 
@@ -24,7 +25,39 @@ pub fn ensure() -> Result<()> {
     let llvm = nightly_llvm_major()?;
     ensure_llvm(llvm)?;
     ensure_bpf_linker(llvm)?;
+    ensure_fontconfig()?;
     Ok(())
+}
+
+/// The benchmark's SVG charts measure their text with fontconfig and
+/// FreeType (plotters' `ttf` feature), whose development files the build
+/// links against.
+fn ensure_fontconfig() -> Result<()> {
+    let present = Command::new("pkg-config")
+        .args(["--exists", "fontconfig", "freetype2"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        say("fontconfig and freetype development files: present");
+        return Ok(());
+    }
+    if !is_debian() {
+        bail!("fontconfig and freetype development files are missing: install them (pkg-config names fontconfig, freetype2), then run `cargo xtask setup` again");
+    }
+    if !is_root() {
+        bail!("libfontconfig1-dev is missing and installing it needs root: run `sudo apt-get install -y libfontconfig1-dev pkg-config`");
+    }
+    say("fontconfig development files are missing: installing them from Debian's packages");
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "libfontconfig1-dev",
+            "libfreetype-dev",
+            "pkg-config",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn say(msg: &str) {

@@ -1,0 +1,670 @@
+//! `reuseport bench`: every steering policy and the classic server models,
+//! measured side by side in one run on this machine.
+//!
+//! The run isolates itself in a network namespace of its own (so the
+//! kernel's drop counters are its own), starts every model on its own
+//! port, and then runs each workload over all models in short interleaved
+//! epochs (A B C … A B C …), so that a noisy neighbour hits every model
+//! alike. Figures are ratios within the run wherever a target is set.
+
+pub mod load;
+pub mod models;
+pub mod report;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::{
+    balance::balance,
+    error::{Error, Result},
+    socket::Proto,
+    sys,
+};
+use load::{Outcome, Shape};
+use models::{Model, Running};
+
+/// Options of a benchmark run.
+#[derive(Clone, Debug, Default)]
+pub struct BenchOptions {
+    /// A short run (well under a minute) with fewer, shorter epochs.
+    pub quick: bool,
+    /// Where to write CSV, JSON and SVG (default `target/bench/<time>`).
+    pub out: Option<PathBuf>,
+    /// Only these models (by name); all when empty.
+    pub only: Vec<String>,
+    /// Only these workloads (by name); all when empty.
+    pub workloads: Vec<String>,
+}
+
+/// How long and how hard.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    /// Length of one epoch, in milliseconds.
+    pub epoch_ms: u64,
+    /// Epochs per model and workload.
+    pub rounds: usize,
+    /// Concurrent clients per client thread (one thread per CPU).
+    pub clients_per_cpu: usize,
+    /// Connections of the distribution pass, per model.
+    pub distribution_connections: usize,
+    /// Long connections of the skewed mix.
+    pub skew_long: usize,
+}
+
+impl Settings {
+    fn for_run(quick: bool) -> Self {
+        if quick {
+            Settings {
+                epoch_ms: 200,
+                rounds: 2,
+                clients_per_cpu: 8,
+                distribution_connections: 2_000,
+                skew_long: 8,
+            }
+        } else {
+            Settings {
+                epoch_ms: 1_000,
+                rounds: 5,
+                clients_per_cpu: 16,
+                distribution_connections: 10_000,
+                skew_long: 16,
+            }
+        }
+    }
+
+    fn epoch(&self) -> Duration {
+        Duration::from_millis(self.epoch_ms)
+    }
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(o: &Outcome) -> Self {
+        let h = &o.latency;
+        Percentiles {
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// A spread over workers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Spread {
+    /// Count per worker.
+    pub per_worker: Vec<u64>,
+    /// Busiest over mean (1 is even).
+    pub max_over_mean: f64,
+    /// Jain's fairness index (1 is even).
+    pub jain: f64,
+}
+
+impl Spread {
+    fn of(counts: Vec<u64>) -> Self {
+        let b = balance(&counts);
+        Spread {
+            max_over_mean: b.map_or(f64::NAN, |b| b.max_over_mean),
+            jain: b.map_or(f64::NAN, |b| b.jain),
+            per_worker: counts,
+        }
+    }
+}
+
+/// One model's figures in one workload.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Row {
+    /// The model.
+    pub model: String,
+    /// Operations per second (connections, requests or datagrams).
+    pub rate: f64,
+    /// Operations completed and verified.
+    pub ops: u64,
+    /// Operations that failed (client side) plus server-side errors.
+    pub errors: u64,
+    /// The first failures, if any.
+    pub failures: Vec<String>,
+    /// Latency.
+    pub latency: Percentiles,
+    /// How the work was spread over workers.
+    pub spread: Spread,
+    /// Share served on the CPU that received it (0 to 1).
+    pub locality: Option<f64>,
+    /// The program's run time per selection, in nanoseconds.
+    pub bpf_ns: Option<f64>,
+    /// `bpf_ns` over the floor program's, in the same run.
+    pub bpf_ratio: Option<f64>,
+}
+
+/// One workload's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct Workload {
+    /// Its name.
+    pub name: String,
+    /// What `rate` counts.
+    pub unit: String,
+    /// What was measured, in a sentence.
+    pub about: String,
+    /// One row per model.
+    pub rows: Vec<Row>,
+}
+
+/// A target of the project and whether this run met it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// What is measured.
+    pub what: String,
+    /// The goal.
+    pub goal: String,
+    /// The figure of this run.
+    pub value: String,
+    /// Whether it was met.
+    pub met: bool,
+}
+
+/// A whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// The kernel release.
+    pub kernel: String,
+    /// CPUs used (servers and clients share them).
+    pub cpus: Vec<usize>,
+    /// The settings.
+    pub settings: Settings,
+    /// The workloads.
+    pub workloads: Vec<Workload>,
+    /// The project's targets.
+    pub targets: Vec<Target>,
+    /// Kernel drop counters that moved during the run (must be none).
+    pub drops: BTreeMap<String, u64>,
+    /// Whether every model produced figures, every echo was verified and
+    /// nothing was dropped.
+    pub clean: bool,
+    /// Why not, if not.
+    pub problems: Vec<String>,
+}
+
+struct Bench {
+    settings: Settings,
+    cpus: Vec<usize>,
+    progress: ProgressBar,
+}
+
+impl Bench {
+    fn shape(&self) -> Shape {
+        Shape {
+            cpus: self.cpus.clone(),
+            per_thread: self.settings.clients_per_cpu,
+        }
+    }
+
+    fn step(&self, what: &str) {
+        self.progress.set_message(what.to_string());
+        self.progress.inc(1);
+    }
+
+    /// Runs `epoch` for every model, `rounds` times, interleaved.
+    fn interleaved(
+        &self,
+        workload: &str,
+        models: &[Running],
+        mut epoch: impl FnMut(&Running) -> Outcome,
+    ) -> Vec<Outcome> {
+        let mut total: Vec<Outcome> = models.iter().map(|_| Outcome::empty()).collect();
+        for _ in 0..self.settings.rounds {
+            for (i, m) in models.iter().enumerate() {
+                self.step(&format!("{workload}: {}", m.model.name));
+                let o = epoch(m);
+                total[i].merge(&o);
+            }
+        }
+        total
+    }
+}
+
+/// Runs the benchmark and writes its files; returns the report.
+pub fn run(options: &BenchOptions) -> Result<Report> {
+    sys::check_bpf_privilege("benchmarking the steering policies")?;
+    isolate()?;
+    sys::raise_fd_limit();
+    let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let settings = Settings::for_run(options.quick);
+    let cpus = sys::usable_cpus()?;
+    let keep = |m: &Model| options.only.is_empty() || options.only.contains(&m.name);
+    let tcp_models: Vec<Model> = models::tcp_models(cpus.len())
+        .into_iter()
+        .filter(keep)
+        .collect();
+    let udp_models: Vec<Model> = models::udp_models(cpus.len())
+        .into_iter()
+        .filter(keep)
+        .collect();
+    let with_program = tcp_models.iter().filter(|m| m.has_program()).count();
+    let r = settings.rounds as u64;
+    let epochs = r * (4 * tcp_models.len() as u64 + with_program as u64 + udp_models.len() as u64)
+        + tcp_models.len() as u64 * 2;
+    let progress = ProgressBar::new(epochs);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let bench = Bench {
+        settings: settings.clone(),
+        cpus: cpus.clone(),
+        progress,
+    };
+    let before = drop_counters();
+
+    let wanted = |w: &str| options.workloads.is_empty() || options.workloads.iter().any(|o| o == w);
+    let mut workloads = Vec::new();
+    let tcp = start_all(&tcp_models, Proto::Tcp, 21_000, &cpus)?;
+    if wanted("connection-rate") {
+        workloads.push(connection_rate(&bench, &tcp));
+    }
+    if wanted("bpf-cost") {
+        workloads.push(bpf_cost(&bench, &tcp)?);
+    }
+    if wanted("distribution") {
+        workloads.push(distribution(&bench, &tcp));
+    }
+    if wanted("persistent-echo") || wanted("open-loop-latency") {
+        let closed = persistent(&bench, &tcp);
+        // Open loop at half the rate the slowest model sustained closed
+        // loop: a load every model can carry, heavy enough to matter.
+        let slowest = closed
+            .rows
+            .iter()
+            .map(|r| r.rate)
+            .fold(f64::INFINITY, f64::min);
+        let rate = if slowest.is_finite() && slowest > 0.0 {
+            slowest / 2.0
+        } else {
+            1_000.0
+        };
+        workloads.push(closed);
+        workloads.push(open_loop(&bench, &tcp, rate));
+    }
+    if wanted("skewed-mix") {
+        workloads.push(skewed(&bench, &tcp));
+    }
+    for m in tcp {
+        m.stop();
+    }
+    if wanted("udp-echo") {
+        let udp = start_all(&udp_models, Proto::Udp, 22_000, &cpus)?;
+        workloads.push(udp_echo(&bench, &udp));
+        for m in udp {
+            m.stop();
+        }
+    }
+    bench.progress.finish_and_clear();
+
+    let after = drop_counters();
+    let drops: BTreeMap<String, u64> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for w in &workloads {
+        for row in &w.rows {
+            if row.ops == 0 {
+                problems.push(format!("{}: {} produced no figures", w.name, row.model));
+            }
+            if row.errors > 0 {
+                problems.push(format!(
+                    "{}: {} had {} failures ({})",
+                    w.name,
+                    row.model,
+                    row.errors,
+                    row.failures.join("; ")
+                ));
+            }
+        }
+    }
+    for (k, v) in &drops {
+        problems.push(format!("the kernel counted {v} {k}"));
+    }
+    let targets = report::targets(&workloads, options.quick);
+    let report = Report {
+        started,
+        kernel: sys::kernel_release().unwrap_or_default(),
+        cpus,
+        settings,
+        workloads,
+        targets,
+        drops,
+        clean: problems.is_empty(),
+        problems,
+    };
+    let out = options
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench").join(&report.started));
+    report::write(&report, &out)?;
+    Ok(report)
+}
+
+fn start_all(
+    models: &[Model],
+    proto: Proto,
+    base_port: u16,
+    cpus: &[usize],
+) -> Result<Vec<Running>> {
+    models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], base_port + i as u16));
+            models::start(m, addr, proto, cpus)
+        })
+        .collect()
+}
+
+fn row(model: &Running, o: &Outcome) -> Row {
+    Row {
+        model: model.model.name.clone(),
+        rate: o.rate(),
+        ops: o.ops,
+        errors: o.errors,
+        failures: o.failures.clone(),
+        latency: Percentiles::of(o),
+        ..Default::default()
+    }
+}
+
+fn server_errors(models: &[Running]) -> Vec<u64> {
+    models
+        .iter()
+        .map(|m| m.tally.errors.load(std::sync::atomic::Ordering::Relaxed))
+        .collect()
+}
+
+fn connection_rate(bench: &Bench, models: &[Running]) -> Workload {
+    let shape = bench.shape();
+    let served_before: Vec<(Vec<u64>, u64)> = models
+        .iter()
+        .map(|m| (m.tally.served(), local(m)))
+        .collect();
+    let outcomes = bench.interleaved("connection rate", models, |m| {
+        load::connection_rate(m.addr, &shape, bench.settings.epoch())
+    });
+    let rows = models
+        .iter()
+        .zip(&outcomes)
+        .zip(served_before)
+        .map(|((m, o), (served, loc))| {
+            let now = m.tally.served();
+            let total: u64 = now.iter().zip(&served).map(|(a, b)| a - b).sum();
+            let mut r = row(m, o);
+            r.locality = (total > 0).then(|| (local(m) - loc) as f64 / total as f64);
+            r
+        })
+        .collect();
+    Workload {
+        name: "connection-rate".into(),
+        unit: "conn/s".into(),
+        about: "connect, echo 64 bytes, close, as fast as the clients go (closed loop); latency of the whole connection".into(),
+        rows,
+    }
+}
+
+fn local(m: &Running) -> u64 {
+    m.tally.local.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn bpf_cost(bench: &Bench, models: &[Running]) -> Result<Workload> {
+    let with: Vec<&Running> = models.iter().filter(|m| m.model.has_program()).collect();
+    let shape = bench.shape();
+    // Statistics on only for these epochs: they add two clock reads to
+    // every program run, which the other workloads must not pay.
+    let stats = crate::steering::enable_run_stats()?;
+    let mut time = vec![Duration::ZERO; with.len()];
+    let mut runs = vec![0u64; with.len()];
+    let mut outcomes: Vec<Outcome> = with.iter().map(|_| Outcome::empty()).collect();
+    for _ in 0..bench.settings.rounds {
+        for (i, m) in with.iter().enumerate() {
+            bench.step(&format!("BPF cost: {}", m.model.name));
+            let (t0, c0) = m.bpf_stats().unwrap_or_default();
+            let o = load::connection_rate(m.addr, &shape, bench.settings.epoch());
+            let (t1, c1) = m.bpf_stats().unwrap_or_default();
+            time[i] += t1.saturating_sub(t0);
+            runs[i] += c1.saturating_sub(c0);
+            outcomes[i].merge(&o);
+        }
+    }
+    drop(stats);
+    let ns: Vec<Option<f64>> = time
+        .iter()
+        .zip(&runs)
+        .map(|(t, &c)| (c > 0).then(|| t.as_nanos() as f64 / c as f64))
+        .collect();
+    let floor = with
+        .iter()
+        .zip(&ns)
+        .find(|(m, _)| m.model.name == "floor")
+        .and_then(|(_, n)| *n);
+    let rows = with
+        .iter()
+        .zip(&outcomes)
+        .zip(&ns)
+        .map(|((m, o), n)| {
+            let mut r = row(m, o);
+            r.bpf_ns = *n;
+            r.bpf_ratio = match (n, floor) {
+                (Some(n), Some(f)) if f > 0.0 => Some(n / f),
+                _ => None,
+            };
+            r
+        })
+        .collect();
+    Ok(Workload {
+        name: "bpf-cost".into(),
+        unit: "conn/s".into(),
+        about: "the program's run time per selection (kernel BPF statistics, on only during these epochs), next to the floor program that selects a fixed slot".into(),
+        rows,
+    })
+}
+
+fn distribution(bench: &Bench, models: &[Running]) -> Workload {
+    let shape = bench.shape();
+    let n = bench.settings.distribution_connections;
+    let rows = models
+        .iter()
+        .map(|m| {
+            bench.step(&format!("distribution: {}", m.model.name));
+            let before = m.tally.served();
+            let o = load::connections(m.addr, &shape, n);
+            let counts: Vec<u64> = m
+                .tally
+                .served()
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| a - b)
+                .collect();
+            let mut r = row(m, &o);
+            r.spread = Spread::of(counts);
+            r
+        })
+        .collect();
+    Workload {
+        name: "distribution".into(),
+        unit: "conn/s".into(),
+        about: format!(
+            "{n} connections from many source addresses; how they spread over the workers"
+        ),
+        rows,
+    }
+}
+
+fn persistent(bench: &Bench, models: &[Running]) -> Workload {
+    let shape = bench.shape();
+    let outcomes = bench.interleaved("persistent echo", models, |m| {
+        load::persistent(m.addr, &shape, bench.settings.epoch())
+    });
+    Workload {
+        name: "persistent-echo".into(),
+        unit: "req/s".into(),
+        about: "one connection per client, 64-byte requests back to back (closed loop)".into(),
+        rows: models
+            .iter()
+            .zip(&outcomes)
+            .map(|(m, o)| row(m, o))
+            .collect(),
+    }
+}
+
+fn open_loop(bench: &Bench, models: &[Running], rate: f64) -> Workload {
+    let threads = 2 * bench.cpus.len();
+    let outcomes = bench.interleaved("open-loop latency", models, |m| {
+        load::open_loop(m.addr, &bench.cpus, threads, rate, bench.settings.epoch())
+    });
+    Workload {
+        name: "open-loop-latency".into(),
+        unit: "req/s".into(),
+        about: format!(
+            "persistent connections sending {rate:.0} requests/s in all at fixed times, latency from when each was due (no coordinated omission)"
+        ),
+        rows: models.iter().zip(&outcomes).map(|(m, o)| row(m, o)).collect(),
+    }
+}
+
+fn skewed(bench: &Bench, models: &[Running]) -> Workload {
+    let shape = bench.shape();
+    let long = bench.settings.skew_long;
+    let rows = models
+        .iter()
+        .map(|m| {
+            let mut total = Outcome::empty();
+            let mut worst = Spread::default();
+            for _ in 0..bench.settings.rounds {
+                bench.step(&format!("skewed mix: {}", m.model.name));
+                let (o, open) = load::skewed(m.addr, &shape, long, bench.settings.epoch(), || {
+                    m.tally.open()
+                });
+                total.merge(&o);
+                let spread = Spread::of(open);
+                if worst.per_worker.is_empty() || spread.max_over_mean > worst.max_over_mean {
+                    worst = spread;
+                }
+            }
+            let mut r = row(m, &total);
+            r.spread = worst;
+            r
+        })
+        .collect();
+    Workload {
+        name: "skewed-mix".into(),
+        unit: "conn/s".into(),
+        about: format!(
+            "{long} long connections opened between short ones, then short ones churned; the spread is of the connections open at the end of the worst epoch (the long ones)"
+        ),
+        rows,
+    }
+}
+
+fn udp_echo(bench: &Bench, models: &[Running]) -> Workload {
+    let shape = Shape {
+        cpus: bench.cpus.clone(),
+        per_thread: 4,
+    };
+    let before: Vec<(Vec<u64>, u64)> = models
+        .iter()
+        .map(|m| (m.tally.served(), local(m)))
+        .collect();
+    let errors_before = server_errors(models);
+    let outcomes = bench.interleaved("UDP echo", models, |m| {
+        load::udp(m.addr, &shape, bench.settings.epoch())
+    });
+    let errors_after = server_errors(models);
+    let rows = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (served, loc) = &before[i];
+            let counts: Vec<u64> = m
+                .tally
+                .served()
+                .iter()
+                .zip(served)
+                .map(|(a, b)| a - b)
+                .collect();
+            let total: u64 = counts.iter().sum();
+            let mut r = row(m, &outcomes[i]);
+            r.errors += errors_after[i] - errors_before[i];
+            r.locality = (total > 0).then(|| (local(m) - loc) as f64 / total as f64);
+            r.spread = Spread::of(counts);
+            r
+        })
+        .collect();
+    Workload {
+        name: "udp-echo".into(),
+        unit: "dgram/s".into(),
+        about: "64-byte datagrams echoed, each client waiting for its echo (closed loop)".into(),
+        rows,
+    }
+}
+
+/// Moves this process into a network namespace of its own, with `lo` up,
+/// so that nothing else competes for its ports and the kernel's drop
+/// counters count only its traffic.
+fn isolate() -> Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| Error::io("unshare(CLONE_NEWNET) for the benchmark", e.into()))?;
+    sys::set_loopback_up()
+}
+
+/// The kernel's listen-queue and datagram drop counters of this namespace
+/// (what `nstat` reads): TcpExt ListenOverflows and ListenDrops, Udp
+/// InErrors, RcvbufErrors and SndbufErrors.
+pub fn drop_counters() -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (file, wanted) in [
+        (
+            "/proc/thread-self/net/netstat",
+            &["TcpExt:ListenOverflows", "TcpExt:ListenDrops"][..],
+        ),
+        (
+            "/proc/thread-self/net/snmp",
+            &["Udp:InErrors", "Udp:RcvbufErrors", "Udp:SndbufErrors"][..],
+        ),
+    ] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let Some((prefix, names)) = names.split_once(':') else {
+                continue;
+            };
+            let values = values.split_once(':').map_or("", |(_, v)| v);
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                let key = format!("{prefix}:{n}");
+                if wanted.contains(&key.as_str()) {
+                    out.insert(key, v.parse().unwrap_or(0));
+                }
+            }
+        }
+    }
+    out
+}

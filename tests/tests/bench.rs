@@ -1,0 +1,118 @@
+//! `reuseport bench --quick`: every model produces figures, every echo is
+//! verified and the kernel drops nothing. (The figures themselves are
+//! printed, not asserted: timings belong to benchmarks, not tests.)
+
+use std::process::Command;
+
+use reuseport_tests::binary;
+
+#[test]
+fn a_quick_run_measures_every_model_cleanly() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark needs root (BPF, a network namespace)"
+    );
+    let out_dir = std::env::temp_dir().join(format!("reuseport-bench-{}", std::process::id()));
+    let out = Command::new(binary())
+        .args(["bench", "--quick", "--check", "--out"])
+        .arg(&out_dir)
+        .output()
+        .expect("running reuseport bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench --check failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains(
+            "run clean (every model measured, every echo verified, no kernel drops): yes"
+        ),
+        "{stdout}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).expect("results.json"))
+            .expect("JSON");
+    let workloads = json["workloads"].as_array().expect("workloads");
+    let names: Vec<&str> = workloads
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "connection-rate",
+            "bpf-cost",
+            "distribution",
+            "persistent-echo",
+            "open-loop-latency",
+            "skewed-mix",
+            "udp-echo"
+        ]
+    );
+    let tcp_models = [
+        "single-acceptor",
+        "shared-accept",
+        "tokio-default",
+        "reuseport-kernel",
+        "cpu",
+        "hash",
+        "round-robin",
+        "least-loaded",
+        "weighted",
+        "consistent",
+        "floor",
+    ];
+    for w in workloads {
+        let rows = w["rows"].as_array().unwrap();
+        let models: Vec<&str> = rows.iter().map(|r| r["model"].as_str().unwrap()).collect();
+        match w["name"].as_str().unwrap() {
+            "bpf-cost" => {
+                assert_eq!(
+                    models,
+                    [
+                        "cpu",
+                        "hash",
+                        "round-robin",
+                        "least-loaded",
+                        "weighted",
+                        "consistent",
+                        "floor"
+                    ]
+                );
+                for r in rows {
+                    assert!(r["bpf_ns"].as_f64().unwrap() > 0.0, "{r}");
+                }
+            }
+            "udp-echo" => assert_eq!(models[0], "shared-socket"),
+            _ => assert_eq!(models, tcp_models),
+        }
+        for r in rows {
+            assert!(r["ops"].as_u64().unwrap() > 0, "{}: {r}", w["name"]);
+            assert_eq!(r["errors"].as_u64().unwrap(), 0, "{}: {r}", w["name"]);
+        }
+    }
+    assert!(json["drops"].as_object().unwrap().is_empty());
+    // The `cpu` policy serves every connection on the CPU that received it.
+    let rate = &workloads[0]["rows"];
+    let cpu = rate
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == "cpu")
+        .unwrap();
+    assert_eq!(cpu["locality"].as_f64(), Some(1.0));
+    for file in [
+        "report.md",
+        "results.csv",
+        "distribution.svg",
+        "latency.svg",
+    ] {
+        let len = std::fs::metadata(out_dir.join(file))
+            .unwrap_or_else(|_| panic!("{file}"))
+            .len();
+        assert!(len > 100, "{file} has content");
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
