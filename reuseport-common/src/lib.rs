@@ -132,6 +132,9 @@ pub mod counter {
     /// The program ran on the migration path (a listener closed with
     /// connections still queued) and picked their new socket.
     pub const MIGRATED: u32 = MAX_WORKERS + 5;
+    /// Not a count for people: `least-loaded`'s per-CPU turn counter, which
+    /// rotates where its scan starts so that equally loaded workers share.
+    pub const TURN: u32 = MAX_WORKERS + 6;
     /// Number of counters.
     pub const LEN: u32 = MAX_WORKERS + 8;
 }
@@ -282,8 +285,9 @@ pub struct WorkerRecord {
     pub cpu: u32,
     /// The process the worker runs in.
     pub pid: u32,
-    /// Reserved (keeps the counters 8-byte aligned).
-    pub reserved: u32,
+    /// Connections waiting in the worker's accept queue (sampled every
+    /// second by the worker).
+    pub queued: u32,
     /// Connections (or datagrams) accepted.
     pub accepted: u64,
     /// Connections open now.
@@ -402,11 +406,35 @@ mod tests {
             counter::KEY_UNREADABLE,
             counter::SHORT_PAYLOAD,
             counter::MIGRATED,
+            counter::TURN,
         ];
         for (i, a) in all.iter().enumerate() {
             assert!(*a >= counter::SELECTED_BASE + MAX_WORKERS && *a < counter::LEN);
             for b in &all[i + 1..] {
                 assert_ne!(a, b);
+            }
+        }
+    }
+
+    mod properties {
+        extern crate std;
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn live_at_only_returns_live_slots(
+                live in proptest::collection::btree_set(0..MAX_WORKERS, 0..=MAX_WORKERS as usize),
+                x in any::<u32>(),
+            ) {
+                let live: std::vec::Vec<u32> = live.into_iter().collect();
+                let mut c = Config::EMPTY;
+                c.n_live = live.len() as u32;
+                c.live[..live.len()].copy_from_slice(&live);
+                match c.live_at(x) {
+                    Some(s) => prop_assert!(live.contains(&s)),
+                    None => prop_assert!(live.is_empty()),
+                }
             }
         }
     }

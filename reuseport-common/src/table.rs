@@ -453,4 +453,97 @@ mod tests {
         let extra = (moved - removed) as f64 / MAGLEV_TABLE_SIZE as f64;
         assert!(extra < 0.03, "{extra} of the table moved needlessly");
     }
+
+    mod properties {
+        extern crate std;
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeSet;
+
+        /// A set of 1 to 64 distinct live slots.
+        fn live_slots() -> impl Strategy<Value = Vec<u32>> {
+            proptest::collection::btree_set(0..MAX_WORKERS, 1..=MAX_WORKERS as usize)
+                .prop_map(|s| s.into_iter().collect())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn weighted_tables_follow_the_weights_and_skip_weightless_slots(
+                weights in proptest::collection::vec(0u32..20, 1..=MAX_WORKERS as usize)
+            ) {
+                prop_assume!(weights.iter().any(|&w| w > 0));
+                let pairs: Vec<(u32, u32)> = weights.iter().enumerate().map(|(s, &w)| (s as u32, w)).collect();
+                let mut t = vec![u32::MAX; TABLE_CAPACITY as usize];
+                let len = weighted_table(&pairs, &mut t).unwrap() as usize;
+                let g = weights.iter().fold(0, |g, &w| gcd(g, w));
+                for &(slot, w) in &pairs {
+                    prop_assert_eq!(count(&t[..len], slot), (w / g) as usize, "slot {}", slot);
+                }
+                prop_assert_eq!(len as u32, weights.iter().map(|w| w / g).sum::<u32>());
+            }
+
+            #[test]
+            fn maglev_tables_cover_every_live_slot_and_nothing_else(slots in live_slots()) {
+                let mut t = vec![u32::MAX; MAGLEV_TABLE_SIZE as usize];
+                maglev_table(&slots, &mut t).unwrap();
+                let seen: BTreeSet<u32> = t.iter().copied().collect();
+                let live: BTreeSet<u32> = slots.iter().copied().collect();
+                prop_assert_eq!(seen, live);
+            }
+
+            #[test]
+            fn maglev_updates_stay_even_and_move_only_what_they_must(
+                before in live_slots(),
+                after in live_slots(),
+            ) {
+                let m = MAGLEV_TABLE_SIZE as usize;
+                let mut old = vec![0u32; m];
+                let mut new = vec![0u32; m];
+                maglev_table(&before, &mut old).unwrap();
+                maglev_update(&old, &after, &mut new).unwrap();
+                for s in &after {
+                    let c = count(&new, *s);
+                    prop_assert!(c == m / after.len() || c == m / after.len() + 1, "slot {} has {}", s, c);
+                }
+                // An entry moves only if its slot left, or to a slot that
+                // needed entries (one that is new or was below its share).
+                let gained: BTreeSet<u32> = after
+                    .iter()
+                    .copied()
+                    .filter(|s| count(&new, *s) > count(&old, *s))
+                    .collect();
+                for i in 0..m {
+                    if old[i] != new[i] {
+                        prop_assert!(!after.contains(&old[i]) || count(&old, old[i]) > count(&new, old[i]));
+                        prop_assert!(gained.contains(&new[i]));
+                    }
+                }
+            }
+
+            #[test]
+            fn cpu_tables_send_each_cpu_to_its_own_workers(
+                cpus_of in proptest::collection::vec(0u32..8, 1..=16usize)
+            ) {
+                let workers: Vec<(u32, u32)> = cpus_of.iter().enumerate().map(|(s, &c)| (s as u32, c)).collect();
+                let mut t = vec![u32::MAX; TABLE_CAPACITY as usize];
+                let (row, len) = cpu_table(&workers, &mut t).unwrap();
+                let live: BTreeSet<u32> = workers.iter().map(|w| w.0).collect();
+                for c in 0..len / row {
+                    let here: BTreeSet<u32> = workers.iter().filter(|w| w.1 == c).map(|w| w.0).collect();
+                    for &s in &t[(c * row) as usize..((c + 1) * row) as usize] {
+                        prop_assert!(live.contains(&s));
+                        if !here.is_empty() {
+                            prop_assert!(here.contains(&s), "CPU {} row has slot {} of another CPU", c, s);
+                        }
+                    }
+                    // Every worker of the CPU appears in its row.
+                    for s in &here {
+                        prop_assert!(t[(c * row) as usize..((c + 1) * row) as usize].contains(s));
+                    }
+                }
+            }
+        }
+    }
 }

@@ -191,13 +191,20 @@ fn round_robin(state: *mut State, cfg: &Config) -> Result<(u32, u32), ()> {
 }
 
 /// `least-loaded`: the live slot with the least work in flight (see
-/// `WorkerRecord::load`). The scan starts at a live slot picked by the
-/// kernel's flow hash, so equally loaded workers share the work instead of
-/// the first one taking it all (and no helper call is spent on a random
-/// number).
+/// `WorkerRecord::load`). The scan starts at a live slot that moves on at
+/// every run (a per-CPU turn counter, plus the flow hash), so equally
+/// loaded workers share the work instead of the first one taking it all,
+/// without a shared counter or a helper call for a random number.
 #[inline(always)]
 fn least_loaded(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()> {
-    let start = ctx.hash();
+    let turn = COUNTERS.get_ptr_mut(counter::TURN).map_or(0, |c| {
+        // SAFETY: this CPU's own value; runs on one CPU do not overlap.
+        unsafe {
+            *c += 1;
+            *c as u32
+        }
+    });
+    let start = turn.wrapping_add(ctx.hash());
     let mut best = cfg.live_at(start).ok_or(())?;
     let mut best_load = u64::MAX;
     // Only map values flow into `best`: were the loop index kept with it,

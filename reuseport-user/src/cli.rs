@@ -13,7 +13,7 @@ use crate::{
     error::Result,
     group::{Group, DEFAULT_BACKLOG},
     policy::{HashKey, Policy, PolicyKind},
-    server::{self, ServeOptions},
+    server::{self, ServeOptions, Server},
     socket::Proto,
     stats,
     worker::Limits,
@@ -42,6 +42,16 @@ pub enum Command {
     Stats(StatsArgs),
     /// Measure every policy and the classic server designs side by side.
     Bench(BenchArgs),
+    /// The benchmark's client process for idle connections (internal).
+    #[command(hide = true)]
+    BenchHold {
+        /// Where to connect.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// How many connections to hold.
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 /// Options of `reuseport bench`.
@@ -61,9 +71,14 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Only these workloads (comma-separated: connection-rate, bpf-cost,
-    /// distribution, persistent-echo, open-loop-latency, skewed-mix, udp-echo).
+    /// distribution, persistent-echo, open-loop-latency, skewed-mix,
+    /// idle-memory, udp-echo).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
+    /// Instead: steady connection churn for MINUTES, reporting open
+    /// descriptors, memory and every failure (they must stay flat).
+    #[arg(long, value_name = "MINUTES")]
+    pub soak: Option<f64>,
 }
 
 /// Per-worker weights, in slot order: `3,1,1`.
@@ -271,16 +286,28 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => run_group(args),
         Command::Join(args) => {
-            let options = args.serve.options();
-            server::join_echo(&args.group, args.workers, None, args.serve.backlog, options)
+            let group = Group::join(&args.group, args.workers, None, args.serve.backlog)?;
+            serve(group, args.serve.options())
         }
         Command::Ctl(args) => ctl(args),
         Command::Stats(args) => watch_stats(args),
         Command::Bench(args) => bench(args),
+        Command::BenchHold { addr, count } => crate::bench::load::hold_child(addr, count),
     }
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(minutes) = args.soak {
+        let every = Duration::from_secs(if minutes < 1.0 { 5 } else { 30 });
+        let soak = crate::bench::soak(minutes, every, args.out)?;
+        println!("{}", crate::bench::report::soak_markdown(&soak));
+        if !soak.flat {
+            return Err(crate::error::Error::BenchNotClean {
+                problems: "descriptors or memory grew, or connections failed".into(),
+            });
+        }
+        return Ok(());
+    }
     let options = crate::bench::BenchOptions {
         quick: args.quick,
         out: args.out,
@@ -386,5 +413,33 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
     if let Some(name) = a.takeover {
         builder = builder.takeover(name);
     }
-    server::run_echo(builder, a.serve.options())
+    serve(builder.build()?, a.serve.options())
+}
+
+/// Serves `group` with the echo service until a signal, printing what a
+/// user (and the tests) look for: the policy, the workers, the group's
+/// name, the metrics address, then "ready".
+fn serve(group: Group, options: ServeOptions) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "policy {}", group.policy()?);
+    if let (Some(name), Some(dir)) = (group.name(), group.pin_dir()) {
+        let _ = writeln!(out, "group {name} (maps pinned in {})", dir.display());
+    }
+    for m in group.members() {
+        let _ = writeln!(out, "worker {}: slot {}, cpu {}", m.slot, m.slot, m.cpu);
+    }
+    let workers = group.members().len();
+    let server = Server::start_echo(group, options)?;
+    if let Some(addr) = server.metrics_addr() {
+        let _ = writeln!(out, "metrics on http://{addr}/metrics");
+    }
+    let ready = format!(
+        "ready: serving {} {} with {workers} workers",
+        server.proto(),
+        server.local_addr()
+    );
+    server::serve_until_signalled(server, move || {
+        let _ = writeln!(out, "{ready}");
+        let _ = out.flush();
+    })
 }

@@ -2,42 +2,44 @@
 
 use std::{io, sync::atomic::Ordering};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::timeout,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 
 use crate::worker::Conn;
 
 /// Echoes a TCP connection until the client's EOF, then closes its side.
 ///
 /// Half-close is honoured: after the client shuts down its sending side,
-/// everything it sent is still echoed before the server closes. At most
-/// `buffer_size` bytes are held per connection: the worker does not read
-/// more until they are written back, so a client that does not read its
-/// echo is slowed down by TCP flow control instead of growing the server's
-/// memory. The buffer is allocated when data first arrives, not per idle
-/// connection. A connection idle (no progress reading or writing) for
-/// `idle_timeout` is closed.
+/// everything it sent is still echoed before the server closes.
+///
+/// Memory is bounded and spent only while data flows: a buffer of
+/// `buffer_size` bytes is taken when the socket becomes readable, used to
+/// read and write back until the socket has nothing more to read, and
+/// given back; an idle connection holds no buffer. While the echo of a
+/// buffer cannot be written (the client does not read), nothing more is
+/// read, so TCP flow control slows the client down instead of the server
+/// buffering without bound. A connection that makes no progress reading or
+/// writing for `idle_timeout` is closed; a slow one (a byte a second) costs
+/// a task, not a worker.
 pub async fn echo(mut stream: TcpStream, conn: Conn) -> io::Result<()> {
     let idle = conn.limits.idle_timeout;
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "idle timeout");
-    timeout(idle, stream.readable())
-        .await
-        .map_err(|_| timed_out())??;
-    let mut buf = vec![0u8; conn.limits.buffer_size.max(1)];
     loop {
-        let n = timeout(idle, stream.read(&mut buf))
+        timeout(idle, stream.readable())
             .await
             .map_err(|_| timed_out())??;
-        if n == 0 {
-            break;
+        let mut buf = vec![0u8; conn.limits.buffer_size.max(1)];
+        loop {
+            let n = match stream.try_read(&mut buf) {
+                Ok(0) => return stream.shutdown().await,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            timeout(idle, stream.write_all(&buf[..n]))
+                .await
+                .map_err(|_| timed_out())??;
+            conn.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
-        timeout(idle, stream.write_all(&buf[..n]))
-            .await
-            .map_err(|_| timed_out())??;
-        conn.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        // Nothing more to read now: the buffer goes back to the allocator.
     }
-    stream.shutdown().await
 }

@@ -342,6 +342,17 @@ impl Group {
         guard.maps().claim_slot(cpu as u32, std::process::id())
     }
 
+    /// Claims `slot` again for a worker of this process on `cpu` (to restart
+    /// one that died there), unless someone else took it meanwhile.
+    pub(crate) fn claim_slot_again(&self, slot: u32, cpu: usize) -> Result<()> {
+        match &self.steering {
+            Some(s) => lock(s)
+                .maps()
+                .claim_this_slot(slot, cpu as u32, std::process::id()),
+            None => Ok(()),
+        }
+    }
+
     /// Adds a member in `slot` (already claimed) with a worker on `cpu`:
     /// binds and joins its socket, places it in the socket map, marks the
     /// slot serving and rebuilds the policy to include it.

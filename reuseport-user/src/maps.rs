@@ -88,7 +88,8 @@ pub struct WorkerCounters {
     pub cpu: AtomicU32,
     /// The worker's process.
     pub pid: AtomicU32,
-    reserved: AtomicU32,
+    /// Connections waiting in the accept queue (sampled every second).
+    pub queued: AtomicU32,
     /// Connections (or datagrams) accepted.
     pub accepted: AtomicU64,
     /// Connections open now.
@@ -111,7 +112,7 @@ impl WorkerCounters {
             state: self.state.load(Ordering::Relaxed),
             cpu: self.cpu.load(Ordering::Relaxed),
             pid: self.pid.load(Ordering::Relaxed),
-            reserved: 0,
+            queued: self.queued.load(Ordering::Relaxed),
             accepted: self.accepted.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
@@ -297,6 +298,22 @@ impl Maps {
     /// Records that the pins moved to `dir` (after a takeover).
     pub fn set_pin_dir(&mut self, dir: &Path) {
         self.pin_dir = Some(dir.to_path_buf());
+    }
+
+    /// Takes `slot` (it must be free) for a worker of process `pid` on `cpu`.
+    pub fn claim_this_slot(&self, slot: u32, cpu: u32, pid: u32) -> Result<()> {
+        let _lock = self.lock()?;
+        let rec = self.workers.slot(slot);
+        if rec.state.load(Ordering::Acquire) != worker_state::EMPTY {
+            return Err(Error::NotServing {
+                slot,
+                state: "taken by another worker",
+            });
+        }
+        rec.cpu.store(cpu, Ordering::Relaxed);
+        rec.pid.store(pid, Ordering::Relaxed);
+        rec.state.store(worker_state::STARTING, Ordering::Release);
+        Ok(())
     }
 
     /// Takes a free slot (its record empty) for a worker of process `pid`

@@ -114,6 +114,13 @@ impl Collector for GroupCollector {
         )?;
         per_worker(
             &mut encoder,
+            "reuseport_worker_queued",
+            "Connections waiting in the worker's accept queue (sampled every second).",
+            MetricType::Gauge,
+            &|r| u64::from(r.queued),
+        )?;
+        per_worker(
+            &mut encoder,
             "reuseport_worker_at_limit",
             "Times the worker reached its connection limit and stopped accepting.",
             MetricType::Counter,
@@ -176,6 +183,27 @@ impl Collector for GroupCollector {
         for (name, help, v) in single {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
+        }
+        let drops = crate::sys::drop_counters();
+        for (name, key, help) in [
+            (
+                "reuseport_listen_overflows",
+                "TcpExt:ListenOverflows",
+                "Connections the kernel could not queue because an accept queue was full (whole network namespace).",
+            ),
+            (
+                "reuseport_listen_drops",
+                "TcpExt:ListenDrops",
+                "Connection requests the kernel dropped at a listener (whole network namespace).",
+            ),
+            (
+                "reuseport_udp_receive_buffer_errors",
+                "Udp:RcvbufErrors",
+                "Datagrams dropped because a socket's receive buffer was full (whole network namespace).",
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(drops.get(key).copied().unwrap_or(0)).encode(m)?;
         }
         let stats = self
             .sources

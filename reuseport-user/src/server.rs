@@ -1,25 +1,42 @@
-//! The echo server of `reuseport run` and `reuseport join`: a group, its
-//! workers, the metrics endpoint, a supervisor that carries out what
-//! `reuseport ctl` asks of the group, and an orderly shutdown.
+//! Serving a group: one worker per member, a supervisor that carries out
+//! what `reuseport ctl` asks of the group (add, drain), restarts a worker
+//! that dies, notices a takeover, and shuts everything down in order.
+//!
+//! [`Server::start_tcp`] serves any handler; `reuseport run` and `join`
+//! serve the echo service ([`Server::start_echo`]).
 
-use std::{collections::BTreeMap, io::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{atomic::Ordering, mpsc, Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
 
 use log::{error, info, warn};
 use reuseport_common::worker_state;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     echo,
     error::{Error, Result},
-    group::{Group, GroupBuilder, Role},
+    group::{lock, Group, Role},
     metrics,
     socket::Proto,
-    worker::{self, Limits, WorkerHandle, WorkerInfo},
+    steering::Steering,
+    worker::{self, Conn, Limits, OnFault, WorkerHandle, WorkerInfo},
 };
 
 /// How often the supervisor looks at the group's worker records.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+
+/// A worker that dies is restarted, but not more than this many times in
+/// [`RESTART_WINDOW`]: a handler that always fails must not spin.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
 /// Options of a serving process.
 #[derive(Clone, Debug, Default)]
@@ -32,26 +49,222 @@ pub struct ServeOptions {
     pub bpf_stats: bool,
 }
 
-/// Creates a group (or takes one over) and serves echo on it until SIGINT
-/// or SIGTERM (or, if it is taken over in turn, until it has drained).
-pub fn run_echo(builder: GroupBuilder, options: ServeOptions) -> Result<()> {
-    let metrics_listener = options.metrics_addr.map(metrics::bind).transpose()?;
-    let group = builder.build()?;
-    serve(group, options, metrics_listener)
+/// Starts the worker of a member: (group, slot, stop token, fault hook).
+type Starter =
+    Arc<dyn Fn(&Group, u32, CancellationToken, OnFault) -> Result<WorkerHandle> + Send + Sync>;
+
+/// A group being served.
+pub struct Server {
+    stop: CancellationToken,
+    thread: Option<thread::JoinHandle<Result<String>>>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    addr: SocketAddr,
+    proto: Proto,
+    metrics_addr: Option<SocketAddr>,
+    steering: Option<Arc<Mutex<Steering>>>,
 }
 
-/// Joins the running group `name` with `workers` workers of this process
-/// and serves echo until SIGINT or SIGTERM.
-pub fn join_echo(
-    name: &str,
-    workers: usize,
-    cpus: Option<Vec<usize>>,
-    backlog: i32,
-    options: ServeOptions,
-) -> Result<()> {
-    let metrics_listener = options.metrics_addr.map(metrics::bind).transpose()?;
-    let group = Group::join(name, workers, cpus, backlog)?;
-    serve(group, options, metrics_listener)
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .field("proto", &self.proto)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Serves `group` (TCP) with `handler`: each worker calls it for every
+    /// connection it accepts, on its own thread.
+    pub fn start_tcp<H, F>(group: Group, handler: H, options: ServeOptions) -> Result<Server>
+    where
+        H: Fn(TcpStream, Conn) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = io::Result<()>> + 'static,
+    {
+        if group.proto() != Proto::Tcp {
+            return Err(Error::io(
+                "serving a group",
+                io::Error::other("start_tcp needs a TCP group"),
+            ));
+        }
+        let limits = Arc::new(options.limits.clone());
+        let starter: Starter = Arc::new(move |group: &Group, slot, stop, on_fault| {
+            let member = member(group, slot)?;
+            worker::spawn_tcp(
+                WorkerInfo {
+                    worker: slot,
+                    cpu: member.cpu,
+                },
+                member.tcp_listener()?,
+                group.worker_stats(slot),
+                limits.clone(),
+                handler.clone(),
+                stop,
+                on_fault,
+            )
+        });
+        Server::start(group, starter, options)
+    }
+
+    /// Serves `group` with the echo service: every byte of a TCP
+    /// connection, or every UDP datagram, is sent back.
+    pub fn start_echo(group: Group, options: ServeOptions) -> Result<Server> {
+        match group.proto() {
+            Proto::Tcp => Server::start_tcp(group, echo::echo, options),
+            Proto::Udp => {
+                let starter: Starter = Arc::new(|group: &Group, slot, stop, on_fault| {
+                    let member = member(group, slot)?;
+                    worker::spawn_udp_echo(
+                        WorkerInfo {
+                            worker: slot,
+                            cpu: member.cpu,
+                        },
+                        member.udp_socket()?,
+                        group.worker_stats(slot),
+                        stop,
+                        on_fault,
+                    )
+                });
+                Server::start(group, starter, options)
+            }
+        }
+    }
+
+    fn start(group: Group, starter: Starter, options: ServeOptions) -> Result<Server> {
+        let metrics_listener = options.metrics_addr.map(metrics::bind).transpose()?;
+        let limit = crate::sys::raise_fd_limit();
+        let needed = (options.limits.max_connections * group.members().len()) as u64 + 64;
+        if limit < needed {
+            warn!(
+                "the open-file limit is {limit} and this process may not raise it (CAP_SYS_RESOURCE, or a higher hard limit: ulimit -Hn): \
+                 at most about {} connections can be open at once, fewer than --max-connections allows ({needed})",
+                limit.saturating_sub(64)
+            );
+        } else {
+            log::debug!("open-file limit: {limit} (each connection takes one)");
+        }
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(|e| Error::io("getsockname", e))?;
+        // Held for as long as the group runs: statistics stop when it closes.
+        let stats = match (options.bpf_stats, group.steering()) {
+            (true, Some(s)) if lock(&s).has_program() => Some(crate::steering::enable_run_stats()?),
+            _ => None,
+        };
+        let addr = group.local_addr();
+        let proto = group.proto();
+        let steering = group.steering();
+        let stop = CancellationToken::new();
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut supervisor = Supervisor {
+            group,
+            starter,
+            shutdown: stop.clone(),
+            workers: BTreeMap::new(),
+            restarts: BTreeMap::new(),
+        };
+        let slots: Vec<u32> = supervisor.group.members().iter().map(|m| m.slot).collect();
+        for slot in slots {
+            supervisor.start_worker(slot)?;
+        }
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (s, f) = (stop.clone(), finished.clone());
+        let thread = thread::Builder::new()
+            .name("supervisor".into())
+            .spawn(move || {
+                let _stats = stats;
+                let reason = supervisor.run(metrics_listener, ready_tx);
+                f.store(true, Ordering::Release);
+                supervisor.shut_down(reason?, &s)
+            })
+            .map_err(|e| Error::io("spawning the supervisor", e))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(match thread.join() {
+                    Ok(Err(e)) => e,
+                    _ => Error::io("starting the supervisor", io::Error::other("it stopped")),
+                })
+            }
+        }
+        Ok(Server {
+            stop,
+            thread: Some(thread),
+            finished,
+            addr,
+            proto,
+            metrics_addr,
+            steering,
+        })
+    }
+
+    /// The group's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The group's protocol.
+    pub fn proto(&self) -> Proto {
+        self.proto
+    }
+
+    /// Where metrics are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The group's program and maps (policy, counters), if any.
+    pub fn steering(&self) -> Option<Arc<Mutex<Steering>>> {
+        self.steering.clone()
+    }
+
+    /// Whether serving ended on its own (every worker drained, or a
+    /// successor took the group over).
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Shuts down in order: stop accepting, take this process's members out
+    /// of the policy, detach the program (if this process owns the group),
+    /// close the listeners, let open connections finish within the drain
+    /// timeout, remove the pins. Returns why serving ended.
+    pub fn shutdown(mut self) -> Result<String> {
+        self.stop.cancel();
+        self.join()
+    }
+
+    /// Waits until serving ends on its own (see [`Server::finished`]).
+    pub fn wait(mut self) -> Result<String> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<String> {
+        match self.thread.take().map(thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::io("the supervisor", io::Error::other("it panicked"))),
+            None => Ok("already stopped".into()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.cancel();
+            let _ = self.join();
+        }
+    }
+}
+
+fn member(group: &Group, slot: u32) -> Result<&crate::group::Member> {
+    group
+        .members()
+        .iter()
+        .find(|m| m.slot == slot)
+        .ok_or_else(|| Error::io(format!("worker {slot}"), io::Error::other("no such member")))
 }
 
 struct Running {
@@ -60,43 +273,26 @@ struct Running {
     draining: bool,
 }
 
-struct Server {
+struct Supervisor {
     group: Group,
-    limits: Arc<Limits>,
+    starter: Starter,
     shutdown: CancellationToken,
     workers: BTreeMap<u32, Running>,
+    restarts: BTreeMap<u32, Vec<Instant>>,
 }
 
-impl Server {
+impl Supervisor {
     fn start_worker(&mut self, slot: u32) -> Result<()> {
-        let member = self
-            .group
-            .members()
-            .iter()
-            .find(|m| m.slot == slot)
-            .ok_or_else(|| {
-                Error::io(
-                    format!("worker {slot}"),
-                    std::io::Error::other("no such member"),
-                )
-            })?;
-        let info = WorkerInfo {
-            worker: slot,
-            cpu: member.cpu,
-        };
-        let stats = self.group.worker_stats(slot);
         let stop = self.shutdown.child_token();
-        let handle = match self.group.proto() {
-            Proto::Tcp => worker::spawn_tcp(
-                info,
-                member.tcp_listener()?,
-                stats,
-                self.limits.clone(),
-                echo::echo,
-                stop.clone(),
-            )?,
-            Proto::Udp => worker::spawn_udp_echo(info, member.udp_socket()?, stats, stop.clone())?,
-        };
+        // If the worker dies, its socket leaves the socket map at once (on
+        // the dying thread); the policy is rebuilt within a tick.
+        let steering = self.group.steering();
+        let on_fault: OnFault = Box::new(move || {
+            if let Some(s) = steering {
+                let _ = lock(&s).maps_mut().clear_slot(slot);
+            }
+        });
+        let handle = (self.starter)(&self.group, slot, stop.clone(), on_fault)?;
         self.workers.insert(
             slot,
             Running {
@@ -106,6 +302,54 @@ impl Server {
             },
         );
         Ok(())
+    }
+
+    fn run(
+        &mut self,
+        metrics_listener: Option<std::net::TcpListener>,
+        ready: mpsc::Sender<Result<()>>,
+    ) -> Result<String> {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(Error::io("starting the supervisor's runtime", e)));
+                return Err(Error::io(
+                    "starting the supervisor's runtime",
+                    io::Error::other("failed"),
+                ));
+            }
+        };
+        rt.block_on(async {
+            if let Some(l) = metrics_listener {
+                let l = match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready.send(Err(Error::io("registering the metrics listener", e)));
+                        return Ok("metrics failed".to_string());
+                    }
+                };
+                let registry = Arc::new(metrics::registry(metrics::Sources {
+                    region: self.group.worker_region(),
+                    steering: self.group.steering(),
+                }));
+                tokio::spawn(metrics::serve(l, registry, self.shutdown.clone()));
+            }
+            let _ = ready.send(Ok(()));
+            let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok("asked to stop".to_string()),
+                    _ = tick.tick() => {
+                        if let Some(reason) = self.supervise()? {
+                            return Ok(reason);
+                        }
+                    }
+                }
+            }
+        })
     }
 
     /// Carries out what the worker records ask for. Returns why to stop,
@@ -118,9 +362,8 @@ impl Server {
         if retired {
             for &slot in self.workers.keys() {
                 let rec = region.slot(slot);
-                if rec.state.load(std::sync::atomic::Ordering::Acquire) == worker_state::SERVING {
-                    rec.state
-                        .store(worker_state::DRAINING, std::sync::atomic::Ordering::Release);
+                if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
+                    rec.state.store(worker_state::DRAINING, Ordering::Release);
                 }
             }
         }
@@ -136,7 +379,7 @@ impl Server {
                 info!("worker {slot}: draining (no new connections; closes after its open ones)");
             }
         }
-        // Workers that have finished.
+        // Workers that have finished: drained, or dead.
         let finished: Vec<u32> = self
             .workers
             .iter()
@@ -147,19 +390,26 @@ impl Server {
             let Some(run) = self.workers.remove(&slot) else {
                 continue;
             };
+            let cpu = run.handle.info.cpu;
             let drained = run.draining;
             let joined = run.handle.join();
             if drained {
                 self.group.release_slot(slot);
                 info!("worker {slot}: drained and closed");
-            } else {
-                // It stopped without being asked: take its slot out of the
-                // policy so nothing is steered to it.
-                self.group.retire_slot(slot)?;
-                self.group.remove_member(slot);
-                self.group.release_slot(slot);
-                error!("worker {slot} stopped unexpectedly ({joined:?}); its slot is out of the policy");
+                continue;
             }
+            // It died: out of the policy, and a new one in its place.
+            self.group.retire_slot(slot)?;
+            self.group.remove_member(slot);
+            self.group.release_slot(slot);
+            error!(
+                "worker {slot} stopped unexpectedly ({}); restarting it",
+                match joined {
+                    Ok(()) => "it returned".to_string(),
+                    Err(e) => e.to_string(),
+                }
+            );
+            self.restart(slot, cpu);
         }
         if owner && !retired {
             // Workers `ctl add-worker` asked this process for.
@@ -193,99 +443,85 @@ impl Server {
             }
         }
         if self.workers.is_empty() {
-            return Ok(Some(match (retired, self.group.role()) {
-                (true, _) => "taken over, and every worker drained".to_string(),
-                _ => "every worker drained".to_string(),
+            return Ok(Some(if retired {
+                "taken over, and every worker drained".to_string()
+            } else {
+                "every worker drained".to_string()
             }));
         }
         Ok(None)
     }
+
+    /// Starts a new worker in `slot` after one died there, unless workers
+    /// of that slot die too often.
+    fn restart(&mut self, slot: u32, cpu: usize) {
+        let now = Instant::now();
+        let recent = self.restarts.entry(slot).or_default();
+        recent.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        if recent.len() >= MAX_RESTARTS {
+            error!(
+                "worker {slot} died {MAX_RESTARTS} times in {RESTART_WINDOW:?}: not restarting it"
+            );
+            return;
+        }
+        recent.push(now);
+        let slot_ok = self
+            .group
+            .claim_slot_again(slot, cpu)
+            .and_then(|()| self.group.add_member(slot, cpu).map(|_| ()))
+            .and_then(|()| self.start_worker(slot));
+        match slot_ok {
+            Ok(()) => info!("worker {slot} restarted on CPU {cpu}"),
+            Err(e) => {
+                error!("could not restart worker {slot}: {e}");
+                self.group.remove_member(slot);
+                self.group.release_slot(slot);
+            }
+        }
+    }
+
+    fn shut_down(self, reason: String, stop: &CancellationToken) -> Result<String> {
+        info!("{reason}: shutting down");
+        stop.cancel();
+        let Supervisor { group, workers, .. } = self;
+        group.close()?;
+        let mut result = Ok(reason);
+        for (_, run) in workers {
+            if let Err(e) = run.handle.join() {
+                result = Err(e);
+            }
+        }
+        info!("shut down cleanly");
+        result
+    }
 }
 
-fn serve(
-    group: Group,
-    options: ServeOptions,
-    metrics_listener: Option<std::net::TcpListener>,
-) -> Result<()> {
-    // Held for as long as the group runs: statistics stop when it closes.
-    let _stats = match (options.bpf_stats, group.steering()) {
-        (true, Some(s)) if crate::group::lock(&s).has_program() => {
-            Some(crate::steering::enable_run_stats()?)
-        }
-        _ => None,
-    };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "policy {}", group.policy()?);
-    if let (Some(name), Some(dir)) = (group.name(), group.pin_dir()) {
-        let _ = writeln!(out, "group {name} (maps pinned in {})", dir.display());
-    }
-    for m in group.members() {
-        let _ = writeln!(out, "worker {}: slot {}, cpu {}", m.slot, m.slot, m.cpu);
-    }
-    let slots: Vec<u32> = group.members().iter().map(|m| m.slot).collect();
-    let mut server = Server {
-        group,
-        limits: Arc::new(options.limits),
-        shutdown: CancellationToken::new(),
-        workers: BTreeMap::new(),
-    };
-    for slot in slots {
-        server.start_worker(slot)?;
-    }
-
+/// Serves until SIGINT or SIGTERM, or until serving ends on its own (a
+/// successor took the group over), then shuts down in order. `ready` runs
+/// once the signal handlers are in place: a signal sent after it is seen.
+pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::io("starting the control runtime", e))?;
-    let reason = rt.block_on(async {
+        .map_err(|e| Error::io("starting the signal runtime", e))?;
+    let signalled = rt.block_on(async {
         let mut term = signal(SignalKind::terminate())
             .map_err(|e| Error::io("installing a SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt())
             .map_err(|e| Error::io("installing a SIGINT handler", e))?;
-        if let Some(l) = metrics_listener {
-            let addr = l.local_addr().map_err(|e| Error::io("getsockname", e))?;
-            let l = tokio::net::TcpListener::from_std(l)
-                .map_err(|e| Error::io("registering the metrics listener", e))?;
-            let registry = Arc::new(metrics::registry(metrics::Sources {
-                region: server.group.worker_region(),
-                steering: server.group.steering(),
-            }));
-            tokio::spawn(metrics::serve(l, registry, server.shutdown.clone()));
-            let _ = writeln!(out, "metrics on http://{addr}/metrics");
-        }
-        let _ = writeln!(
-            out,
-            "ready: serving {} {} with {} workers",
-            server.group.proto(),
-            server.group.local_addr(),
-            server.workers.len()
-        );
-        let _ = out.flush();
-        drop(out);
+        ready();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         loop {
             tokio::select! {
-                _ = term.recv() => return Ok::<_, Error>("SIGTERM".to_string()),
-                _ = int.recv() => return Ok("SIGINT".to_string()),
-                _ = tick.tick() => {
-                    if let Some(reason) = server.supervise()? {
-                        return Ok(reason);
-                    }
-                }
+                _ = term.recv() => return Ok::<_, Error>(Some("SIGTERM")),
+                _ = int.recv() => return Ok(Some("SIGINT")),
+                _ = tick.tick() => if server.finished() { return Ok(None) },
             }
         }
     })?;
-
-    info!("{reason}: shutting down");
-    server.shutdown.cancel();
-    let Server { group, workers, .. } = server;
-    group.close()?;
-    let mut result = Ok(());
-    for (_, run) in workers {
-        if let Err(e) = run.handle.join() {
-            result = Err(e);
-        }
+    if let Some(name) = signalled {
+        info!("{name}");
     }
-    info!("shut down cleanly");
-    result
+    server.shutdown().map(|_| ())
 }

@@ -89,21 +89,84 @@ pub fn check_bpf_privilege(action: &'static str) -> Result<()> {
     }
 }
 
-/// Raises this process's open-file limit to its hard limit (each connection
-/// is a descriptor); returns the limit now in force.
+/// Raises this process's open-file limit (each connection is a
+/// descriptor): to `fs.nr_open` (at most 1,048,576) if the process may
+/// raise its hard limit (root, `CAP_SYS_RESOURCE`), else to its hard limit.
+/// Returns the limit now in force.
 pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => hard,
-            Err(e) => {
-                log::warn!("could not raise the open-file limit from {soft} to {hard}: {e}");
-                soft
-            }
-        },
-        Ok((soft, _)) => soft,
-        Err(_) => 0,
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard)
+        .min(1 << 20)
+        .max(hard);
+    if ceiling > soft && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
+        return ceiling;
     }
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => return hard,
+            Err(e) => log::warn!("could not raise the open-file limit from {soft} to {hard}: {e}"),
+        }
+    }
+    soft
+}
+
+/// The kernel's listen-queue and datagram drop counters of the calling
+/// thread's network namespace (what `nstat` reads): TcpExt ListenOverflows
+/// and ListenDrops, Udp InErrors, RcvbufErrors and SndbufErrors.
+pub fn drop_counters() -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (file, wanted) in [
+        (
+            "/proc/thread-self/net/netstat",
+            &["TcpExt:ListenOverflows", "TcpExt:ListenDrops"][..],
+        ),
+        (
+            "/proc/thread-self/net/snmp",
+            &["Udp:InErrors", "Udp:RcvbufErrors", "Udp:SndbufErrors"][..],
+        ),
+    ] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let Some((prefix, names)) = names.split_once(':') else {
+                continue;
+            };
+            let values = values.split_once(':').map_or("", |(_, v)| v);
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                let key = format!("{prefix}:{n}");
+                if wanted.contains(&key.as_str()) {
+                    out.insert(key, v.parse().unwrap_or(0));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// This process's resident memory (VmRSS), in bytes.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// This process's open file descriptors.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
 /// Brings up `lo` in the calling thread's network namespace (a new

@@ -38,7 +38,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 10_000,
+            max_connections: 8_192,
             idle_timeout: Duration::from_secs(60),
             buffer_size: 64 * 1024,
             drain_timeout: Duration::from_secs(10),
@@ -100,6 +100,7 @@ impl WorkerHandle {
 /// `limits.drain_timeout`.
 ///
 /// `handler` runs on the worker's own thread; its futures need not be `Send`.
+#[allow(clippy::too_many_arguments)] // each is a distinct part of a worker
 pub fn spawn_tcp<H, F>(
     info: WorkerInfo,
     listener: std::net::TcpListener,
@@ -107,13 +108,14 @@ pub fn spawn_tcp<H, F>(
     limits: Arc<Limits>,
     handler: H,
     shutdown: CancellationToken,
+    on_fault: OnFault,
 ) -> Result<WorkerHandle>
 where
     H: Fn(TcpStream, Conn) -> F + Send + 'static,
     F: Future<Output = io::Result<()>> + 'static,
 {
     let thread_stats = stats.clone();
-    spawn_pinned(info, stats, move || {
+    spawn_pinned(info, stats, on_fault, move || {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| Error::io("registering a listener", e))?;
         Ok(accept_loop(
@@ -134,14 +136,10 @@ pub fn spawn_udp_echo(
     socket: std::net::UdpSocket,
     stats: WorkerStats,
     shutdown: CancellationToken,
+    on_fault: OnFault,
 ) -> Result<WorkerHandle> {
-    spawn_udp(
-        info,
-        socket,
-        stats,
-        |_: &mut [u8], len: usize, _: SocketAddr| Some(len),
-        shutdown,
-    )
+    let echo = |_: &mut [u8], len: usize, _: SocketAddr| Some(len);
+    spawn_udp(info, socket, stats, echo, shutdown, on_fault)
 }
 
 /// What a UDP worker does with each datagram: the request is
@@ -171,6 +169,7 @@ pub fn spawn_udp<H: DatagramHandler>(
     stats: WorkerStats,
     handler: H,
     shutdown: CancellationToken,
+    on_fault: OnFault,
 ) -> Result<WorkerHandle> {
     let thread_stats = stats.clone();
     let local = socket
@@ -178,7 +177,7 @@ pub fn spawn_udp<H: DatagramHandler>(
         .map_err(|e| Error::io("getsockname", e))?;
     let pktinfo = crate::datagram::enable_pktinfo(std::os::fd::AsFd::as_fd(&socket), local)
         .map_err(|e| Error::io("setsockopt IP_PKTINFO", e))?;
-    spawn_pinned(info, stats, move || {
+    spawn_pinned(info, stats, on_fault, move || {
         let socket = tokio::net::UdpSocket::from_std(socket)
             .map_err(|e| Error::io("registering a UDP socket", e))?;
         Ok(udp_loop(
@@ -195,7 +194,12 @@ pub fn spawn_udp<H: DatagramHandler>(
 /// Runs `make`'s future on a new thread pinned to `info.cpu`, on a
 /// current-thread runtime of its own. `make` runs on that thread inside the
 /// runtime; its error is returned here.
-fn spawn_pinned<M, F>(info: WorkerInfo, stats: WorkerStats, make: M) -> Result<WorkerHandle>
+fn spawn_pinned<M, F>(
+    info: WorkerInfo,
+    stats: WorkerStats,
+    on_fault: OnFault,
+    make: M,
+) -> Result<WorkerHandle>
 where
     M: FnOnce() -> Result<F> + Send + 'static,
     F: Future<Output = ()> + 'static,
@@ -219,7 +223,16 @@ where
             match setup() {
                 Ok((rt, fut)) => {
                     let _ = ready_tx.send(Ok(()));
-                    LocalSet::new().block_on(&rt, fut);
+                    // A panic in a connection's task is caught by tokio and
+                    // ends that task only; one that reaches here (in the
+                    // accept loop, or in a handler before its future) ends
+                    // the worker: report it so nothing is steered to it.
+                    let run = std::panic::AssertUnwindSafe(|| LocalSet::new().block_on(&rt, fut));
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        error!("worker {} died: {}", info.worker, panic_text(&panic));
+                        on_fault();
+                        std::panic::resume_unwind(panic);
+                    }
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -239,6 +252,19 @@ where
             io::Error::other("the worker thread died while starting"),
         )),
     }
+}
+
+/// What to do, on the worker's own thread, when the worker dies of a panic
+/// (before the panic ends the thread): typically, take its socket out of
+/// the socket map at once.
+pub type OnFault = Box<dyn FnOnce() + Send + 'static>;
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Largest UDP payload (IPv6: 65535 minus the 8-byte UDP header; IPv4's
@@ -313,6 +339,9 @@ struct LoadAudit {
 
 impl LoadAudit {
     fn check(&mut self, stats: &WorkerStats, queued: u64) {
+        stats
+            .queued
+            .store(queued.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
         let seen = stats.active.load(Ordering::Relaxed) + queued;
         let load = stats.load.load(Ordering::Relaxed);
         if load < seen {
@@ -350,8 +379,22 @@ async fn accept_loop<H, F>(
     let handler = Rc::new(handler);
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut audit = LoadAudit { last_excess: 0 };
-    let mut audit_tick = tokio::time::interval(Duration::from_secs(1));
+    let listener = Rc::new(listener);
+    // The audit runs beside the accept loop, so that it goes on while the
+    // worker waits at its connection limit.
+    let audit = {
+        let (listener, stats, shutdown) = (listener.clone(), stats.clone(), shutdown.clone());
+        tokio::task::spawn_local(async move {
+            let mut audit = LoadAudit { last_excess: 0 };
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => audit.check(&stats, crate::sys::accept_queue_len(&*listener).unwrap_or(0)),
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        })
+    };
     loop {
         // At the connection limit, stop accepting: new connections wait in
         // the kernel's queue instead of being accepted and starved.
@@ -368,16 +411,10 @@ async fn accept_loop<H, F>(
                 }
             }
         };
-        let accepted = loop {
-            tokio::select! {
-                r = listener.accept() => break Some(r),
-                _ = shutdown.cancelled() => break None,
-                _ = audit_tick.tick() => {
-                    audit.check(&stats, crate::sys::accept_queue_len(&listener).unwrap_or(0));
-                }
-            }
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => break,
         };
-        let Some(accepted) = accepted else { break };
         let (stream, peer) = match accepted {
             Ok(v) => v,
             Err(e) => {
@@ -411,8 +448,10 @@ async fn accept_loop<H, F>(
             }
         });
     }
-    // Stop accepting: this handle of the listener closes now; the group
-    // closes the socket itself once every worker has stopped.
+    // Stop accepting: this handle of the listener closes now (the audit's
+    // with it); the group closes the socket itself.
+    audit.abort();
+    let _ = audit.await;
     drop(listener);
     tracker.close();
     let open = tracker.len();

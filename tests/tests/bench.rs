@@ -48,6 +48,7 @@ fn a_quick_run_measures_every_model_cleanly() {
             "persistent-echo",
             "open-loop-latency",
             "skewed-mix",
+            "idle-memory",
             "udp-echo"
         ]
     );
@@ -86,6 +87,10 @@ fn a_quick_run_measures_every_model_cleanly() {
                 }
             }
             "udp-echo" => assert_eq!(models[0], "shared-socket"),
+            "idle-memory" => {
+                assert_eq!(models, ["echo server (round-robin)"]);
+                assert!(rows[0]["bytes_per_connection"].as_f64().unwrap() > 0.0);
+            }
             _ => assert_eq!(models, tcp_models),
         }
         for r in rows {

@@ -452,3 +452,144 @@ pub fn udp(addr: SocketAddr, shape: &Shape, duration: Duration) -> Outcome {
         o
     })
 }
+
+/// Opens `n` connections (from many source addresses), echoes one byte on
+/// each, and keeps them open.
+pub fn hold(addr: SocketAddr, n: usize) -> (Vec<std::net::TcpStream>, Outcome) {
+    let mut o = Outcome::empty();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = Instant::now();
+        let src = source(i % 2, 230 + i / 62_500, i / 250);
+        let r = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).and_then(
+            |s| {
+                s.set_reuse_address(true)?;
+                s.bind(&src.into())?;
+                s.connect(&addr.into())?;
+                let mut s = std::net::TcpStream::from(s);
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(&[i as u8])?;
+                let mut b = [0u8];
+                s.read_exact(&mut b)?;
+                Ok(s)
+            },
+        );
+        match r {
+            Ok(s) => {
+                o.ops += 1;
+                let _ = o.latency.record(start.elapsed().as_micros() as u64);
+                held.push(s);
+            }
+            Err(e) => o.fail(format!("connection {i}: {e}")),
+        }
+    }
+    (held, o)
+}
+
+/// Echoes 8 bytes on each of `held`.
+pub fn echo_all(held: &[std::net::TcpStream]) -> Outcome {
+    let mut o = Outcome::empty();
+    for (i, s) in held.iter().enumerate() {
+        let p = payload(i as u64);
+        let mut got = [0u8; 8];
+        let mut s = s;
+        match s.write_all(&p[..8]).and_then(|()| s.read_exact(&mut got)) {
+            Ok(()) if got == p[..8] => o.ops += 1,
+            Ok(()) => o.fail(format!("connection {i}: echo differs")),
+            Err(e) => o.fail(format!("connection {i}, held: {e}")),
+        }
+    }
+    o
+}
+
+/// A child process (`reuseport bench-hold`) that holds idle connections:
+/// it opens them, reports, echoes on each when asked, reports, exits.
+pub struct HoldChild {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl HoldChild {
+    /// Starts the child, which opens `n` connections to `addr`.
+    pub fn spawn(addr: SocketAddr, n: usize) -> crate::error::Result<Self> {
+        use std::process::{Command, Stdio};
+        let exe = std::env::current_exe()
+            .map_err(|e| crate::error::Error::io("finding this program", e))?;
+        let mut child = Command::new(exe)
+            .args([
+                "bench-hold",
+                "--addr",
+                &addr.to_string(),
+                "--count",
+                &n.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| crate::error::Error::io("starting the client process", e))?;
+        let out = std::io::BufReader::new(child.stdout.take().ok_or_else(|| {
+            crate::error::Error::io("the client process", std::io::Error::other("no stdout"))
+        })?);
+        Ok(HoldChild { child, out })
+    }
+
+    fn report(&mut self) -> crate::error::Result<Outcome> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out
+            .read_line(&mut line)
+            .map_err(|e| crate::error::Error::io("reading the client process", e))?;
+        let mut o = Outcome::empty();
+        let mut fields = line.trim().splitn(3, ' ');
+        let _ = fields.next();
+        o.ops = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if let Some(rest) = fields.next() {
+            let (errors, first) = rest.split_once(' ').unwrap_or((rest, ""));
+            o.errors = errors.parse().unwrap_or(0);
+            if !first.is_empty() {
+                o.failures.push(first.to_string());
+            }
+        }
+        if line.is_empty() {
+            o.fail("the client process ended early".into());
+        }
+        Ok(o)
+    }
+
+    /// Waits until every connection is open (and echoed once).
+    pub fn held(&mut self) -> crate::error::Result<Outcome> {
+        self.report()
+    }
+
+    /// Has every connection echo again, then ends the child.
+    pub fn echo_all(mut self) -> crate::error::Result<Outcome> {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(b"echo\n");
+            let _ = stdin.flush();
+        }
+        let o = self.report()?;
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+        Ok(o)
+    }
+}
+
+/// The child's side of [`HoldChild`]: `reuseport bench-hold`.
+pub fn hold_child(addr: SocketAddr, n: usize) -> crate::error::Result<()> {
+    crate::sys::raise_fd_limit();
+    let (held, o) = hold(addr, n);
+    let say = |what: &str, o: &Outcome| {
+        println!(
+            "{what} {} {} {}",
+            o.ops,
+            o.errors,
+            o.failures.first().cloned().unwrap_or_default()
+        );
+        let _ = std::io::stdout().flush();
+    };
+    say("held", &o);
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    say("echoed", &echo_all(&held));
+    Ok(())
+}

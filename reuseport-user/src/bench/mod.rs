@@ -51,6 +51,8 @@ pub struct Settings {
     pub distribution_connections: usize,
     /// Long connections of the skewed mix.
     pub skew_long: usize,
+    /// Idle connections held to measure memory per connection.
+    pub idle_connections: usize,
 }
 
 impl Settings {
@@ -62,6 +64,7 @@ impl Settings {
                 clients_per_cpu: 8,
                 distribution_connections: 2_000,
                 skew_long: 8,
+                idle_connections: 2_000,
             }
         } else {
             Settings {
@@ -70,6 +73,7 @@ impl Settings {
                 clients_per_cpu: 16,
                 distribution_connections: 10_000,
                 skew_long: 16,
+                idle_connections: 10_000,
             }
         }
     }
@@ -149,6 +153,8 @@ pub struct Row {
     pub bpf_ns: Option<f64>,
     /// `bpf_ns` over the floor program's, in the same run.
     pub bpf_ratio: Option<f64>,
+    /// Resident memory per idle connection, in bytes.
+    pub bytes_per_connection: Option<f64>,
 }
 
 /// One workload's figures.
@@ -239,6 +245,113 @@ impl Bench {
     }
 }
 
+/// One sample of a soak run.
+#[derive(Clone, Debug, Serialize)]
+pub struct SoakSample {
+    /// Seconds since the start.
+    pub seconds: u64,
+    /// Connections echoed so far.
+    pub connections: u64,
+    /// Failures so far.
+    pub errors: u64,
+    /// Open file descriptors of the process.
+    pub fds: usize,
+    /// Resident memory, in bytes.
+    pub rss: u64,
+}
+
+/// A soak run: steady churn, and whether descriptors and memory stayed flat.
+#[derive(Clone, Debug, Serialize)]
+pub struct Soak {
+    /// Samples, one per interval.
+    pub samples: Vec<SoakSample>,
+    /// Every distinct failure seen.
+    pub failures: Vec<String>,
+    /// Whether descriptors and memory ended where they started (within a
+    /// small margin) and nothing failed.
+    pub flat: bool,
+}
+
+/// Runs the echo server of `reuseport run` (round robin over a worker per
+/// CPU) under steady connection churn for `minutes`, sampling descriptors
+/// and memory every `every`.
+pub fn soak(minutes: f64, every: Duration, out: Option<PathBuf>) -> Result<Soak> {
+    sys::check_bpf_privilege("the soak run")?;
+    isolate()?;
+    sys::raise_fd_limit();
+    let cpus = sys::usable_cpus()?;
+    let group = crate::Group::builder()
+        .addr(SocketAddr::from(([127, 0, 0, 1], 24_000)))
+        .workers(cpus.len())
+        .cpus(cpus.clone())
+        .policy(crate::Policy::new(crate::PolicyKind::RoundRobin))
+        .pin(false)
+        .build()?;
+    let server = crate::server::Server::start_echo(group, crate::server::ServeOptions::default())?;
+    let addr = server.local_addr();
+    let shape = Shape {
+        cpus,
+        per_thread: 8,
+    };
+    let total = Duration::from_secs_f64(minutes * 60.0);
+    let started = std::time::Instant::now();
+    let sample = |o: &Outcome| SoakSample {
+        seconds: started.elapsed().as_secs(),
+        connections: o.ops,
+        errors: o.errors,
+        fds: sys::open_fds(),
+        rss: sys::resident_bytes(),
+    };
+    // A short warm-up, so allocator and runtime pools are at their size.
+    let _ = load::connection_rate(addr, &shape, Duration::from_secs(2));
+    let mut all = Outcome::empty();
+    let mut samples = vec![sample(&all)];
+    let mut failures: Vec<String> = Vec::new();
+    while started.elapsed() < total {
+        let o = load::connection_rate(
+            addr,
+            &shape,
+            every
+                .min(total.saturating_sub(started.elapsed()))
+                .max(Duration::from_millis(100)),
+        );
+        for f in &o.failures {
+            if !failures.contains(f) {
+                failures.push(f.clone());
+            }
+        }
+        all.merge(&o);
+        samples.push(sample(&all));
+        eprintln!(
+            "soak: {:>5} s, {} connections, {} failed, {} fds, {} MiB",
+            samples.last().map_or(0, |s| s.seconds),
+            all.ops,
+            all.errors,
+            sys::open_fds(),
+            sys::resident_bytes() >> 20
+        );
+    }
+    server.shutdown()?;
+    let (first, last) = (&samples[0], &samples[samples.len() - 1]);
+    let flat = all.errors == 0
+        && last.fds <= first.fds + 8
+        && last.rss <= first.rss + first.rss / 10 + (4 << 20);
+    let soak = Soak {
+        samples,
+        failures,
+        flat,
+    };
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let json =
+            serde_json::to_vec_pretty(&soak).map_err(|e| Error::io("encoding JSON", e.into()))?;
+        std::fs::write(dir.join("soak.json"), json)
+            .map_err(|e| Error::io("writing soak.json", e))?;
+    }
+    Ok(soak)
+}
+
 /// Runs the benchmark and writes its files; returns the report.
 pub fn run(options: &BenchOptions) -> Result<Report> {
     sys::check_bpf_privilege("benchmarking the steering policies")?;
@@ -307,6 +420,9 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
     for m in tcp {
         m.stop();
     }
+    if wanted("idle-memory") {
+        workloads.push(idle_memory(&bench)?);
+    }
     if wanted("udp-echo") {
         let udp = start_all(&udp_models, Proto::Udp, 22_000, &cpus)?;
         workloads.push(udp_echo(&bench, &udp));
@@ -362,6 +478,63 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
         .unwrap_or_else(|| PathBuf::from("target/bench").join(&report.started));
     report::write(&report, &out)?;
     Ok(report)
+}
+
+/// The echo server of `reuseport run` (thread-per-core, round robin over
+/// the CPUs' workers) holding many idle connections: its resident memory
+/// per connection, and whether every connection still echoes.
+fn idle_memory(bench: &Bench) -> Result<Workload> {
+    let n = bench.settings.idle_connections;
+    bench.step(&format!("idle memory: {n} connections"));
+    let group = crate::Group::builder()
+        .addr(SocketAddr::from(([127, 0, 0, 1], 23_000)))
+        .workers(bench.cpus.len())
+        .cpus(bench.cpus.clone())
+        .policy(crate::Policy::new(crate::PolicyKind::RoundRobin))
+        .pin(false)
+        .build()?;
+    let options = crate::server::ServeOptions {
+        limits: crate::worker::Limits {
+            max_connections: n,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let server = crate::server::Server::start_echo(group, options)?;
+    let addr = server.local_addr();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = sys::resident_bytes();
+    // The clients run in a child process: their descriptors and memory are
+    // not the server's (and the two together would not fit one process's
+    // open-file limit).
+    let started = std::time::Instant::now();
+    let mut child = load::HoldChild::spawn(addr, n)?;
+    let mut outcome = child.held()?;
+    outcome.elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = sys::resident_bytes();
+    let again = child.echo_all()?;
+    outcome.merge(&again);
+    server.shutdown()?;
+    let per = after.saturating_sub(before) as f64 / n.max(1) as f64;
+    let mut row = Row {
+        model: "echo server (round-robin)".into(),
+        rate: outcome.rate(),
+        ops: outcome.ops,
+        errors: outcome.errors,
+        failures: outcome.failures.clone(),
+        latency: Percentiles::of(&outcome),
+        ..Default::default()
+    };
+    row.bytes_per_connection = Some(per);
+    Ok(Workload {
+        name: "idle-memory".into(),
+        unit: "conn/s".into(),
+        about: format!(
+            "{n} connections opened and held idle (each echoed once, then once more at the end); resident memory of the server per idle connection"
+        ),
+        rows: vec![row],
+    })
 }
 
 fn start_all(
@@ -633,38 +806,7 @@ fn isolate() -> Result<()> {
     sys::set_loopback_up()
 }
 
-/// The kernel's listen-queue and datagram drop counters of this namespace
-/// (what `nstat` reads): TcpExt ListenOverflows and ListenDrops, Udp
-/// InErrors, RcvbufErrors and SndbufErrors.
+/// The kernel's drop counters of this namespace (see [`sys::drop_counters`]).
 pub fn drop_counters() -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for (file, wanted) in [
-        (
-            "/proc/thread-self/net/netstat",
-            &["TcpExt:ListenOverflows", "TcpExt:ListenDrops"][..],
-        ),
-        (
-            "/proc/thread-self/net/snmp",
-            &["Udp:InErrors", "Udp:RcvbufErrors", "Udp:SndbufErrors"][..],
-        ),
-    ] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        let lines: Vec<&str> = text.lines().collect();
-        for pair in lines.chunks(2) {
-            let [names, values] = pair else { continue };
-            let Some((prefix, names)) = names.split_once(':') else {
-                continue;
-            };
-            let values = values.split_once(':').map_or("", |(_, v)| v);
-            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-                let key = format!("{prefix}:{n}");
-                if wanted.contains(&key.as_str()) {
-                    out.insert(key, v.parse().unwrap_or(0));
-                }
-            }
-        }
-    }
-    out
+    sys::drop_counters()
 }

@@ -322,6 +322,7 @@ fn start_group(
                     serve(stream, conn.peer, conn.worker.worker as usize, t.clone())
                 },
                 stop.clone(),
+                Box::new(|| {}),
             )?,
             Proto::Udp => worker::spawn_udp(
                 info,
@@ -332,6 +333,7 @@ fn start_group(
                     Some(len)
                 },
                 stop.clone(),
+                Box::new(|| {}),
             )?,
         });
     }

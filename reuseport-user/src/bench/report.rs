@@ -95,6 +95,18 @@ pub fn targets(workloads: &[Workload], quick: bool) -> Vec<Target> {
             met: true,
         });
     }
+    if let Some(r) = find(workloads, "idle-memory").and_then(|w| w.rows.first()) {
+        let n = r.ops / 2;
+        let b = r.bytes_per_connection.unwrap_or(f64::NAN);
+        t.push(Target {
+            what: format!(
+                "resident memory per idle connection ({n} held; every one echoed at the end)"
+            ),
+            goal: "<= 8 KiB".into(),
+            value: format!("{:.0} bytes", b),
+            met: b <= 8192.0 && r.errors == 0,
+        });
+    }
     if let Some(r) = get(rate, "cpu") {
         let l = r.locality.unwrap_or(0.0);
         t.push(Target {
@@ -172,7 +184,7 @@ pub fn markdown(report: &Report) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.model,
                 r.rate,
                 r.latency.p50,
@@ -195,6 +207,7 @@ pub fn markdown(report: &Report) -> String {
                 opt(r.locality, 1, 100.0, " %"),
                 opt(r.bpf_ns, 0, 1.0, ""),
                 opt(r.bpf_ratio, 2, 1.0, "x"),
+                opt(r.bytes_per_connection, 0, 1.0, ""),
                 r.errors
             );
         }
@@ -256,6 +269,7 @@ pub fn write(report: &Report, dir: &Path) -> Result<()> {
         "locality",
         "bpf_ns",
         "bpf_ratio",
+        "bytes_per_connection",
     ];
     csv.write_record(header)
         .map_err(|e| Error::io("writing CSV", e.into()))?;
@@ -280,6 +294,7 @@ pub fn write(report: &Report, dir: &Path) -> Result<()> {
                 f(r.locality),
                 f(r.bpf_ns),
                 f(r.bpf_ratio),
+                f(r.bytes_per_connection),
             ])
             .map_err(|e| Error::io("writing CSV", e.into()))?;
         }
@@ -456,4 +471,33 @@ fn latency_chart(w: &Workload, path: &Path) -> Result<()> {
         .draw()
         .map_err(chart_error)?;
     root.present().map_err(chart_error)
+}
+
+/// A soak run as Markdown.
+pub fn soak_markdown(soak: &super::Soak) -> String {
+    let mut s = String::from("## reuseport bench --soak\n\n| s | connections | failed | fds | RSS MiB |\n|---:|---:|---:|---:|---:|\n");
+    for x in &soak.samples {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.1} |",
+            x.seconds,
+            x.connections,
+            x.errors,
+            x.fds,
+            x.rss as f64 / 1048576.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\ndescriptors and memory flat, nothing failed: {}",
+        if soak.flat {
+            "yes".to_string()
+        } else {
+            "**no**".to_string()
+        }
+    );
+    for f in &soak.failures {
+        let _ = writeln!(s, "- failure: {f}");
+    }
+    s
 }
