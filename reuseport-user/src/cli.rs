@@ -38,6 +38,10 @@ pub enum Command {
     Join(JoinArgs),
     /// Act on a running group from another process.
     Ctl(CtlArgs),
+    /// Give a listening socket of another running program (any language),
+    /// bound with SO_REUSEPORT to the group's port, a slot in the group:
+    /// it then serves its share under the policy, unchanged.
+    Adopt(AdoptArgs),
     /// Print per-worker counters and the balance of a running group.
     Stats(StatsArgs),
     /// Measure every policy and the classic server designs side by side.
@@ -221,6 +225,23 @@ pub struct JoinArgs {
     pub serve: ServeArgs,
 }
 
+/// Options of `reuseport adopt`.
+#[derive(Debug, Args)]
+pub struct AdoptArgs {
+    /// The group [default: the only one running].
+    #[arg(long)]
+    pub group: Option<String>,
+    /// The process that holds the socket.
+    #[arg(long)]
+    pub pid: u32,
+    /// The socket's descriptor number in that process.
+    #[arg(long)]
+    pub fd: i32,
+    /// The slot to give it [default: a free one].
+    #[arg(long)]
+    pub slot: Option<u32>,
+}
+
 /// Options of `reuseport ctl`.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
@@ -290,6 +311,17 @@ pub fn run(cli: Cli) -> Result<()> {
             serve(group, args.serve.options())
         }
         Command::Ctl(args) => ctl(args),
+        Command::Adopt(args) => {
+            let mut control = Control::open(args.group.as_deref())?;
+            let slot = control.adopt(args.pid, args.fd, args.slot)?;
+            println!(
+                "group {}: descriptor {} of process {} serves slot {slot}",
+                control.name(),
+                args.fd,
+                args.pid
+            );
+            Ok(())
+        }
         Command::Stats(args) => watch_stats(args),
         Command::Bench(args) => bench(args),
         Command::BenchHold { addr, count } => crate::bench::load::hold_child(addr, count),

@@ -471,6 +471,132 @@ impl Control {
     }
 }
 
+impl Control {
+    /// Adopts descriptor `fd` of process `pid`, a socket that program bound
+    /// with `SO_REUSEPORT` to this group's address (so the kernel already
+    /// put it in the group), into `slot` (default: a free one): from now
+    /// on the policy gives it its share. The program keeps serving from it
+    /// unchanged; when it closes the socket, the kernel empties the slot
+    /// and the group's owner takes it out of the policy. Returns the slot.
+    pub fn adopt(&mut self, pid: u32, fd: i32, slot: Option<u32>) -> Result<u32> {
+        let info = self.maps.group_info()?;
+        if info.flags & group_flag::PROGRAM == 0 {
+            return Err(Error::NoProgram {
+                name: self.name.clone(),
+            });
+        }
+        let (addr, proto) = addr_of(&info);
+        let socket = crate::sys::take_fd(pid, fd)?;
+        check_adoptable(&socket, pid, fd, addr, proto)?;
+        let cpu = crate::sys::last_cpu(pid).unwrap_or(0);
+        let slot = match slot {
+            Some(s) if s >= reuseport_common::MAX_WORKERS => {
+                return Err(Error::NotServing {
+                    slot: s,
+                    state: "out of range",
+                })
+            }
+            Some(s) => {
+                self.maps.claim_this_slot(s, cpu, pid)?;
+                s
+            }
+            None => self.maps.claim_slot(cpu, pid)?,
+        };
+        let placed = self.maps.set_slot(slot, &socket).and_then(|()| {
+            let rec = self.maps.workers().slot(slot);
+            rec.reset(cpu);
+            // Its worker is another program: the record is ours to keep,
+            // with that program's pid, so the owner notices when it exits.
+            rec.pid.store(pid, Ordering::Release);
+            let live = self.live_slots();
+            self.maps.update(|current| {
+                let policy = policy_of(&current.config);
+                Ok(policy::replan(&policy, &live, current)?)
+            })
+        });
+        if let Err(e) = placed {
+            self.maps
+                .workers()
+                .slot(slot)
+                .state
+                .store(worker_state::EMPTY, Ordering::Release);
+            let _ = self.maps.clear_slot(slot);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+}
+
+/// Checks that `socket` (descriptor `fd` of `pid`) can serve the group at
+/// `addr`/`proto`: a socket, of the protocol, bound to the address with
+/// `SO_REUSEPORT`, listening (TCP), and of this user.
+fn check_adoptable(
+    socket: &std::os::fd::OwnedFd,
+    pid: u32,
+    fd: i32,
+    addr: SocketAddr,
+    proto: Proto,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let sock = socket2::SockRef::from(socket);
+    let what = |w: String| Error::Adopt { what: w };
+    let file = std::fs::File::from(socket.try_clone().map_err(|e| Error::io("dup", e))?);
+    let meta = file.metadata().map_err(|e| Error::io("fstat", e))?;
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.file_type().is_socket() {
+        return Err(what(format!(
+            "descriptor {fd} of process {pid} is not a socket"
+        )));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(what(format!(
+            "the socket (descriptor {fd} of process {pid}) belongs to uid {}, the group to uid {me}",
+            meta.uid()
+        )));
+    }
+    let ty = sock
+        .r#type()
+        .map_err(|e| Error::io("getsockopt SO_TYPE", e))?;
+    let want = match proto {
+        Proto::Tcp => socket2::Type::STREAM,
+        Proto::Udp => socket2::Type::DGRAM,
+    };
+    if ty != want {
+        return Err(what(format!(
+            "descriptor {fd} of process {pid} is not a {proto} socket: it cannot serve a {proto} group"
+        )));
+    }
+    let local = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| what(format!("descriptor {fd} of process {pid} is not bound")))?;
+    if local != addr {
+        return Err(what(format!(
+            "descriptor {fd} of process {pid} is bound to {local}, not to the group's {addr}: it belongs to another group"
+        )));
+    }
+    if !sock
+        .reuse_port()
+        .map_err(|e| Error::io("getsockopt SO_REUSEPORT", e))?
+    {
+        return Err(what(format!(
+            "descriptor {fd} of process {pid} was bound without SO_REUSEPORT: it is not in the group"
+        )));
+    }
+    if proto == Proto::Tcp
+        && !sock
+            .is_listener()
+            .map_err(|e| Error::io("getsockopt SO_ACCEPTCONN", e))?
+    {
+        return Err(what(format!(
+            "descriptor {fd} of process {pid} is not listening"
+        )));
+    }
+    Ok(())
+}
+
 /// A worker state's name.
 pub fn state_name(state: u32) -> &'static str {
     match state {

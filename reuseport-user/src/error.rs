@@ -158,6 +158,13 @@ pub enum Error {
         what: String,
     },
 
+    /// A socket of another process could not be adopted.
+    #[error("{what}")]
+    Adopt {
+        /// Why, in a sentence.
+        what: String,
+    },
+
     /// A benchmark run with failures, missing figures or kernel drops.
     #[error("the benchmark run was not clean: {problems}")]
     BenchNotClean {

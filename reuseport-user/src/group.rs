@@ -81,6 +81,72 @@ impl Member {
             .map_err(|e| Error::io("duplicating a UDP socket", e))?;
         Ok(s.into())
     }
+
+    /// A new handle of this member's socket as a tokio listener. Call it
+    /// inside the runtime that will serve it (normally, a current-thread
+    /// runtime on a thread pinned to [`Member::cpu`]).
+    pub fn tokio_tcp_listener(&self) -> Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::from_std(self.tcp_listener()?)
+            .map_err(|e| Error::io("registering a listener with tokio", e))
+    }
+
+    /// A new handle of this member's socket as a tokio UDP socket (see
+    /// [`Member::tokio_tcp_listener`]).
+    pub fn tokio_udp_socket(&self) -> Result<tokio::net::UdpSocket> {
+        tokio::net::UdpSocket::from_std(self.udp_socket()?)
+            .map_err(|e| Error::io("registering a UDP socket with tokio", e))
+    }
+}
+
+/// A handle on a running group's policy and counters that any thread can
+/// hold (the [`Group`] itself stays with whoever closes it).
+#[derive(Clone, Debug)]
+pub struct GroupHandle {
+    steering: Option<Arc<Mutex<Steering>>>,
+    workers: Arc<WorkerRegion>,
+    proto: Proto,
+}
+
+impl GroupHandle {
+    /// The policy in force.
+    pub fn policy(&self) -> Result<Policy> {
+        match &self.steering {
+            Some(s) if steered(s)? => Ok(control::policy_of(&lock(s).maps().config()?)),
+            _ => Ok(Policy::new(PolicyKind::Kernel)),
+        }
+    }
+
+    /// Puts another policy in force. Open connections are not touched; new
+    /// ones follow the new policy from the switch on.
+    pub fn set_policy(&self, policy: &Policy) -> Result<()> {
+        check_key(policy, self.proto)?;
+        let steering = self.steering.as_ref().ok_or(PolicyError::Kernel)?;
+        if !steered(steering)? {
+            return Err(PolicyError::Kernel.into());
+        }
+        let live = control::live_slots(&self.workers.snapshot());
+        lock(steering)
+            .maps_mut()
+            .update(|current| Ok(policy::replan(policy, &live, current)?))
+    }
+
+    /// The program's counters (all zero when no program is attached).
+    pub fn counters(&self) -> Result<BpfCounters> {
+        match &self.steering {
+            Some(s) => lock(s).maps().counters(),
+            None => Ok(BpfCounters::zero()),
+        }
+    }
+
+    /// Every slot's worker record: state, CPU, process, accepted, open,
+    /// bytes, load.
+    pub fn workers(&self) -> Vec<reuseport_common::WorkerRecord> {
+        self.workers.snapshot()
+    }
+}
+
+fn steered(steering: &Mutex<Steering>) -> Result<bool> {
+    Ok(lock(steering).maps().group_info()?.flags & group_flag::PROGRAM != 0)
 }
 
 /// Removes a group's pins when dropped: on a clean close, and also when
@@ -246,16 +312,22 @@ impl Group {
     /// The policy in force (read from the maps: another process may have
     /// switched it).
     pub fn policy(&self) -> Result<Policy> {
-        match &self.steering {
-            Some(s) if self.steered()? => Ok(control::policy_of(&lock(s).maps().config()?)),
-            _ => Ok(Policy::new(PolicyKind::Kernel)),
+        self.handle().policy()
+    }
+
+    /// A handle on the policy and counters for other threads.
+    pub fn handle(&self) -> GroupHandle {
+        GroupHandle {
+            steering: self.steering.clone(),
+            workers: self.workers.clone(),
+            proto: self.proto,
         }
     }
 
     /// Whether the group has a steering program (ours or the owner's).
     fn steered(&self) -> Result<bool> {
         match &self.steering {
-            Some(s) => Ok(lock(s).maps().group_info()?.flags & group_flag::PROGRAM != 0),
+            Some(s) => steered(s),
             None => Ok(false),
         }
     }
@@ -278,10 +350,7 @@ impl Group {
 
     /// The program's counters (all zero when no program is attached).
     pub fn bpf_counters(&self) -> Result<BpfCounters> {
-        match &self.steering {
-            Some(s) => lock(s).maps().counters(),
-            None => Ok(BpfCounters::zero()),
-        }
+        self.handle().counters()
     }
 
     /// Whether a successor took the group over (`run --takeover`): this
@@ -300,15 +369,7 @@ impl Group {
     /// Puts another policy in force on the running group. Open connections
     /// are not touched; new ones follow the new policy from the switch on.
     pub fn set_policy(&mut self, policy: &Policy) -> Result<()> {
-        check_key(policy, self.proto)?;
-        if !self.steered()? {
-            return Err(PolicyError::Kernel.into());
-        }
-        let steering = self.steering.as_ref().ok_or(PolicyError::Kernel)?;
-        let live = control::live_slots(&self.workers.snapshot());
-        lock(steering)
-            .maps_mut()
-            .update(|current| Ok(policy::replan(policy, &live, current)?))
+        self.handle().set_policy(policy)
     }
 
     /// Rebuilds the policy in force over the workers serving now (after one

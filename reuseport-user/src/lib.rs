@@ -12,7 +12,71 @@
 //! - [`worker`]: the thread-per-core workers; [`echo`]: the echo service
 //! - [`maps`]: the program's maps; [`control`]: a running group seen
 //!   from any process through its pinned maps (`reuseport ctl`, `stats`)
-//! - [`metrics`]: Prometheus metrics; [`server`]: `reuseport run`
+//! - [`metrics`]: Prometheus metrics; [`server`]: serving a group with a
+//!   handler, supervised (`reuseport run` serves the [`echo`] handler)
+//! - [`bench`](mod@bench): `reuseport bench`
+//!
+//! # Serving a steered group with your own handler
+//!
+//! ```no_run
+//! use reuseport::{Conn, Group, Policy, PolicyKind, ServeOptions, Server};
+//! use tokio::io::AsyncWriteExt;
+//!
+//! fn main() -> reuseport::Result<()> {
+//!     // One worker per CPU, each on its own socket of the group; the
+//!     // program sends each connection to the worker of the CPU it came in on.
+//!     let group = Group::builder()
+//!         .addr("0.0.0.0:8080".parse().unwrap())
+//!         .policy(Policy::new(PolicyKind::Cpu))
+//!         .build()?;
+//!     let handle = group.handle();
+//!     let server = Server::start_tcp(
+//!         group,
+//!         |mut stream: tokio::net::TcpStream, conn: Conn| async move {
+//!             let hello = format!("hello from worker {}\n", conn.worker.worker);
+//!             stream.write_all(hello.as_bytes()).await
+//!         },
+//!         ServeOptions::default(),
+//!     )?;
+//!     // Later, from any thread: another policy, without a restart.
+//!     handle.set_policy(&Policy::new(PolicyKind::RoundRobin))?;
+//!     println!("{:?}", handle.counters()?.selected);
+//!     // Stop accepting, detach, drain, unpin.
+//!     server.shutdown()?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Running your own workers on the group's listeners
+//!
+//! ```no_run
+//! use reuseport::{Group, Policy, PolicyKind};
+//!
+//! fn main() -> reuseport::Result<()> {
+//!     let group = Group::builder()
+//!         .addr("127.0.0.1:9000".parse().unwrap())
+//!         .policy(Policy::new(PolicyKind::RoundRobin))
+//!         .build()?;
+//!     let mut threads = Vec::new();
+//!     for member in group.members() {
+//!         // A std listener (or `tokio_tcp_listener()` inside a runtime).
+//!         let (listener, cpu) = (member.tcp_listener()?, member.cpu);
+//!         threads.push(std::thread::spawn(move || {
+//!             let _ = reuseport::sys::pin_current_thread(cpu);
+//!             listener.set_nonblocking(false).ok();
+//!             for stream in listener.incoming().take(100) {
+//!                 drop(stream);
+//!             }
+//!         }));
+//!     }
+//!     for t in threads {
+//!         let _ = t.join();
+//!     }
+//!     // In order: your workers stopped accepting; now take the group's
+//!     // sockets out of the policy, detach the program, close, unpin.
+//!     group.close()
+//! }
+//! ```
 #![deny(missing_docs)]
 
 pub mod balance;
@@ -34,6 +98,8 @@ pub mod sys;
 pub mod worker;
 
 pub use error::{Error, Result};
-pub use group::Group;
+pub use group::{Group, GroupBuilder, GroupHandle, Member};
 pub use policy::{HashKey, Policy, PolicyKind};
+pub use server::{ServeOptions, Server};
 pub use socket::Proto;
+pub use worker::{Conn, Limits};

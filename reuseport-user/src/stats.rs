@@ -52,14 +52,24 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
         .iter()
         .filter(|s| s.record.state != worker_state::EMPTY)
         .collect();
-    let accepted_before = |slot: u32| {
+    // With a program, count what it steered to each slot: that covers
+    // sockets adopted from other programs, whose accepts we do not see.
+    // Without one, what each worker accepted.
+    let count = |s: &crate::control::SlotStatus| {
+        if now.steered {
+            s.selected
+        } else {
+            s.record.accepted
+        }
+    };
+    let before = |slot: u32| {
         previous
             .and_then(|(p, _)| p.slots.iter().find(|s| s.slot == slot))
-            .map_or(0, |s| s.record.accepted)
+            .map_or(0, count)
     };
     let counts: Vec<u64> = serving
         .iter()
-        .map(|s| s.record.accepted.saturating_sub(accepted_before(s.slot)))
+        .map(|s| count(s).saturating_sub(before(s.slot)))
         .collect();
     let span = match previous {
         Some((_, secs)) => format!("last {secs:.1} s"),
@@ -69,8 +79,12 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
         Some(b) => {
             let _ = writeln!(
                 out,
-                "balance ({span}): {} accepted, max/mean {:.3}, cv {:.3}, jain {:.4}",
-                b.total, b.max_over_mean, b.cv, b.jain
+                "balance ({span}): {} {}, max/mean {:.3}, cv {:.3}, jain {:.4}",
+                b.total,
+                if now.steered { "steered" } else { "accepted" },
+                b.max_over_mean,
+                b.cv,
+                b.jain
             );
         }
         None => {

@@ -204,6 +204,60 @@ pub fn set_loopback_up() -> Result<()> {
     Ok(())
 }
 
+/// A duplicate of descriptor `fd` of process `pid` (`pidfd_open` +
+/// `pidfd_getfd`, Linux 5.6). Needs ptrace access to the process: the same
+/// user, or `CAP_SYS_PTRACE`.
+pub fn take_fd(pid: u32, fd: i32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls with integer arguments; a returned descriptor
+    // is new and ours.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ESRCH) => Error::Adopt {
+                what: format!("no process with pid {pid}"),
+            },
+            _ => Error::io(format!("pidfd_open({pid})"), e),
+        });
+    }
+    // SAFETY: as above.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: as above.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EBADF) => Error::Adopt {
+                what: format!("process {pid} has no descriptor {fd}"),
+            },
+            Some(libc::EPERM) | Some(libc::EACCES) => Error::Adopt {
+                what: format!(
+                    "no permission to take process {pid}'s descriptors (it runs as another user, or this process lacks CAP_SYS_PTRACE)"
+                ),
+            },
+            Some(libc::ESRCH) => Error::Adopt {
+                what: format!("process {pid} has exited"),
+            },
+            _ => Error::io(format!("pidfd_getfd({pid}, {fd})"), e),
+        });
+    }
+    // SAFETY: as above.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
+}
+
+/// The CPU process `pid` last ran on (`/proc/PID/stat` field 39).
+pub fn last_cpu(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(36)?
+        .parse()
+        .ok()
+}
+
 /// Whether [`check_bpf_privilege`] would pass.
 pub fn has_bpf_privilege() -> bool {
     check_bpf_privilege("").is_ok()

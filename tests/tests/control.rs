@@ -183,7 +183,7 @@ fn stats_prints_the_table_and_the_balance() {
     assert_eq!(row("0")[2..], ["serving", "10", "10", "0", "0", "1000"]);
     assert_eq!(row("1")[2..], ["serving", "20", "20", "0", "0", "2000"]);
     assert!(
-        out.contains("balance (since start): 30 accepted, max/mean 1.333, cv 0.333, jain 0.9000"),
+        out.contains("balance (since start): 30 steered, max/mean 1.333, cv 0.333, jain 0.9000"),
         "{out}"
     );
     assert!(

@@ -81,6 +81,20 @@ fn run(cli: Cli) -> Result<()> {
                 &root,
                 &["build", "-p", "reuseport-user", "--bin", "reuseport"],
             )?;
+            // The library's documentation must build cleanly too.
+            let mut doc = Command::new(cargo_bin());
+            doc.current_dir(&root)
+                .args([
+                    "doc",
+                    "--no-deps",
+                    "-p",
+                    "reuseport-user",
+                    "-p",
+                    "reuseport-common",
+                ])
+                .env("RUSTDOCFLAGS", "-D warnings");
+            println!("xtask: cargo doc (warnings are errors)");
+            status(&mut doc)?;
             let bin = root.join("target/debug/reuseport");
             let mut cmd = Command::new(cargo_bin());
             cmd.current_dir(&root)
@@ -88,7 +102,20 @@ fn run(cli: Cli) -> Result<()> {
                 .args(&args)
                 .env("REUSEPORT_BIN", &bin);
             println!("xtask: cargo test (REUSEPORT_BIN={})", bin.display());
-            status(&mut cmd)
+            status(&mut cmd)?;
+            // Doc tests (the library's examples compile; they need root
+            // and a network, so they are compiled, not run).
+            let mut doctest = Command::new(cargo_bin());
+            doctest.current_dir(&root).args([
+                "test",
+                "--doc",
+                "-p",
+                "reuseport-user",
+                "-p",
+                "reuseport-common",
+            ]);
+            println!("xtask: cargo test --doc");
+            status(&mut doctest)
         }
         Task::Bench { args } => release(&root, "bench", &args),
         Task::Lint => {

@@ -1,0 +1,202 @@
+//! `reuseport adopt`: a listening socket of another program (a Python
+//! server here) joins the group's policy, and every way it can fail.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+use reuseport_tests::{echo, netns, reuseport, Server};
+
+/// A running Python echo server and the pid and descriptor of its socket.
+struct Python {
+    child: Child,
+    pid: u32,
+    fd: i32,
+}
+
+impl Python {
+    fn start(port: u16, user: Option<&str>) -> Python {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/py_echo.py");
+        let mut cmd = match user {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={u}"),
+                    "--regid=nogroup",
+                    "--clear-groups",
+                    python(),
+                    script,
+                ]);
+                c
+            }
+            None => {
+                let mut c = Command::new(python());
+                c.arg(script);
+                c
+            }
+        };
+        let mut child = cmd
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 4, "python said {line:?}");
+        Python {
+            pid: f[1].parse().unwrap(),
+            fd: f[3].parse().unwrap(),
+            child,
+        }
+    }
+}
+
+/// The system's Python (another user may not reach a per-user install).
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+impl Drop for Python {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn adopt(server: &Server, pid: u32, fd: i32) -> (i32, String, String) {
+    reuseport(&[
+        "adopt",
+        "--group",
+        &server.group,
+        "--pid",
+        &pid.to_string(),
+        "--fd",
+        &fd.to_string(),
+    ])
+}
+
+#[test]
+fn a_python_server_serves_its_share_under_round_robin() {
+    netns();
+    let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let python = Python::start(server.addr.port(), None);
+    let (code, out, err) = adopt(&server, python.pid, python.fd);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "group {}: descriptor {} of process {} serves slot 2",
+            server.group, python.fd, python.pid
+        )
+    );
+    let mut from_python = 0;
+    for i in 0..100 {
+        let p = format!("hello {i}").into_bytes();
+        let got = echo(server.addr, &p);
+        if got.starts_with(b"py:") {
+            assert_eq!(&got[3..], &p[..]);
+            from_python += 1;
+        } else {
+            assert_eq!(got, p);
+        }
+    }
+    // Round robin over three slots: a third of the connections, exactly.
+    assert!(
+        (33..=34).contains(&from_python),
+        "the Python server answered {from_python} of 100"
+    );
+    let m = server.metrics();
+    assert_eq!(
+        m.selected(2),
+        from_python,
+        "the program's count for its slot"
+    );
+    assert_eq!(m.accepted(0) + m.accepted(1) + from_python, 100);
+
+    // When it exits, the kernel empties its slot and the owner takes it
+    // out of the policy: everything goes to the workers again.
+    drop(python);
+    assert!(reuseport_tests::eventually(
+        std::time::Duration::from_secs(5),
+        || {
+            let (_, out, _) = server.ctl(&["status"]);
+            !out.lines()
+                .any(|l| l.trim_start().starts_with("2 ") && l.contains("serving"))
+        }
+    ));
+    for i in 0..10 {
+        let p = format!("after {i}").into_bytes();
+        assert_eq!(echo(server.addr, &p), p);
+    }
+    assert_eq!(server.metrics().fallback(), 0);
+}
+
+#[test]
+fn adopting_what_cannot_serve_the_group_fails_clearly() {
+    netns();
+    let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let first_line = |r: (i32, String, String)| {
+        assert_eq!(r.0, 1, "{r:?}");
+        r.2.lines().next().unwrap_or("").to_string()
+    };
+
+    assert_eq!(
+        first_line(adopt(&server, 999_999, 3)),
+        "error: no process with pid 999999"
+    );
+
+    let python = Python::start(server.addr.port(), None);
+    assert_eq!(
+        first_line(adopt(&server, python.pid, 0)),
+        format!(
+            "error: descriptor 0 of process {} is not a socket",
+            python.pid
+        )
+    );
+    assert_eq!(
+        first_line(adopt(&server, python.pid, 99)),
+        format!("error: process {} has no descriptor 99", python.pid)
+    );
+
+    // A socket of another group: bound to another port.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let elsewhere = Python::start(other.local_addr().unwrap().port() + 1, None);
+    let line = first_line(adopt(&server, elsewhere.pid, elsewhere.fd));
+    assert!(
+        line.ends_with(&format!(
+            "not to the group's {}: it belongs to another group",
+            server.addr
+        )),
+        "{line}"
+    );
+
+    // A socket of another user (it cannot be on the group's port at all:
+    // the kernel refuses it there).
+    let theirs = Python::start(other.local_addr().unwrap().port() + 2, Some("nobody"));
+    assert_eq!(
+        first_line(adopt(&server, theirs.pid, theirs.fd)),
+        format!("error: the socket (descriptor {} of process {}) belongs to uid 65534, the group to uid 0", theirs.fd, theirs.pid)
+    );
+}
+
+#[test]
+fn a_group_with_every_slot_taken_has_no_room() {
+    netns();
+    let server = Server::start(&["--policy", "round-robin", "--workers", "64"]);
+    let python = Python::start(server.addr.port(), None);
+    let (code, _, err) = adopt(&server, python.pid, python.fd);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "error: the group has no free slot: all 64 are taken"
+    );
+}
