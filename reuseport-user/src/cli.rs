@@ -132,11 +132,6 @@ pub struct ServeArgs {
     /// Listen backlog of each worker's socket.
     #[arg(long, default_value_t = DEFAULT_BACKLOG)]
     pub backlog: i32,
-
-    /// Turn on the kernel's BPF run-time statistics while running (they
-    /// cost two clock reads per program run) and report them on /metrics.
-    #[arg(long)]
-    pub bpf_stats: bool,
 }
 
 impl ServeArgs {
@@ -149,7 +144,7 @@ impl ServeArgs {
                 drain_timeout: self.drain_timeout,
             },
             metrics_addr: self.metrics_addr,
-            bpf_stats: self.bpf_stats,
+            bpf_stats: false,
         }
     }
 }
@@ -203,6 +198,11 @@ pub struct RunArgs {
     /// Options of the serving process.
     #[command(flatten)]
     pub serve: ServeArgs,
+
+    /// Turn on the kernel's BPF run-time statistics while running (they
+    /// cost two clock reads per program run) and report them on /metrics.
+    #[arg(long)]
+    pub bpf_stats: bool,
 
     /// Program of the eBPF object to load (tests and benchmarks).
     #[arg(long, hide = true, default_value = reuseport_common::program::STEER)]
@@ -264,7 +264,8 @@ pub enum CtlAction {
         /// `weighted`: one weight per worker, in slot order [default: the current ones].
         #[arg(long)]
         weights: Option<Weights>,
-        /// Hash policies: src-ip or four-tuple [default: the current key].
+        /// Hash policies: src-ip, four-tuple or payload:OFFSET:LEN [default:
+        /// the current key].
         #[arg(long)]
         hash_key: Option<HashKey>,
         /// Seed of the key hash [default: the current seed].
@@ -445,7 +446,11 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
     if let Some(name) = a.takeover {
         builder = builder.takeover(name);
     }
-    serve(builder.build()?, a.serve.options())
+    let options = ServeOptions {
+        bpf_stats: a.bpf_stats,
+        ..a.serve.options()
+    };
+    serve(builder.build()?, options)
 }
 
 /// Serves `group` with the echo service until a signal, printing what a

@@ -22,7 +22,7 @@ use prometheus_client::{
 };
 use tokio_util::sync::CancellationToken;
 
-use reuseport_common::{worker_state, WorkerRecord};
+use reuseport_common::{group_flag, worker_state, WorkerRecord};
 
 use crate::{
     balance::balance,
@@ -235,13 +235,25 @@ impl GroupCollector {
     /// The policy in force, and the balance of the connections accepted
     /// since the previous scrape.
     fn encode_balance(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        // A joined process has no program of its own but steers by the
+        // owner's: the group's record says whether one is attached.
         let policy = match &self.sources.steering {
-            Some(s) if lock(s).has_program() => lock(s)
-                .maps()
-                .config()
-                .map(|c| control::policy_of(&c).kind.name())
-                .unwrap_or("unknown"),
-            _ => "kernel",
+            Some(s) => {
+                let s = lock(s);
+                let steered = s.has_program()
+                    || s.maps()
+                        .group_info()
+                        .is_ok_and(|g| g.flags & group_flag::PROGRAM != 0);
+                if steered {
+                    s.maps()
+                        .config()
+                        .map(|c| control::policy_of(&c).kind.name())
+                        .unwrap_or("unknown")
+                } else {
+                    "kernel"
+                }
+            }
+            None => "kernel",
         };
         let mut family = encoder.encode_descriptor(
             "reuseport_policy",

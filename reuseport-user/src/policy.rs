@@ -264,13 +264,13 @@ fn plan_with(
     for (slot, w) in policy.weights.iter().enumerate().take(MAX_WORKERS as usize) {
         config.weights[slot] = *w;
     }
-    if policy.kind.hashes() {
-        config.key = policy.key.id();
-        config.seed = policy.seed;
-        if let HashKey::Payload { offset, len } = policy.key {
-            config.payload_offset = offset.into();
-            config.payload_len = len.into();
-        }
+    // Kept under every policy, so that `ctl policy` can switch away from a
+    // hash policy and back without losing the key and seed.
+    config.key = policy.key.id();
+    config.seed = policy.seed;
+    if let HashKey::Payload { offset, len } = policy.key {
+        config.payload_offset = offset.into();
+        config.payload_len = len.into();
     }
     let mut table = vec![0u32; TABLE_CAPACITY as usize];
     match policy.kind {

@@ -22,7 +22,7 @@ impl Example {
         let path: PathBuf = binary().parent().unwrap().join("examples").join(name);
         assert!(
             path.exists(),
-            "{} is built by `cargo test --all-targets`",
+            "{} is built by `cargo xtask test` (cargo build --examples)",
             path.display()
         );
         let mut child = Command::new(&path)

@@ -208,6 +208,11 @@ fn a_second_process_joins_serves_and_leaves() {
             > 30),
         "the joined process serves its share (its own counters)"
     );
+    assert_eq!(
+        joined.metrics().policy(),
+        "round-robin",
+        "a joined process reports the owner's policy"
+    );
     let (_, status, _) = server.ctl(&["status"]);
     assert!(
         status

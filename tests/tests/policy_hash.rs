@@ -126,3 +126,37 @@ fn another_seed_gives_another_spread() {
     }
     assert!(moved > 0, "the seed changes where clients land");
 }
+
+#[test]
+fn switching_away_and_back_keeps_the_key_and_seed() {
+    netns();
+    let workers = 3;
+    let server = Server::start(&[
+        "--policy",
+        "hash",
+        "--hash-key",
+        "four-tuple",
+        "--seed",
+        "77",
+        "--workers",
+        "3",
+    ]);
+    let (code, _, err) = server.ctl(&["policy", "round-robin"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = server.ctl(&["policy", "hash"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, status, _) = server.ctl(&["status"]);
+    assert!(
+        status.contains("policy hash (key four-tuple, seed 77)"),
+        "{status}"
+    );
+    // And the program steers by them again.
+    for i in 0..20u8 {
+        let (w, src) = served_by(&server, client(i + 1, 3), workers);
+        assert_eq!(
+            w,
+            predicted(key::FOUR_TUPLE, 77, workers, src, server.addr),
+            "connection from {src}"
+        );
+    }
+}

@@ -79,7 +79,16 @@ fn run(cli: Cli) -> Result<()> {
             setup::ensure()?;
             cargo(
                 &root,
-                &["build", "-p", "reuseport-user", "--bin", "reuseport"],
+                // The examples too: the tests run them from
+                // target/debug/examples, where only `cargo build` puts them.
+                &[
+                    "build",
+                    "-p",
+                    "reuseport-user",
+                    "--bin",
+                    "reuseport",
+                    "--examples",
+                ],
             )?;
             // The library's documentation must build cleanly too.
             let mut doc = Command::new(cargo_bin());
