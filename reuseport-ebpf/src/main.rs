@@ -380,7 +380,9 @@ fn payload_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
     let ret = unsafe {
         core::ptr::write_volatile(p, 0);
         core::ptr::write_volatile(p.add(1), 0);
-        bpf_skb_load_bytes(ctx.as_ptr(), start, p.cast(), len & 0x1f)
+        // 1..=16 in a form the verifier can see on any kernel (a plain
+        // mask would let it think 0 possible: "invalid zero-sized read").
+        bpf_skb_load_bytes(ctx.as_ptr(), start, p.cast(), ((len - 1) & 0xf) + 1)
     };
     if ret != 0 {
         count(counter::SHORT_PAYLOAD);

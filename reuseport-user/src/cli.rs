@@ -81,8 +81,30 @@ pub struct BenchArgs {
     pub workloads: Vec<String>,
     /// Instead: steady connection churn for MINUTES, reporting open
     /// descriptors, memory and every failure (they must stay flat).
-    #[arg(long, value_name = "MINUTES")]
+    #[arg(long, value_name = "MINUTES", value_parser = soak_minutes)]
     pub soak: Option<f64>,
+}
+
+/// A number in `range`, for the options that become durations.
+fn bounded(s: &str, range: std::ops::RangeInclusive<f64>) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is out of range: {} to {}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+fn watch_seconds(s: &str) -> std::result::Result<f64, String> {
+    bounded(s, 0.1..=86_400.0)
+}
+
+fn soak_minutes(s: &str) -> std::result::Result<f64, String> {
+    bounded(s, 0.05..=10_080.0)
 }
 
 /// Per-worker weights, in slot order: `3,1,1`.
@@ -113,16 +135,20 @@ pub struct ServeArgs {
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
 
-    /// Most open connections per worker; beyond it the worker stops accepting.
-    #[arg(long, default_value_t = Limits::default().max_connections)]
+    /// Most open connections per worker (1 to 1048576); beyond it the
+    /// worker stops accepting.
+    #[arg(long, default_value_t = Limits::default().max_connections,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
     pub max_connections: usize,
 
     /// Close a connection idle for this long (e.g. 60s, 5m).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Per-connection buffer in bytes: the most data held before it is echoed.
-    #[arg(long, default_value_t = Limits::default().buffer_size)]
+    /// Per-connection buffer in bytes (64 to 16777216): the most data held
+    /// before it is echoed.
+    #[arg(long, default_value_t = Limits::default().buffer_size,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64..=16 << 20))]
     pub buffer_size: usize,
 
     /// On shutdown or drain, how long open connections may take to finish.
@@ -138,9 +164,9 @@ impl ServeArgs {
     fn options(&self) -> ServeOptions {
         ServeOptions {
             limits: Limits {
-                max_connections: self.max_connections.max(1),
+                max_connections: self.max_connections,
                 idle_timeout: self.idle_timeout,
-                buffer_size: self.buffer_size.max(1),
+                buffer_size: self.buffer_size,
                 drain_timeout: self.drain_timeout,
             },
             metrics_addr: self.metrics_addr,
@@ -298,8 +324,9 @@ pub struct StatsArgs {
     /// The group [default: the only one running].
     #[arg(long)]
     pub group: Option<String>,
-    /// Print again every SECONDS, with the balance of each interval, until Ctrl-C.
-    #[arg(long, value_name = "SECONDS")]
+    /// Print again every SECONDS (0.1 to 86400), with the balance of each
+    /// interval, until Ctrl-C.
+    #[arg(long, value_name = "SECONDS", value_parser = watch_seconds)]
     pub watch: Option<f64>,
 }
 

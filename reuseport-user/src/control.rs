@@ -345,9 +345,8 @@ impl Control {
             Proto::Tcp
         };
         crate::group::check_key(policy, proto)?;
-        let live = self.live_slots();
         self.maps
-            .update(|current| Ok(policy::replan(policy, &live, current)?))
+            .update(|current, live| Ok(policy::replan(policy, live, current)?))
     }
 }
 
@@ -369,7 +368,15 @@ impl Control {
             });
         }
         let records = self.maps.workers().snapshot();
+        let usable = crate::sys::usable_cpus_of(info.owner_pid)?;
         let cpu = match cpu {
+            Some(c) if !usable.contains(&c) => {
+                let usable: Vec<String> = usable.iter().map(usize::to_string).collect();
+                return Err(Error::NoSuchCpu {
+                    cpu: c,
+                    usable: usable.join(","),
+                });
+            }
             Some(c) => c,
             None => {
                 let busy = |c: usize| {
@@ -378,22 +385,17 @@ impl Control {
                         .filter(|r| r.state == worker_state::SERVING && r.cpu as usize == c)
                         .count()
                 };
-                crate::sys::usable_cpus()?
+                usable
                     .into_iter()
                     .min_by_key(|&c| (busy(c), c))
                     .unwrap_or(0)
             }
         };
-        let slot = self.maps.claim_slot(cpu as u32, info.owner_pid)?;
-        if info.flags & group_flag::PROGRAM != 0 {
-            // The owner rebuilds the policy from the record in force: give
-            // the newcomer its weight there first.
-            self.maps.update(|current| {
-                let mut next = current.clone();
-                next.config.weights[slot as usize] = weight;
-                Ok(next)
-            })?;
-        }
+        // The owner rebuilds the policy from the record in force: the
+        // newcomer's weight is there as soon as its slot is claimed.
+        let slot = self
+            .maps
+            .claim_slot(cpu as u32, info.owner_pid, Some(weight))?;
         let deadline = Instant::now() + timeout;
         loop {
             match self.maps.workers().slot(slot).state.load(Ordering::Acquire) {
@@ -402,7 +404,13 @@ impl Control {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 worker_state::STARTING => {
-                    self.maps.workers().slot(slot).state.store(worker_state::EMPTY, Ordering::Release);
+                    // Unless the owner set it serving a moment ago.
+                    let _ = self.maps.workers().slot(slot).state.compare_exchange(
+                        worker_state::STARTING,
+                        worker_state::EMPTY,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                     return Err(Error::OwnerDidNot {
                         what: format!(
                             "the group's owner (pid {}) did not start worker {slot} within {timeout:?}",
@@ -427,47 +435,8 @@ impl Control {
     /// process then closes its listener (whose queued connections move to
     /// the live workers) and lets its open connections finish.
     pub fn drain(&mut self, slot: u32) -> Result<()> {
-        let records = self.maps.workers().snapshot();
-        let Some(rec) = records.get(slot as usize) else {
-            return Err(Error::NotServing {
-                slot,
-                state: "out of range",
-            });
-        };
-        if rec.state != worker_state::SERVING {
-            return Err(Error::NotServing {
-                slot,
-                state: state_name(rec.state),
-            });
-        }
-        let others = live_slots(&records)
-            .iter()
-            .filter(|l| l.slot != slot)
-            .count();
-        if others == 0 {
-            return Err(Error::LastWorker { slot });
-        }
-        // In this order: the policy stops picking the slot, its socket
-        // leaves the map, and only then is its owner told to close it.
         let steered = self.maps.group_info()?.flags & group_flag::PROGRAM != 0;
-        if steered {
-            let live: Vec<LiveSlot> = self
-                .live_slots()
-                .into_iter()
-                .filter(|l| l.slot != slot)
-                .collect();
-            self.maps.update(|current| {
-                let policy = policy_of(&current.config);
-                Ok(policy::replan(&policy, &live, current)?)
-            })?;
-            self.maps.clear_slot(slot)?;
-        }
-        self.maps
-            .workers()
-            .slot(slot)
-            .state
-            .store(worker_state::DRAINING, Ordering::Release);
-        Ok(())
+        self.maps.drain_slot(slot, steered)
     }
 }
 
@@ -500,7 +469,7 @@ impl Control {
                 self.maps.claim_this_slot(s, cpu, pid)?;
                 s
             }
-            None => self.maps.claim_slot(cpu, pid)?,
+            None => self.maps.claim_slot(cpu, pid, Some(1))?,
         };
         let placed = self.maps.set_slot(slot, &socket).and_then(|()| {
             let rec = self.maps.workers().slot(slot);
@@ -508,11 +477,8 @@ impl Control {
             // Its worker is another program: the record is ours to keep,
             // with that program's pid, so the owner notices when it exits.
             rec.pid.store(pid, Ordering::Release);
-            let live = self.live_slots();
-            self.maps.update(|current| {
-                let policy = policy_of(&current.config);
-                Ok(policy::replan(&policy, &live, current)?)
-            })
+            self.maps
+                .update(|current, live| Ok(policy::rebuild(current, live)?))
         });
         if let Err(e) = placed {
             self.maps

@@ -76,6 +76,15 @@ pub enum Error {
         max: u32,
     },
 
+    /// A CPU the group's owner may not run on.
+    #[error("--cpu {cpu}: the group's owner may only run on CPUs {usable}")]
+    NoSuchCpu {
+        /// The CPU asked for.
+        cpu: usize,
+        /// The owner's usable CPUs, comma-separated.
+        usable: String,
+    },
+
     /// A group name that cannot be a directory name under bpffs.
     #[error("bad group name `{name}`: use letters, digits, _ and - (at most 100)")]
     BadGroupName {

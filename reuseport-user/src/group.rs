@@ -124,10 +124,9 @@ impl GroupHandle {
         if !steered(steering)? {
             return Err(PolicyError::Kernel.into());
         }
-        let live = control::live_slots(&self.workers.snapshot());
         lock(steering)
             .maps_mut()
-            .update(|current| Ok(policy::replan(policy, &live, current)?))
+            .update(|current, live| Ok(policy::replan(policy, live, current)?))
     }
 
     /// The program's counters (all zero when no program is attached).
@@ -381,17 +380,13 @@ impl Group {
         if !self.steered()? {
             return Ok(());
         }
-        let live = control::live_slots(&self.workers.snapshot());
-        if live.is_empty() {
-            return Ok(());
-        }
-        lock(steering).maps_mut().update(|current| {
-            let policy = control::policy_of(&current.config);
-            Ok(policy::replan(&policy, &live, current)?)
-        })
+        lock(steering)
+            .maps_mut()
+            .update(|current, live| Ok(policy::rebuild(current, live)?))
     }
 
-    /// Takes a free slot for a worker of this process on `cpu`.
+    /// Takes a free slot for a worker of this process on `cpu` (weight 1
+    /// under `weighted`, as `ctl add-worker` gives by default).
     fn claim_slot(&self, cpu: usize) -> Result<u32> {
         let steering = self.steering.as_ref().ok_or_else(|| {
             Error::io(
@@ -399,8 +394,10 @@ impl Group {
                 std::io::Error::other("the group has no maps"),
             )
         })?;
-        let guard = lock(steering);
-        guard.maps().claim_slot(cpu as u32, std::process::id())
+        let mut guard = lock(steering);
+        guard
+            .maps_mut()
+            .claim_slot(cpu as u32, std::process::id(), Some(1))
     }
 
     /// Claims `slot` again for a worker of this process on `cpu` (to restart
@@ -535,12 +532,37 @@ impl Group {
         Ok(())
     }
 
+    /// Before an owner closes: if workers of other processes serve the
+    /// group too, takes this process's slots out of the policy and the
+    /// socket map first, so that new connections go to them while this
+    /// process's workers still accept what is queued for them. Returns how
+    /// many of the others serve.
+    pub fn step_aside(&self) -> Result<usize> {
+        let owner = matches!(self.role, Role::Owner | Role::Successor { .. });
+        if !owner || self.retired() || !self.steered()? {
+            return Ok(0);
+        }
+        let mine: Vec<u32> = self.members.iter().map(|m| m.slot).collect();
+        let others = control::live_slots(&self.workers.snapshot())
+            .iter()
+            .filter(|l| !mine.contains(&l.slot))
+            .count();
+        if others > 0 {
+            for &slot in &mine {
+                self.retire_slot(slot)?;
+            }
+            info!("{others} worker(s) of other processes take this process's share of new connections");
+        }
+        Ok(others)
+    }
+
     /// Stops the group's part in this process: takes this process's slots
     /// out of the policy, detaches the program (if this process owns the
-    /// group and no successor took it over), closes the sockets and removes
-    /// the pins. Connections still in the accept queues move to another
-    /// process's members if any are left, else the kernel resets them;
-    /// accepted connections are not affected.
+    /// group, no successor took it over and no other process's workers
+    /// serve it; those go on under the policy in force), closes the sockets
+    /// and removes the pins. Connections still in the accept queues move to
+    /// another process's members if any are left, else the kernel resets
+    /// them; accepted connections are not affected.
     pub fn close(mut self) -> Result<()> {
         let retired = self.retired();
         let slots: Vec<u32> = self.members.iter().map(|m| m.slot).collect();
@@ -555,12 +577,18 @@ impl Group {
                 .iter()
                 .filter(|l| !slots.contains(&l.slot))
                 .count();
-            if let Some(first) = self.members.first() {
+            if others > 0 {
+                // The program stays: it steers their connections by the
+                // policy in force, and moves what waits in this process's
+                // queues to them as its listeners close. With the pins gone,
+                // `ctl` can no longer change it.
+                warn!(
+                    "{others} worker(s) of other processes go on serving {} under the policy in force",
+                    self.addr
+                );
+            } else if let Some(first) = self.members.first() {
                 Steering::detach(first.socket.as_fd())?;
                 info!("detached the steering program from {}", self.addr);
-                if others > 0 {
-                    warn!("{others} worker(s) of other processes still serve {}: they go on under the kernel's hash", self.addr);
-                }
             }
         }
         for &slot in &slots {

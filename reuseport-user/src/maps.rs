@@ -22,13 +22,13 @@ use aya::{
 };
 use memmap2::{MmapMut, MmapOptions};
 use reuseport_common::{
-    counter, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord, MAX_WORKERS,
-    TABLE_CAPACITY,
+    counter, group_flag, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord,
+    MAX_WORKERS, TABLE_CAPACITY,
 };
 
 use crate::{
     error::{Error, Result},
-    policy::Plan,
+    policy::{self, LiveSlot, Plan},
 };
 
 /// The maps that are pinned for other processes (the log ring buffer and
@@ -103,6 +103,15 @@ pub struct WorkerCounters {
 }
 
 const _: () = assert!(size_of::<WorkerCounters>() == size_of::<WorkerRecord>());
+// Field by field: the program writes `load` at the contract's offset.
+macro_rules! same_offset {
+    ($($field:ident),*) => {
+        $(const _: () = assert!(
+            std::mem::offset_of!(WorkerCounters, $field) == std::mem::offset_of!(WorkerRecord, $field)
+        );)*
+    };
+}
+same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit);
 const _: () = assert!(align_of::<WorkerCounters>() <= 8);
 
 impl WorkerCounters {
@@ -185,6 +194,12 @@ impl WorkerRegion {
     }
 
     /// The record of `slot`.
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not below `MAX_WORKERS`: a slot number comes from a
+    /// claim, or from the user and checked against it first, so a larger
+    /// one is a bug of ours.
     pub fn slot(&self, slot: u32) -> &WorkerCounters {
         assert!(slot < MAX_WORKERS, "slot {slot} out of range");
         let offset = slot as usize * size_of::<WorkerCounters>();
@@ -319,18 +334,69 @@ impl Maps {
     /// Takes a free slot (its record empty) for a worker of process `pid`
     /// on `cpu`, under the group's lock: marks it starting. Whoever starts
     /// the worker marks it serving ([`WorkerCounters::reset`]).
-    pub fn claim_slot(&self, cpu: u32, pid: u32) -> Result<u32> {
+    ///
+    /// With `weight`, a steered group's configuration gets that weight for
+    /// the slot (what `weighted` gives it) in the same locked step, so that
+    /// whoever rebuilds the policy next sees both.
+    pub fn claim_slot(&mut self, cpu: u32, pid: u32, weight: Option<u32>) -> Result<u32> {
         let _lock = self.lock()?;
-        for slot in 0..MAX_WORKERS {
-            let rec = self.workers.slot(slot);
-            if rec.state.load(Ordering::Acquire) == worker_state::EMPTY {
-                rec.cpu.store(cpu, Ordering::Relaxed);
-                rec.pid.store(pid, Ordering::Relaxed);
-                rec.state.store(worker_state::STARTING, Ordering::Release);
-                return Ok(slot);
+        let slot = (0..MAX_WORKERS)
+            .find(|&slot| {
+                self.workers.slot(slot).state.load(Ordering::Acquire) == worker_state::EMPTY
+            })
+            .ok_or(Error::NoFreeSlot { max: MAX_WORKERS })?;
+        if let Some(w) = weight {
+            if self.group_info()?.flags & group_flag::PROGRAM != 0 {
+                let mut next = self.current_plan()?;
+                next.config.weights[slot as usize] = w;
+                self.write(&next)?;
             }
         }
-        Err(Error::NoFreeSlot { max: MAX_WORKERS })
+        let rec = self.workers.slot(slot);
+        rec.cpu.store(cpu, Ordering::Relaxed);
+        rec.pid.store(pid, Ordering::Relaxed);
+        rec.state.store(worker_state::STARTING, Ordering::Release);
+        Ok(slot)
+    }
+
+    /// Drains `slot`, all under the group's lock so that no other writer
+    /// computes the live workers in between: checks that it serves and is
+    /// not the last live worker, rebuilds the policy without it (`steered`:
+    /// a program is attached), empties its place in the socket map, and
+    /// only then marks it draining, which tells its process to close it.
+    pub fn drain_slot(&mut self, slot: u32, steered: bool) -> Result<()> {
+        let _lock = self.lock()?;
+        let records = self.workers.snapshot();
+        let Some(rec) = records.get(slot as usize) else {
+            return Err(Error::NotServing {
+                slot,
+                state: "out of range",
+            });
+        };
+        if rec.state != worker_state::SERVING {
+            return Err(Error::NotServing {
+                slot,
+                state: crate::control::state_name(rec.state),
+            });
+        }
+        let live: Vec<LiveSlot> = crate::control::live_slots(&records)
+            .into_iter()
+            .filter(|l| l.slot != slot)
+            .collect();
+        if live.is_empty() {
+            return Err(Error::LastWorker { slot });
+        }
+        if steered {
+            let current = self.current_plan()?;
+            let plan = policy::rebuild(&current, &live)?;
+            self.write(&plan)?;
+            self.clear_slot(slot)?;
+        }
+        self.workers
+            .slot(slot)
+            .state
+            .store(worker_state::DRAINING, Ordering::Release);
+        Ok(())
     }
 
     /// The workers' records.
@@ -381,16 +447,27 @@ impl Maps {
         self.write(plan)
     }
 
-    /// Replaces the plan in force by `next(current)`, under the group's
-    /// lock, so that no other writer changes it in between.
-    pub fn update(&mut self, next: impl FnOnce(&Plan) -> Result<Plan>) -> Result<()> {
+    /// Replaces the plan in force by `next(current, live)`, under the
+    /// group's lock, so that no other writer changes it in between; `live`
+    /// (the serving workers) is read under the lock too. Nothing is written
+    /// when the plan does not change.
+    pub fn update(&mut self, next: impl FnOnce(&Plan, &[LiveSlot]) -> Result<Plan>) -> Result<()> {
         let _lock = self.lock()?;
+        let live = crate::control::live_slots(&self.workers.snapshot());
         let current = self.current_plan()?;
-        let plan = next(&current)?;
+        let plan = next(&current, &live)?;
+        if plan == current {
+            return Ok(());
+        }
         self.write(&plan)
     }
 
     fn write(&mut self, plan: &Plan) -> Result<()> {
+        // The generation about to be written was in force until the last
+        // flip, and a run of the program that read `active` before it may
+        // still be reading that generation. Runs are RCU read-side sections
+        // (socket lookup), so after a grace period none is left.
+        wait_for_program_runs();
         let next = self.generation() ^ 1;
         if plan.table.len() > TABLE_CAPACITY as usize {
             return Err(Error::bpf(
@@ -424,15 +501,43 @@ impl Maps {
     }
 
     /// An exclusive lock on the group's pin directory (flock(2)), held by
-    /// whoever writes the policy.
+    /// whoever writes the policy. Waits at most [`LOCK_WAIT`]: a writer
+    /// that stopped holding it (a suspended `ctl`) must not stall the
+    /// supervisor for good. Once the owner has left and removed the pins,
+    /// the processes still serving write without it.
     fn lock(&self) -> Result<Option<nix::fcntl::Flock<File>>> {
+        use nix::fcntl::{Flock, FlockArg};
         let Some(dir) = &self.pin_dir else {
             return Ok(None);
         };
-        let f = File::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-            .map(Some)
-            .map_err(|(_, e)| Error::io(format!("locking {}", dir.display()), e.into()))
+        let mut f = match File::open(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("opening {}", dir.display()), e)),
+        };
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(Some(lock)),
+                Err((back, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    f = back;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(Error::io(
+                        format!("locking {}", dir.display()),
+                        io::Error::other(format!(
+                            "another process has held the group's lock for over {LOCK_WAIT:?} (a stopped `reuseport ctl`?)"
+                        )),
+                    ))
+                }
+                Err((_, e)) => {
+                    return Err(Error::io(format!("locking {}", dir.display()), e.into()))
+                }
+            }
+        }
     }
 
     /// The configuration in force.
@@ -513,4 +618,21 @@ fn wrong_type(name: &str) -> Error {
         format!("map {name}"),
         io::Error::new(io::ErrorKind::InvalidData, "unexpected map type"),
     )
+}
+
+/// How long a writer waits for the group's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until every run of the program that started before now has ended:
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period (a few
+/// milliseconds). Kernels with `nohz_full` CPUs refuse that command; a
+/// pause far longer than any run stands in. Hand-written: neither nix nor
+/// libc wraps membarrier.
+fn wait_for_program_runs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

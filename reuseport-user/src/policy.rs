@@ -244,6 +244,22 @@ pub fn replan(policy: &Policy, live: &[LiveSlot], current: &Plan) -> Result<Plan
     plan_with(policy, live, Some(current))
 }
 
+/// Rebuilds the policy in force (`current`) over the workers serving now
+/// (`live`), after some came or went. Under `weighted`, a slot without a
+/// weight of its own gets none of the traffic. With no live worker left
+/// the plan stays as it is (there is nowhere else to steer).
+pub fn rebuild(current: &Plan, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
+    if live.is_empty() {
+        return Ok(current.clone());
+    }
+    let mut policy = crate::control::policy_of(&current.config);
+    let needed = live.iter().map(|l| l.slot as usize + 1).max().unwrap_or(0);
+    if policy.weights.len() < needed {
+        policy.weights.resize(needed, 0);
+    }
+    replan(&policy, live, current)
+}
+
 fn plan_with(
     policy: &Policy,
     live: &[LiveSlot],

@@ -27,7 +27,7 @@ use crate::{
     metrics,
     socket::Proto,
     steering::Steering,
-    worker::{self, Conn, Limits, OnFault, WorkerHandle, WorkerInfo},
+    worker::{self, Conn, DatagramHandler, Limits, OnFault, WorkerHandle, WorkerInfo},
 };
 
 /// How often the supervisor looks at the group's worker records.
@@ -106,6 +106,38 @@ impl Server {
         Server::start(group, starter, options)
     }
 
+    /// Serves `group` (UDP) with `handler`: each worker answers the
+    /// datagrams steered to it with a clone of `handler` of its own, on its
+    /// own thread. A panic in the handler ends its worker, and with it the
+    /// datagrams waiting in its socket (the others' are untouched); a new
+    /// worker, with a fresh clone, takes the slot within 100 ms.
+    pub fn start_udp<H>(group: Group, handler: H, options: ServeOptions) -> Result<Server>
+    where
+        H: DatagramHandler + Clone + Sync,
+    {
+        if group.proto() != Proto::Udp {
+            return Err(Error::io(
+                "serving a group",
+                io::Error::other("start_udp needs a UDP group"),
+            ));
+        }
+        let starter: Starter = Arc::new(move |group: &Group, slot, stop, on_fault| {
+            let member = member(group, slot)?;
+            worker::spawn_udp(
+                WorkerInfo {
+                    worker: slot,
+                    cpu: member.cpu,
+                },
+                member.udp_socket()?,
+                group.worker_stats(slot),
+                handler.clone(),
+                stop,
+                on_fault,
+            )
+        });
+        Server::start(group, starter, options)
+    }
+
     /// Serves `group` with the echo service: every byte of a TCP
     /// connection, or every UDP datagram, is sent back.
     pub fn start_echo(group: Group, options: ServeOptions) -> Result<Server> {
@@ -164,10 +196,15 @@ impl Server {
             shutdown: stop.clone(),
             workers: BTreeMap::new(),
             restarts: BTreeMap::new(),
+            given_up: Vec::new(),
         };
         let slots: Vec<u32> = supervisor.group.members().iter().map(|m| m.slot).collect();
         for slot in slots {
-            supervisor.start_worker(slot)?;
+            if let Err(e) = supervisor.start_worker(slot) {
+                // Those already started must not serve on unsupervised.
+                let _ = supervisor.shut_down(format!("worker {slot} did not start"), &stop);
+                return Err(e);
+            }
         }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s, f) = (stop.clone(), finished.clone());
@@ -177,7 +214,16 @@ impl Server {
                 let _stats = stats;
                 let reason = supervisor.run(metrics_listener, ready_tx);
                 f.store(true, Ordering::Release);
-                supervisor.shut_down(reason?, &s)
+                // Whatever ended supervision, the workers stop and the group
+                // closes in order; a failure is reported after that.
+                match reason {
+                    Ok(reason) => supervisor.shut_down(reason, &s),
+                    Err(e) => {
+                        error!("{e}");
+                        let _ = supervisor.shut_down("supervision failed".into(), &s);
+                        Err(e)
+                    }
+                }
             })
             .map_err(|e| Error::io("spawning the supervisor", e))?;
         match ready_rx.recv() {
@@ -279,6 +325,8 @@ struct Supervisor {
     shutdown: CancellationToken,
     workers: BTreeMap<u32, Running>,
     restarts: BTreeMap<u32, Vec<Instant>>,
+    /// Slots whose worker died too often to be restarted.
+    given_up: Vec<u32>,
 }
 
 impl Supervisor {
@@ -289,10 +337,22 @@ impl Supervisor {
         let steering = self.group.steering();
         let on_fault: OnFault = Box::new(move || {
             if let Some(s) = steering {
-                let _ = lock(&s).maps_mut().clear_slot(slot);
+                if let Err(e) = lock(&s).maps_mut().clear_slot(slot) {
+                    warn!("worker {slot} died, and its socket stays in the socket map until the next check: {e}");
+                }
             }
         });
-        let handle = (self.starter)(&self.group, slot, stop.clone(), on_fault)?;
+        // The starter clones the caller's handler: a panic there (in its
+        // Clone) is this worker's failure, not the supervisor's.
+        let start = std::panic::AssertUnwindSafe(|| {
+            (self.starter)(&self.group, slot, stop.clone(), on_fault)
+        });
+        let handle = std::panic::catch_unwind(start).map_err(|_| {
+            Error::io(
+                format!("starting worker {slot}"),
+                io::Error::other("it panicked"),
+            )
+        })??;
         self.workers.insert(
             slot,
             Running {
@@ -399,7 +459,9 @@ impl Supervisor {
                 continue;
             }
             // It died: out of the policy, and a new one in its place.
-            self.group.retire_slot(slot)?;
+            if let Err(e) = self.group.retire_slot(slot) {
+                warn!("worker {slot}: could not take it out of the policy: {e}");
+            }
             self.group.remove_member(slot);
             self.group.release_slot(slot);
             error!(
@@ -427,20 +489,39 @@ impl Supervisor {
                         .and_then(|()| self.start_worker(slot));
                     if let Err(e) = started {
                         error!("could not add worker {slot} on CPU {cpu}: {e}");
-                        self.group.retire_slot(slot)?;
+                        if let Err(e) = self.group.retire_slot(slot) {
+                            warn!("worker {slot}: could not take it out of the policy: {e}");
+                        }
                         self.group.remove_member(slot);
                         self.group.release_slot(slot);
                     }
                 }
             }
-            for (slot, pid) in self.group.reap_dead_workers()? {
-                warn!("worker {slot} of pid {pid} is gone with its process: its slot is out of the policy");
+            match self.group.reap_dead_workers() {
+                Ok(dead) => {
+                    for (slot, pid) in dead {
+                        warn!("worker {slot} of pid {pid} is gone with its process: its slot is out of the policy");
+                    }
+                }
+                Err(e) => warn!("checking other processes' workers: {e} (trying again)"),
             }
         }
         if let Role::Successor { old_pid, .. } = self.group.role().clone() {
             if crate::control::process_start_time(old_pid).is_none() {
-                self.group.finish_takeover(Duration::ZERO)?;
+                if let Err(e) = self.group.finish_takeover(Duration::ZERO) {
+                    warn!("finishing the takeover: {e} (trying again)");
+                }
             }
+        }
+        if self.workers.is_empty() && !self.given_up.is_empty() {
+            let slots: Vec<String> = self.given_up.iter().map(u32::to_string).collect();
+            return Err(Error::io(
+                "serving",
+                io::Error::other(format!(
+                    "every worker is gone: worker(s) {} died {MAX_RESTARTS} times in {RESTART_WINDOW:?} and were not restarted",
+                    slots.join(", ")
+                )),
+            ));
         }
         if self.workers.is_empty() {
             return Ok(Some(if retired {
@@ -462,6 +543,7 @@ impl Supervisor {
             error!(
                 "worker {slot} died {MAX_RESTARTS} times in {RESTART_WINDOW:?}: not restarting it"
             );
+            self.given_up.push(slot);
             return;
         }
         recent.push(now);
@@ -482,16 +564,23 @@ impl Supervisor {
 
     fn shut_down(self, reason: String, stop: &CancellationToken) -> Result<String> {
         info!("{reason}: shutting down");
+        if let Err(e) = self.group.step_aside() {
+            warn!("could not hand this process's share to the group's other workers: {e}");
+        }
         stop.cancel();
         let Supervisor { group, workers, .. } = self;
-        group.close()?;
-        let mut result = Ok(reason);
+        // Even if closing fails, the workers' open connections finish.
+        let mut result = group.close().map(|()| reason);
         for (_, run) in workers {
             if let Err(e) = run.handle.join() {
-                result = Err(e);
+                if result.is_ok() {
+                    result = Err(e);
+                }
             }
         }
-        info!("shut down cleanly");
+        if result.is_ok() {
+            info!("shut down cleanly");
+        }
         result
     }
 }

@@ -40,7 +40,12 @@ pub fn check_kernel(feature: &'static str) -> Result<()> {
 /// The CPUs this process may run on, in ascending order (its affinity
 /// mask, which honours `taskset` and cgroup cpusets).
 pub fn usable_cpus() -> Result<Vec<usize>> {
-    let set = nix::sched::sched_getaffinity(Pid::from_raw(0))
+    usable_cpus_of(0)
+}
+
+/// The CPUs process `pid` may run on (0: this process).
+pub fn usable_cpus_of(pid: u32) -> Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(Pid::from_raw(pid as i32))
         .map_err(|e| Error::io("sched_getaffinity", e.into()))?;
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&c| set.is_set(c).unwrap_or(false))

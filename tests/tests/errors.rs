@@ -175,3 +175,59 @@ fn help_lists_the_policies() {
         assert!(help.contains(p), "{p} in help:\n{help}");
     }
 }
+
+#[test]
+fn limits_and_intervals_out_of_range() {
+    netns();
+    for (args, shown) in [
+        (
+            &["--max-connections", "0"][..],
+            "invalid value '0' for '--max-connections <MAX_CONNECTIONS>': 0 is not in 1..=1048576",
+        ),
+        (
+            &["--max-connections", "18446744073709551615"][..],
+            "invalid value '18446744073709551615' for '--max-connections <MAX_CONNECTIONS>'",
+        ),
+        (
+            &["--buffer-size", "99999999999"][..],
+            "invalid value '99999999999' for '--buffer-size <BUFFER_SIZE>': 99999999999 is not in 64..=16777216",
+        ),
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, 2, "{err}");
+        assert!(first_line(&err).starts_with(&format!("error: {shown}")), "{err}");
+    }
+    let (code, err) = fails(Command::new(binary()).args(["stats", "--watch", "inf"]));
+    assert_eq!(code, 2);
+    assert_eq!(
+        first_line(&err),
+        "error: invalid value 'inf' for '--watch <SECONDS>': inf is out of range: 0.1 to 86400"
+    );
+    let (code, err) = fails(Command::new(binary()).args(["bench", "--soak", "NaN"]));
+    assert_eq!(code, 2);
+    assert!(first_line(&err).contains("NaN is out of range"), "{err}");
+}
+
+#[test]
+fn add_worker_on_a_cpu_the_owner_cannot_use() {
+    netns();
+    let server = Server::start(&["--workers", "1"]);
+    let (code, _, err) = server.ctl(&["add-worker", "--cpu", "4000"]);
+    assert_eq!(code, 1);
+    let usable: Vec<String> = reuseport_tests::cpus()
+        .iter()
+        .map(usize::to_string)
+        .collect();
+    assert_eq!(
+        first_line(&err),
+        format!(
+            "error: --cpu 4000: the group's owner may only run on CPUs {}",
+            usable.join(",")
+        )
+    );
+    let (_, status, _) = server.ctl(&["status"]);
+    assert!(
+        !status.lines().any(|l| l.trim_start().starts_with("1 ")),
+        "no slot was taken:\n{status}"
+    );
+}

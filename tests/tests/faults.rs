@@ -1,16 +1,19 @@
-//! Faults in handlers: a panic in one connection's task, a worker that dies.
+//! Faults in handlers: a panic in one connection's task (it ends that
+//! connection only), a datagram handler's panic (it ends its worker, which
+//! is taken out at once and restarted).
 //! These use the library directly, with handlers that fail on purpose.
 
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    thread,
     time::Duration,
 };
 
 use reuseport::{
     echo::echo,
     server::{ServeOptions, Server},
-    Group, Policy, PolicyKind,
+    Group, Policy, PolicyKind, Proto,
 };
 use reuseport_tests::{connect_from, echo_on, eventually, netns, pattern, Metrics};
 
@@ -83,59 +86,98 @@ fn a_panic_in_one_connection_leaves_its_worker_serving() {
     server.shutdown().unwrap();
 }
 
+/// A UDP group of `workers` under round robin.
+fn udp_group(workers: usize) -> Group {
+    Group::builder()
+        .addr("127.0.0.1:0".parse().unwrap())
+        .proto(Proto::Udp)
+        .workers(workers)
+        .policy(Policy::new(PolicyKind::RoundRobin))
+        .pin(false)
+        .build()
+        .expect("group")
+}
+
+/// A datagram handler that echoes, and panics on `boom`: a datagram
+/// handler runs in its worker's receive loop, so this ends the worker.
+fn fragile(buf: &mut [u8], len: usize, _: SocketAddr) -> Option<usize> {
+    if &buf[..len] == b"boom" {
+        panic!("this datagram takes its worker down");
+    }
+    Some(len)
+}
+
+/// Sends `payload` and returns the echo, if one comes within 2 s.
+fn exchange(addr: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.send_to(payload, addr).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
 #[test]
 fn a_worker_that_dies_is_taken_out_at_once_and_restarted() {
     netns();
-    // The handler fails before it returns its future: that takes the
-    // worker's whole thread down, not only a task.
-    let server = Server::start_tcp(
-        group(2),
-        |stream, conn: reuseport::worker::Conn| {
-            if conn.peer.ip() == IpAddr::V4(POISON) {
-                panic!("this handler takes its worker down");
-            }
-            echo(stream, conn)
-        },
-        options(),
-    )
-    .unwrap();
+    let server = Server::start_udp(udp_group(2), fragile, options()).unwrap();
     let addr = server.local_addr();
     let metrics = server.metrics_addr().unwrap();
-    // Round robin: find which worker the next connection goes to, then
-    // send the poison there.
-    let _ = echo_on(connect_from(from(Ipv4Addr::LOCALHOST), addr), b"warm");
-    let victim_before = Metrics::scrape(metrics);
-    let _ = poison(addr);
+    assert_eq!(exchange(addr, b"warm").as_deref(), Some(&b"warm"[..]));
+    let before = Metrics::scrape(metrics);
+    assert_eq!(
+        exchange(addr, b"boom"),
+        None,
+        "no answer from a dying worker"
+    );
     let killed = (0..2)
-        .find(|&w| Metrics::scrape(metrics).accepted(w) > victim_before.accepted(w))
-        .expect("a worker took the poison");
-    // At once, every new connection is served: none is steered to the
-    // dead worker's socket.
+        .find(|&w| Metrics::scrape(metrics).selected(w) > before.selected(w))
+        .expect("the program steered the fatal datagram to a worker");
+    // From now on every datagram is answered: none is steered to the dead
+    // worker's socket (its slot left the socket map as it died).
     for i in 0..50 {
         let p = pattern(20, i);
-        assert_eq!(
-            echo_on(connect_from(from(Ipv4Addr::LOCALHOST), addr), &p),
-            p,
-            "connection {i} after the fault"
-        );
+        assert_eq!(exchange(addr, &p), Some(p), "datagram {i} after the fault");
     }
-    // And the worker comes back: round robin reaches it again.
+    // And the worker comes back: round robin reaches its slot again.
     assert!(
         eventually(Duration::from_secs(5), || {
             let before = Metrics::scrape(metrics);
             for i in 0..4 {
                 let p = pattern(8, i);
-                assert_eq!(
-                    echo_on(connect_from(from(Ipv4Addr::LOCALHOST), addr), &p),
-                    p
-                );
+                assert_eq!(exchange(addr, &p), Some(p));
             }
             let after = Metrics::scrape(metrics);
-            after.accepted(killed) > before.accepted(killed)
+            after.selected(killed) > before.selected(killed)
         }),
         "worker {killed} was restarted and serves again"
     );
     let m = Metrics::scrape(metrics);
     assert_eq!(m.fallback(), 0, "nothing was left to the kernel's hash");
     server.shutdown().unwrap();
+}
+
+/// A worker that dies on every datagram is restarted at most 5 times in
+/// 10 s; once no worker is left, serving ends with an error that says so
+/// (the process would exit 1), not as if it had drained.
+#[test]
+fn a_worker_that_always_dies_ends_serving_with_an_error() {
+    netns();
+    let server = Server::start_udp(udp_group(1), fragile, options()).unwrap();
+    let addr = server.local_addr();
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut fatal = 0;
+    let ended = eventually(Duration::from_secs(20), || {
+        let _ = s.send_to(b"boom", addr);
+        fatal += 1;
+        thread::sleep(Duration::from_millis(100));
+        server.finished()
+    });
+    assert!(ended, "serving ended (after {fatal} fatal datagrams)");
+    let err = server.wait().expect_err("serving ends with an error");
+    assert!(
+        err.to_string()
+            .contains("worker(s) 0 died 5 times in 10s and were not restarted"),
+        "{err}"
+    );
 }

@@ -432,3 +432,53 @@ fn a_group_without_a_program_turns_on_listener_migration_while_it_runs() {
     );
     assert_eq!(read(), "0");
 }
+
+/// The owner stops while another process's workers serve the group: they
+/// go on serving, steered by the program under the policy in force (not
+/// the kernel's hash), and no client sees a failure on the way.
+#[test]
+fn the_owner_leaves_and_a_joined_process_serves_on_under_the_policy() {
+    netns();
+    let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let mut join = Command::new(binary());
+    join.args([
+        "join",
+        "--group",
+        &server.group,
+        "--workers",
+        "2",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let joined = Server::spawn(&mut join).expect("join starts");
+    let load = Load::start(server.addr, 3);
+    assert!(
+        eventually(Duration::from_secs(5), || accepted(&joined.metrics(), 3)
+            > 30),
+        "the joined process serves its share"
+    );
+    let (code, err) = server.stop();
+    assert!(code.success(), "{err}");
+    assert!(
+        err.contains("worker(s) of other processes go on serving"),
+        "{err}"
+    );
+    let before = joined.metrics();
+    thread::sleep(Duration::from_millis(600));
+    let after = joined.metrics();
+    let moved = reuseport_tests::selected_delta(&before, &after, 4);
+    assert_eq!(
+        moved[..2],
+        [0, 0],
+        "nothing is steered to the owner's slots"
+    );
+    assert!(moved[2] > 20 && moved[3] > 20, "{moved:?}");
+    assert!(
+        moved[2].abs_diff(moved[3]) <= 1,
+        "still round-robin between the joined workers: {moved:?}"
+    );
+    assert_eq!(after.fallback(), 0, "the program chose every connection");
+    assert_clean(load, "the owner leaves under load");
+    let (code, err) = joined.stop();
+    assert!(code.success(), "{err}");
+}

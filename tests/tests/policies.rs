@@ -146,6 +146,29 @@ fn weighted_shares_follow_the_weights() {
     assert_eq!([m.accepted(0), m.accepted(1)], sel);
 }
 
+/// A zero weight is kept when workers come and go, and a worker that
+/// joins from another process gets weight 1 (as `ctl add-worker` gives).
+#[test]
+fn weighted_groups_take_a_joined_worker_and_keep_a_zero_weight() {
+    netns();
+    let server = Server::start(&["--policy", "weighted", "--weights", "3,0", "--workers", "2"]);
+    let mut join = std::process::Command::new(reuseport_tests::binary());
+    join.args(["join", "--group", &server.group]);
+    let joined = Server::spawn(&mut join).expect("a weighted group takes a joined worker");
+    let (_, status, _) = server.ctl(&["status"]);
+    assert!(status.contains("weighted (weights 3,0,1)"), "{status}");
+    let before = server.metrics();
+    for i in 0..200 {
+        let p = pattern(8, i);
+        assert_eq!(echo(server.addr, &p), p);
+    }
+    let after = server.metrics();
+    // 200 is a whole number of the table's periods (3 + 0 + 1).
+    assert_eq!(selected_delta(&before, &after, 3), [150, 0, 50]);
+    let (code, err) = joined.stop();
+    assert!(code.success(), "{err}");
+}
+
 /// For each client address, the worker that serves it.
 fn placement(server: &Server, workers: usize, clients: u32) -> Vec<usize> {
     (1..=clients)
