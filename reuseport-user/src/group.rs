@@ -478,7 +478,11 @@ impl Group {
         let mut dead = Vec::new();
         for (slot, r) in self.workers.snapshot().iter().enumerate() {
             let slot = slot as u32;
-            let busy = r.state == worker_state::SERVING || r.state == worker_state::DRAINING;
+            // Starting too: a `join` or `adopt` that died while claiming.
+            let busy = matches!(
+                r.state,
+                worker_state::SERVING | worker_state::DRAINING | worker_state::STARTING
+            );
             if busy && r.pid != me && r.pid != 0 && control::process_start_time(r.pid).is_none() {
                 if let Some(s) = &self.steering {
                     let _ = lock(s).maps_mut().clear_slot(slot);
@@ -786,9 +790,12 @@ impl GroupBuilder {
             None => Arc::new(WorkerRegion::anonymous()?),
         };
 
-        // Attached before any member listens, so no connection is ever
-        // steered by the kernel's hash instead of the policy. (A takeover
-        // attaches later, once its sockets are in its map.)
+        // Attached before any member listens, so no TCP connection is ever
+        // steered by the kernel's hash instead of the policy. A UDP socket
+        // receives from its bind on: a datagram that arrives before the
+        // slots and the policy are written below goes by the kernel's hash
+        // (counted as a fallback). A takeover attaches later, once its
+        // sockets are in its map.
         let attach_now = old.is_none();
         if let Some(s) = steering.as_ref().filter(|s| s.has_program() && attach_now) {
             s.attach(first.as_fd())?;

@@ -6,13 +6,16 @@
 //! the data path nothing.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use http_body_util::Full;
 use hyper::{body::Bytes, header, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use prometheus_client::{
     collector::Collector,
@@ -20,6 +23,7 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use reuseport_common::{group_flag, worker_state, WorkerRecord};
@@ -31,6 +35,7 @@ use crate::{
     group::lock,
     maps::{BpfCounters, WorkerRegion},
     steering::Steering,
+    worker::{accept_retry, ErrorPacing},
 };
 
 /// Everything the metrics endpoint reports.
@@ -330,38 +335,123 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
+/// Most metrics connections open at once. Each holds a descriptor of the
+/// process, which its workers need far more: a client that opens
+/// connections and never closes them must not use them up.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a metrics client may take to send a request's headers: from
+/// connecting to its first byte, from there to the end of the headers, and
+/// between requests on a connection kept alive.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a metrics connection lives, whatever it does.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Connections that have not sent a byte yet, oldest first: the ones
+/// closed to make room when [`MAX_CONNECTIONS`] are open.
+type Waiting = Arc<Mutex<BTreeMap<u64, CancellationToken>>>;
+
 /// Serves `GET /metrics` on `listener` until `shutdown` is cancelled.
+///
+/// At most [`MAX_CONNECTIONS`] are open at once. At the limit, a new
+/// connection takes the place of the one that has waited longest without
+/// sending a byte (a scraper sends its request as soon as it connects;
+/// a client that does not is the likelier to be idle), or is closed at
+/// once if every open one is being served.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let waiting: Waiting = Arc::default();
+    let mut next_id = 0u64;
+    let mut errors = ErrorPacing::new("metrics: accept");
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(v) => v,
+                Ok(v) => {
+                    errors.succeeded();
+                    v
+                }
                 Err(e) => {
-                    warn!("metrics: accept failed: {e}");
+                    errors.failed(&e, accept_retry(&e)).await;
                     continue;
                 }
             },
             _ = shutdown.cancelled() => return,
         };
-        let registry = registry.clone();
+        let Some(permit) = admit(&permits, &waiting).await else {
+            debug!("metrics: {MAX_CONNECTIONS} connections are being served; closing the one from {peer}");
+            continue;
+        };
+        let id = next_id;
+        next_id += 1;
+        let evicted = CancellationToken::new();
+        lock_waiting(&waiting).insert(id, evicted.clone());
+        let (registry, waiting) = (registry.clone(), waiting.clone());
         tokio::spawn(async move {
+            let _permit = permit;
+            // A peek, not `readable()`: tokio takes a new socket for
+            // readable before anything arrived.
+            let mut first = [0u8; 1];
+            let first = tokio::select! {
+                r = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)) => r,
+                _ = evicted.cancelled() => Ok(Ok(0)),
+            };
+            lock_waiting(&waiting).remove(&id);
+            if evicted.is_cancelled() {
+                debug!("metrics: closing {peer}, which sent nothing, to make room");
+                return;
+            }
+            match first {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    debug!("metrics: connection from {peer}: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!("metrics: {peer} sent nothing in {HEADER_READ_TIMEOUT:?}; closing");
+                    return;
+                }
+            }
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let registry = registry.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &registry)) }
             });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                debug!("metrics: connection from {peer}: {e}");
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!("metrics: connection from {peer}: {e}"),
+                Err(_) => debug!("metrics: closing {peer} after {CONNECTION_LIFETIME:?}"),
             }
         });
     }
+}
+
+/// A place for a new connection: a free one, or that of the connection
+/// that has waited longest without sending a byte, closed for it. `None`
+/// when every open connection is being served.
+async fn admit(permits: &Arc<Semaphore>, waiting: &Waiting) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = permits.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    let (_, oldest) = lock_waiting(waiting).pop_first()?;
+    oldest.cancel();
+    // Its task gives its place back as soon as it runs.
+    tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned())
+        .await
+        .ok()?
+        .ok()
+}
+
+fn lock_waiting(waiting: &Waiting) -> std::sync::MutexGuard<'_, BTreeMap<u64, CancellationToken>> {
+    // The map stays consistent whatever a panicking holder did.
+    waiting.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {

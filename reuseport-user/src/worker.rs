@@ -6,10 +6,11 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
+    os::fd::AsRawFd,
     rc::Rc,
     sync::{atomic::Ordering, Arc},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{debug, error, info, warn};
@@ -223,10 +224,11 @@ where
             match setup() {
                 Ok((rt, fut)) => {
                     let _ = ready_tx.send(Ok(()));
-                    // A panic in a connection's task is caught by tokio and
-                    // ends that task only; one that reaches here (in the
-                    // accept loop, or in a handler before its future) ends
-                    // the worker: report it so nothing is steered to it.
+                    // A panic in a connection's task (a TCP handler, even
+                    // before it returns its future) is caught by tokio and
+                    // ends that task only; one that reaches here (a datagram
+                    // handler, or the accept or receive loop) ends the
+                    // worker: report it so nothing is steered to it.
                     let run = std::panic::AssertUnwindSafe(|| LocalSet::new().block_on(&rt, fut));
                     if let Err(panic) = std::panic::catch_unwind(run) {
                         error!("worker {} died: {}", info.worker, panic_text(&panic));
@@ -281,17 +283,26 @@ async fn udp_loop<H: DatagramHandler>(
 ) {
     // One buffer per worker, of the largest datagram, so nothing is cut.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut errors = ErrorPacing::new(format!("worker {}: receive", info.worker));
+    let mut audit = LoadAudit::default();
+    let mut tick = audit_interval();
     loop {
         let (n, peer, dst) = tokio::select! {
             r = crate::datagram::recv(&socket, &mut buf, pktinfo) => match r {
-                Ok(v) => v,
+                Ok(v) => {
+                    errors.succeeded();
+                    v
+                }
                 Err(e) => {
-                    // An error queued by an earlier datagram (e.g. an ICMP
-                    // error) concerns that one only.
-                    debug!("worker {}: receive failed: {e}", info.worker);
+                    errors.failed(&e, receive_retry(&e)).await;
                     continue;
                 }
             },
+            // Here, between two datagrams, the worker has none in flight.
+            _ = tick.tick() => {
+                audit.check_datagrams(&stats, &socket);
+                continue;
+            }
             _ = shutdown.cancelled() => break,
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -308,6 +319,167 @@ async fn udp_loop<H: DatagramHandler>(
     }
 }
 
+/// What a failed accept or receive says about the next try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// The error belonged to one connection or datagram, which is gone
+    /// with it: try again at once.
+    Now,
+    /// The process or the kernel is short of descriptors or memory, which
+    /// takes a while to free: pause.
+    Shortage,
+    /// Not an error the loop expects (a broken socket, a kernel refusing
+    /// for good): pause, longer each time it repeats.
+    Unexpected,
+}
+
+/// How to answer a failed `accept(2)`.
+pub(crate) fn accept_retry(e: &io::Error) -> Retry {
+    match e.raw_os_error() {
+        // A connection reset or aborted while queued, refused by a
+        // firewall hook (EPERM), or an error pending on the new socket,
+        // which Linux's accept() passes on and which "should be treated
+        // like EAGAIN" (accept(2); inet_accept() in net/ipv4/af_inet.c).
+        Some(
+            libc::ECONNABORTED
+            | libc::EPROTO
+            | libc::ECONNRESET
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+            | libc::ETIMEDOUT
+            | libc::EINTR,
+        ) => Retry::Now,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Retry::Shortage,
+        _ => Retry::Unexpected,
+    }
+}
+
+/// How to answer a failed receive on a UDP socket.
+fn receive_retry(e: &io::Error) -> Retry {
+    match e.raw_os_error() {
+        // An ICMP error that an earlier reply drew, queued on the socket
+        // and reported once (icmp_err_convert[] in net/ipv4/icmp.c,
+        // icmpv6_err_convert() in net/ipv6/icmp.c): it concerns that reply
+        // only.
+        Some(
+            libc::ECONNREFUSED
+            | libc::ECONNRESET
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::EHOSTDOWN
+            | libc::ENETDOWN
+            | libc::ENONET
+            | libc::ENOPROTOOPT
+            | libc::EOPNOTSUPP
+            | libc::EACCES
+            | libc::EPROTO
+            | libc::EMSGSIZE
+            | libc::ETIMEDOUT
+            | libc::EINTR,
+        ) => Retry::Now,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Retry::Shortage,
+        // Not from the kernel: a datagram was received but could not be
+        // read as one (no sender address); it is consumed.
+        None => Retry::Now,
+        _ => Retry::Unexpected,
+    }
+}
+
+/// Paces a serving loop (accept, receive) after its errors, so that one
+/// that repeats never spins a CPU, and its log says so now and then
+/// rather than at every try.
+#[derive(Debug)]
+pub(crate) struct ErrorPacing {
+    /// What fails, for the log: `worker 3: accept`.
+    what: String,
+    /// The pause after the next unexpected error.
+    pause: Duration,
+    /// When an error was last logged.
+    logged: Option<Instant>,
+    /// Errors not logged since then.
+    unlogged: u64,
+}
+
+impl ErrorPacing {
+    /// The pause after a shortage of descriptors or memory.
+    const SHORTAGE_PAUSE: Duration = Duration::from_millis(50);
+    /// The first pause after an unexpected error; it doubles while they go on.
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    /// The longest pause.
+    const LONGEST_PAUSE: Duration = Duration::from_millis(100);
+    /// At most one log line per this interval.
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// Pacing for the loop doing `what`.
+    pub(crate) fn new(what: impl Into<String>) -> Self {
+        ErrorPacing {
+            what: what.into(),
+            pause: Self::FIRST_PAUSE,
+            logged: None,
+            unlogged: 0,
+        }
+    }
+
+    /// The call succeeded: unexpected errors start again from the first
+    /// pause.
+    pub(crate) fn succeeded(&mut self) {
+        self.pause = Self::FIRST_PAUSE;
+    }
+
+    /// The call failed with `e`: logs it (rate-limited) and waits as
+    /// `retry` says.
+    pub(crate) async fn failed(&mut self, e: &io::Error, retry: Retry) {
+        let Some(pause) = self.pause_after(retry) else {
+            debug!("{}: {e}", self.what);
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .logged
+            .is_some_and(|t| now.duration_since(t) < Self::LOG_EVERY)
+        {
+            self.unlogged += 1;
+        } else {
+            let more = match std::mem::take(&mut self.unlogged) {
+                0 => String::new(),
+                n => format!(" ({n} more errors since the last report)"),
+            };
+            self.logged = Some(now);
+            match retry {
+                Retry::Shortage => warn!(
+                    "{}: {e}: short of descriptors or memory, pausing {pause:?} between tries{more}",
+                    self.what
+                ),
+                _ => error!(
+                    "{}: unexpected error: {e}; pausing up to {:?} between tries{more}",
+                    self.what,
+                    Self::LONGEST_PAUSE
+                ),
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+
+    /// The pause before the next try, if any.
+    fn pause_after(&mut self, retry: Retry) -> Option<Duration> {
+        match retry {
+            Retry::Now => None,
+            Retry::Shortage => Some(Self::SHORTAGE_PAUSE),
+            Retry::Unexpected => {
+                let pause = self.pause;
+                self.pause = (pause * 2).min(Self::LONGEST_PAUSE);
+                Some(pause)
+            }
+        }
+    }
+}
+
 /// Ends a connection's accounting when its task ends, however it ends
 /// (including a panic in the handler): one fewer active connection, and
 /// one less unit of the slot's load.
@@ -321,8 +493,12 @@ impl Drop for ActiveGuard {
 }
 
 /// Keeps the slot's load (what `least-loaded` compares) true to what the
-/// worker can see, its open connections plus its accept queue, checked
-/// every second:
+/// worker can see, checked every [`AUDIT_EVERY`]. The program adds one
+/// for each connection or datagram it steers here, the worker takes it
+/// away when done; work steered here that never arrived is never taken
+/// away, and would starve the slot.
+///
+/// TCP: the work is the open connections plus the accept queue.
 /// - work steered here that never arrived (a handshake that did not
 ///   complete, a syncookie ACK that ran the program twice) leaves an
 ///   excess; an excess seen twice in a row is taken away (once could be a
@@ -331,14 +507,48 @@ impl Drop for ActiveGuard {
 ///   counted (the program counts only under `least-loaded`); a shortfall
 ///   is made up at once.
 ///
+/// UDP: the kernel drops a datagram after it was steered here when the
+/// receive buffer is full (`__udp_enqueue_schedule_skb()` in
+/// `net/ipv4/udp.c`). The number of queued datagrams cannot be read (only
+/// their bytes), so the check is made only when none is queued and the
+/// worker has none in flight: then all the load is excess, and an excess
+/// seen twice in a row is taken away.
+///
 /// Both are atomic adjustments, not stores, so the program's concurrent
-/// additions are kept.
+/// additions are kept; an excess is taken away only up to the smaller of
+/// two observations a check apart, so work steered between them (which
+/// shows in the second only) stays counted.
+#[derive(Debug, Default)]
 struct LoadAudit {
+    /// The excess the previous check saw and left.
     last_excess: u64,
 }
 
+/// How often the load audit runs.
+const AUDIT_EVERY: Duration = Duration::from_secs(1);
+
+/// The audit's clock. A check that was due while the worker was busy (or
+/// the process stopped) runs once, and the next a whole period later: two
+/// checks in a burst would not be two observations.
+fn audit_interval() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(AUDIT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 impl LoadAudit {
-    fn check(&mut self, stats: &WorkerStats, queued: u64) {
+    /// TCP: `queued` is the accept queue's length, if it could be read.
+    fn check(&mut self, stats: &WorkerStats, queued: Option<u64>) {
+        let Some(queued) = queued else {
+            // Without the queue, only a shortfall is certain.
+            let active = stats.active.load(Ordering::Relaxed);
+            let load = stats.load.load(Ordering::Relaxed);
+            if load < active {
+                stats.load.fetch_add(active - load, Ordering::Relaxed);
+            }
+            self.last_excess = 0;
+            return;
+        };
         stats
             .queued
             .store(queued.min(u64::from(u32::MAX)) as u32, Ordering::Relaxed);
@@ -349,19 +559,67 @@ impl LoadAudit {
             self.last_excess = 0;
             return;
         }
-        let excess = load - seen;
+        self.settle(
+            stats,
+            load - seen,
+            "connections steered here that never arrived",
+        );
+    }
+
+    /// UDP: to be called with no datagram in flight in the worker.
+    fn check_datagrams(&mut self, stats: &WorkerStats, socket: &impl AsRawFd) {
+        // The load is read before the queue is looked at: a datagram
+        // steered here before the read and queued before the look shows
+        // in the queue, and then nothing is settled. Only one still
+        // between the program and the queue at both instants (a few
+        // microseconds) is missed.
+        let load = stats.load.load(Ordering::Relaxed);
+        match datagram_waiting(socket) {
+            Ok(false) => self.settle(
+                stats,
+                load,
+                "datagrams steered here that the kernel dropped (receive buffer full)",
+            ),
+            Ok(true) => self.last_excess = 0,
+            Err(e) => {
+                debug!("load audit: peeking at the receive queue: {e}");
+                self.last_excess = 0;
+            }
+        }
+    }
+
+    /// Takes away what of `excess` the previous check saw too.
+    fn settle(&mut self, stats: &WorkerStats, excess: u64, why: &str) {
         let settled = excess.min(self.last_excess);
-        self.last_excess = excess;
+        // What is left of this observation is what the next check may
+        // settle, once seen again.
+        self.last_excess = excess - settled;
         if settled > 0 {
             let _ = stats
                 .load
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                     Some(v.saturating_sub(settled))
                 });
-            debug!(
-                "load of this slot corrected by {settled} (work steered here that never arrived)"
-            );
+            debug!("load of this slot corrected by {settled} ({why})");
         }
+    }
+}
+
+/// Whether a datagram waits in `socket`'s receive queue. A peek returns
+/// the first one (truncated, left in the queue) or fails with EAGAIN when
+/// there is none. (SIOCINQ cannot tell: it gives the first datagram's
+/// length, which is 0 for an empty datagram too.)
+fn datagram_waiting(socket: &impl AsRawFd) -> io::Result<bool> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut byte = [0u8; 1];
+    match recv(
+        socket.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EAGAIN) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -380,16 +638,31 @@ async fn accept_loop<H, F>(
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let listener = Rc::new(listener);
+    let mut errors = ErrorPacing::new(format!("worker {}: accept", info.worker));
     // The audit runs beside the accept loop, so that it goes on while the
     // worker waits at its connection limit.
     let audit = {
         let (listener, stats, shutdown) = (listener.clone(), stats.clone(), shutdown.clone());
         tokio::task::spawn_local(async move {
-            let mut audit = LoadAudit { last_excess: 0 };
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut audit = LoadAudit::default();
+            let mut tick = audit_interval();
+            let mut unreadable_logged = false;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => audit.check(&stats, crate::sys::accept_queue_len(&*listener).unwrap_or(0)),
+                    _ = tick.tick() => {
+                        let queued = crate::sys::accept_queue_len(&*listener);
+                        if queued.is_none() && !unreadable_logged {
+                            // errno is still getsockopt's: nothing ran in between.
+                            warn!(
+                                "worker {}: cannot read the accept queue's length (getsockopt TCP_INFO: {}); \
+                                 the load audit no longer takes excess load away",
+                                info.worker,
+                                io::Error::last_os_error()
+                            );
+                            unreadable_logged = true;
+                        }
+                        audit.check(&stats, queued);
+                    }
                     _ = shutdown.cancelled() => return,
                 }
             }
@@ -416,17 +689,15 @@ async fn accept_loop<H, F>(
             _ = shutdown.cancelled() => break,
         };
         let (stream, peer) = match accepted {
-            Ok(v) => v,
+            Ok(v) => {
+                errors.succeeded();
+                v
+            }
             Err(e) => {
-                // Errors of one connection (it was reset while queued) or a
-                // passing shortage of descriptors: log and carry on.
-                warn!("worker {}: accept failed: {e}", info.worker);
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                ) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                // Errors of one connection (it was reset while queued) are
+                // retried at once; a shortage of descriptors or anything
+                // unexpected is logged and waited out, never spun on.
+                errors.failed(&e, accept_retry(&e)).await;
                 continue;
             }
         };
@@ -467,6 +738,133 @@ async fn accept_loop<H, F>(
             info.worker,
             tracker.len(),
             limits.drain_timeout
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::WorkerRegion;
+
+    fn stats() -> WorkerStats {
+        WorkerStats::new(Arc::new(WorkerRegion::anonymous().unwrap()), 0)
+    }
+
+    fn load(stats: &WorkerStats) -> u64 {
+        stats.load.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn an_excess_is_taken_away_only_once_seen_twice_and_no_more_than_its_smaller_sighting() {
+        let s = stats();
+        let mut audit = LoadAudit::default();
+        s.load.store(7, Ordering::Relaxed);
+        audit.settle(&s, 7, "test");
+        assert_eq!(load(&s), 7, "seen once: kept");
+        // The program steered 2 more in between: only the 7 seen twice go.
+        s.load.fetch_add(2, Ordering::Relaxed);
+        audit.settle(&s, 9, "test");
+        assert_eq!(load(&s), 2);
+        // 5 more arrive: of the 7 now, only the 2 seen before go, not all
+        // on the strength of the earlier sighting of 9.
+        s.load.fetch_add(5, Ordering::Relaxed);
+        audit.settle(&s, 7, "test");
+        assert_eq!(load(&s), 5);
+        audit.settle(&s, 5, "test");
+        assert_eq!(load(&s), 0);
+    }
+
+    #[test]
+    fn tcp_audit_makes_up_a_shortfall_and_settles_only_what_the_queue_does_not_explain() {
+        let s = stats();
+        let mut audit = LoadAudit::default();
+        s.active.store(3, Ordering::Relaxed);
+        audit.check(&s, Some(2));
+        assert_eq!(load(&s), 5, "a shortfall is made up at once");
+        assert_eq!(s.queued.load(Ordering::Relaxed), 2);
+        s.load.fetch_add(4, Ordering::Relaxed);
+        audit.check(&s, Some(2));
+        audit.check(&s, Some(2));
+        assert_eq!(load(&s), 5, "the excess of 4, seen twice, is gone");
+    }
+
+    #[test]
+    fn without_the_queue_length_the_tcp_audit_takes_nothing_away() {
+        let s = stats();
+        let mut audit = LoadAudit::default();
+        s.active.store(1, Ordering::Relaxed);
+        s.load.store(10, Ordering::Relaxed);
+        for _ in 0..3 {
+            audit.check(&s, None);
+        }
+        assert_eq!(load(&s), 10);
+        s.load.store(0, Ordering::Relaxed);
+        audit.check(&s, None);
+        assert_eq!(load(&s), 1, "a shortfall is still made up");
+    }
+
+    #[test]
+    fn udp_audit_settles_only_while_nothing_is_queued() {
+        let s = stats();
+        let mut audit = LoadAudit::default();
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.load.store(5, Ordering::Relaxed);
+        // An empty datagram counts as queued too.
+        client.send_to(&[], server.local_addr().unwrap()).unwrap();
+        assert!(datagram_waiting(&server).unwrap());
+        audit.check_datagrams(&s, &server);
+        audit.check_datagrams(&s, &server);
+        assert_eq!(load(&s), 5, "a queued datagram: nothing is settled");
+        let mut buf = [0u8; 8];
+        assert_eq!(server.recv(&mut buf).unwrap(), 0);
+        assert!(!datagram_waiting(&server).unwrap());
+        audit.check_datagrams(&s, &server);
+        assert_eq!(load(&s), 5, "seen once");
+        audit.check_datagrams(&s, &server);
+        assert_eq!(load(&s), 0, "seen twice: settled");
+    }
+
+    #[test]
+    fn errors_of_one_connection_are_retried_at_once_and_others_waited_out() {
+        let os = io::Error::from_raw_os_error;
+        for e in [
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ECONNRESET,
+            libc::EPERM,
+        ] {
+            assert_eq!(accept_retry(&os(e)), Retry::Now, "{e}");
+        }
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(accept_retry(&os(e)), Retry::Shortage, "{e}");
+            assert_eq!(receive_retry(&os(e)), Retry::Shortage, "{e}");
+        }
+        for e in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK] {
+            assert_eq!(accept_retry(&os(e)), Retry::Unexpected, "{e}");
+            assert_eq!(receive_retry(&os(e)), Retry::Unexpected, "{e}");
+        }
+        assert_eq!(receive_retry(&os(libc::ECONNREFUSED)), Retry::Now);
+        assert_eq!(receive_retry(&io::Error::other("no sender")), Retry::Now);
+    }
+
+    #[test]
+    fn pauses_after_unexpected_errors_grow_to_a_bound_and_start_over_after_a_success() {
+        let mut p = ErrorPacing::new("test");
+        assert_eq!(p.pause_after(Retry::Now), None);
+        assert_eq!(
+            p.pause_after(Retry::Shortage),
+            Some(Duration::from_millis(50))
+        );
+        let pauses: Vec<u64> = (0..6)
+            .map(|_| p.pause_after(Retry::Unexpected).unwrap().as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 100, 100]);
+        p.succeeded();
+        assert_eq!(
+            p.pause_after(Retry::Unexpected),
+            Some(Duration::from_millis(10))
         );
     }
 }
