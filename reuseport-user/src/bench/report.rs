@@ -163,12 +163,12 @@ pub fn markdown(report: &Report) -> String {
         let _ = writeln!(s, "### {}\n\n{}\n", w.name, w.about);
         let _ = writeln!(
             s,
-            "| model | {} | p50 µs | p99 µs | p99.9 µs | max µs | per worker | max/mean | Jain | locality | BPF ns | BPF / floor | errors |",
+            "| model | {} | p50 µs | p99 µs | p99.9 µs | max µs | per worker | max/mean | Jain | locality | BPF ns | BPF / floor | bytes per conn | errors |",
             w.unit
         );
         let _ = writeln!(
             s,
-            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &w.rows {
             let spread = &r.spread;
