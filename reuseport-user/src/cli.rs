@@ -398,6 +398,20 @@ fn ctl(args: CtlArgs) -> Result<()> {
             seed,
         } => {
             let current = control.status()?.policy;
+            if policy == PolicyKind::Weighted
+                && weights.is_none()
+                && current.kind != PolicyKind::Weighted
+            {
+                // The weights kept from an earlier `weighted` may not cover
+                // workers that came since.
+                if let Some(l) = control
+                    .live_slots()
+                    .iter()
+                    .find(|l| current.weights.get(l.slot as usize).copied().unwrap_or(0) == 0)
+                {
+                    return Err(crate::policy::PolicyError::NoWeight { slot: l.slot }.into());
+                }
+            }
             let next = Policy {
                 kind: policy,
                 key: hash_key.unwrap_or(current.key),

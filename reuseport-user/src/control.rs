@@ -466,7 +466,7 @@ impl Control {
                 })
             }
             Some(s) => {
-                self.maps.claim_this_slot(s, cpu, pid)?;
+                self.maps.claim_this_slot(s, cpu, pid, Some(1))?;
                 s
             }
             None => self.maps.claim_slot(cpu, pid, Some(1))?,

@@ -404,9 +404,11 @@ impl Group {
     /// one that died there), unless someone else took it meanwhile.
     pub(crate) fn claim_slot_again(&self, slot: u32, cpu: usize) -> Result<()> {
         match &self.steering {
-            Some(s) => lock(s)
-                .maps()
-                .claim_this_slot(slot, cpu as u32, std::process::id()),
+            Some(s) => {
+                lock(s)
+                    .maps_mut()
+                    .claim_this_slot(slot, cpu as u32, std::process::id(), None)
+            }
             None => Ok(()),
         }
     }

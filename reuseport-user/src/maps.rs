@@ -240,6 +240,8 @@ impl std::ops::Deref for WorkerStats {
 /// Handles on every pinned map of a group.
 pub struct Maps {
     sockets: ReusePortSockArray<MapData>,
+    /// The socket map's descriptor, to hand out more handles on it.
+    sockets_fd: std::os::fd::OwnedFd,
     state: MmapMut,
     table: MmapMut,
     counters: PerCpuArray<MapData, u64>,
@@ -294,8 +296,18 @@ impl Maps {
         };
         let state = mapped(map::STATE, size_of::<State>())?;
         let table = mapped(map::TABLE, 2 * size_of::<Table>())?;
+        let sockets = get(map::SOCKETS)?;
+        let sockets_fd = match &sockets {
+            Map::ReusePortSockArray(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io(format!("duplicating map {}", map::SOCKETS), e))?,
+            _ => return Err(wrong_type(map::SOCKETS)),
+        };
         Ok(Maps {
-            sockets: typed(get(map::SOCKETS)?, map::SOCKETS)?,
+            sockets: typed(sockets, map::SOCKETS)?,
+            sockets_fd,
             state,
             table,
             counters: typed(get(map::COUNTERS)?, map::COUNTERS)?,
@@ -316,7 +328,14 @@ impl Maps {
     }
 
     /// Takes `slot` (it must be free) for a worker of process `pid` on `cpu`.
-    pub fn claim_this_slot(&self, slot: u32, cpu: u32, pid: u32) -> Result<()> {
+    /// `weight` as for [`Maps::claim_slot`] (none: keep the slot's).
+    pub fn claim_this_slot(
+        &mut self,
+        slot: u32,
+        cpu: u32,
+        pid: u32,
+        weight: Option<u32>,
+    ) -> Result<()> {
         let _lock = self.lock()?;
         let rec = self.workers.slot(slot);
         if rec.state.load(Ordering::Acquire) != worker_state::EMPTY {
@@ -325,6 +344,8 @@ impl Maps {
                 state: "taken by another worker",
             });
         }
+        self.give_weight(slot, weight)?;
+        let rec = self.workers.slot(slot);
         rec.cpu.store(cpu, Ordering::Relaxed);
         rec.pid.store(pid, Ordering::Relaxed);
         rec.state.store(worker_state::STARTING, Ordering::Release);
@@ -345,18 +366,32 @@ impl Maps {
                 self.workers.slot(slot).state.load(Ordering::Acquire) == worker_state::EMPTY
             })
             .ok_or(Error::NoFreeSlot { max: MAX_WORKERS })?;
-        if let Some(w) = weight {
-            if self.group_info()?.flags & group_flag::PROGRAM != 0 {
-                let mut next = self.current_plan()?;
-                next.config.weights[slot as usize] = w;
-                self.write(&next)?;
-            }
-        }
+        self.give_weight(slot, weight)?;
         let rec = self.workers.slot(slot);
         rec.cpu.store(cpu, Ordering::Relaxed);
         rec.pid.store(pid, Ordering::Relaxed);
         rec.state.store(worker_state::STARTING, Ordering::Release);
         Ok(slot)
+    }
+
+    /// Under the group's lock: gives `slot` its `weight` in the policy in
+    /// force, if that is `weighted` and the weight differs.
+    fn give_weight(&mut self, slot: u32, weight: Option<u32>) -> Result<()> {
+        let Some(w) = weight else {
+            return Ok(());
+        };
+        if self.group_info()?.flags & group_flag::PROGRAM == 0 {
+            return Ok(());
+        }
+        let current = self.current_plan()?;
+        if current.config.policy != reuseport_common::policy::WEIGHTED
+            || current.config.weights[slot as usize] == w
+        {
+            return Ok(());
+        }
+        let mut next = current;
+        next.config.weights[slot as usize] = w;
+        self.write(&next)
     }
 
     /// Drains `slot`, all under the group's lock so that no other writer
@@ -415,15 +450,22 @@ impl Maps {
     /// Empties `slot`: the program stops selecting it at once. A slot that
     /// is already empty (its socket closed) is fine.
     pub fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        match self.sockets.clear_index(&slot) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(Error::bpf(format!("clearing slot {slot}"), e)),
-        }
+        clear(&mut self.sockets, slot)
+    }
+
+    /// A handle on the socket map of its own, for a worker's fault hook:
+    /// it empties the worker's slot without waiting for whoever holds this
+    /// one (a policy write waits for the group's lock and a grace period).
+    pub fn socket_map_handle(&self) -> Result<SocketMapHandle> {
+        let fd = self
+            .sockets_fd
+            .try_clone()
+            .map_err(|e| Error::io(format!("duplicating map {}", map::SOCKETS), e))?;
+        let data =
+            MapData::from_fd(fd).map_err(|e| Error::bpf(format!("map {}", map::SOCKETS), e))?;
+        let map =
+            Map::from_map_data(data).map_err(|e| Error::bpf(format!("map {}", map::SOCKETS), e))?;
+        Ok(SocketMapHandle(typed(map, map::SOCKETS)?))
     }
 
     fn state(&self) -> *mut State {
@@ -595,6 +637,28 @@ impl Maps {
         c.short_payload = read(counter::SHORT_PAYLOAD)?;
         c.migrated = read(counter::MIGRATED)?;
         Ok(c)
+    }
+}
+
+/// A handle on a group's socket map (see [`Maps::socket_map_handle`]).
+pub struct SocketMapHandle(ReusePortSockArray<MapData>);
+
+impl SocketMapHandle {
+    /// Empties `slot`, as [`Maps::clear_slot`] does.
+    pub fn clear_slot(&mut self, slot: u32) -> Result<()> {
+        clear(&mut self.0, slot)
+    }
+}
+
+fn clear(sockets: &mut ReusePortSockArray<MapData>, slot: u32) -> Result<()> {
+    match sockets.clear_index(&slot) {
+        Ok(()) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::bpf(format!("clearing slot {slot}"), e)),
     }
 }
 

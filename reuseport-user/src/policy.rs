@@ -201,6 +201,12 @@ pub enum PolicyError {
         /// Workers in the group.
         workers: usize,
     },
+    /// Switching to `weighted` without weights, when a worker has none yet.
+    #[error("worker {slot} has no weight yet: give --weights, one per worker")]
+    NoWeight {
+        /// The worker's slot.
+        slot: u32,
+    },
     /// A payload key on a TCP group: a SYN carries no payload.
     #[error("--hash-key {0} needs --proto udp: a TCP SYN carries no payload")]
     PayloadKeyOnTcp(HashKey),

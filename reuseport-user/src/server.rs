@@ -334,10 +334,15 @@ impl Supervisor {
         let stop = self.shutdown.child_token();
         // If the worker dies, its socket leaves the socket map at once (on
         // the dying thread); the policy is rebuilt within a tick.
-        let steering = self.group.steering();
+        // Its own handle on the socket map: the hook must not wait behind a
+        // policy write that holds the group's.
+        let socket_map = match self.group.steering() {
+            Some(s) => Some(lock(&s).maps().socket_map_handle()?),
+            None => None,
+        };
         let on_fault: OnFault = Box::new(move || {
-            if let Some(s) = steering {
-                if let Err(e) = lock(&s).maps_mut().clear_slot(slot) {
+            if let Some(mut map) = socket_map {
+                if let Err(e) = map.clear_slot(slot) {
                     warn!("worker {slot} died, and its socket stays in the socket map until the next check: {e}");
                 }
             }
@@ -518,7 +523,7 @@ impl Supervisor {
             return Err(Error::io(
                 "serving",
                 io::Error::other(format!(
-                    "every worker is gone: worker(s) {} died {MAX_RESTARTS} times in {RESTART_WINDOW:?} and were not restarted",
+                    "every worker is gone: worker(s) {} died again after {MAX_RESTARTS} restarts in {RESTART_WINDOW:?} and were not restarted",
                     slots.join(", ")
                 )),
             ));
@@ -541,7 +546,7 @@ impl Supervisor {
         recent.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         if recent.len() >= MAX_RESTARTS {
             error!(
-                "worker {slot} died {MAX_RESTARTS} times in {RESTART_WINDOW:?}: not restarting it"
+                "worker {slot} died again after {MAX_RESTARTS} restarts in {RESTART_WINDOW:?}: not restarting it"
             );
             self.given_up.push(slot);
             return;

@@ -404,6 +404,8 @@ pub(crate) struct ErrorPacing {
     logged: Option<Instant>,
     /// Errors not logged since then.
     unlogged: u64,
+    /// "Retry at once" errors in a row, with no success between.
+    in_a_row: u32,
 }
 
 impl ErrorPacing {
@@ -413,6 +415,9 @@ impl ErrorPacing {
     const FIRST_PAUSE: Duration = Duration::from_millis(10);
     /// The longest pause.
     const LONGEST_PAUSE: Duration = Duration::from_millis(100);
+    /// "Retry at once" errors in a row taken as such; past this many they
+    /// are paced as unexpected ones.
+    const AT_ONCE_IN_A_ROW: u32 = 16;
     /// At most one log line per this interval.
     const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -423,6 +428,7 @@ impl ErrorPacing {
             pause: Self::FIRST_PAUSE,
             logged: None,
             unlogged: 0,
+            in_a_row: 0,
         }
     }
 
@@ -430,11 +436,13 @@ impl ErrorPacing {
     /// pause.
     pub(crate) fn succeeded(&mut self) {
         self.pause = Self::FIRST_PAUSE;
+        self.in_a_row = 0;
     }
 
     /// The call failed with `e`: logs it (rate-limited) and waits as
     /// `retry` says.
     pub(crate) async fn failed(&mut self, e: &io::Error, retry: Retry) {
+        let retry = self.escalate(retry);
         let Some(pause) = self.pause_after(retry) else {
             debug!("{}: {e}", self.what);
             return;
@@ -464,6 +472,21 @@ impl ErrorPacing {
             }
         }
         tokio::time::sleep(pause).await;
+    }
+
+    /// An error of one connection or datagram is gone with it; the same
+    /// kind again and again with nothing served between is not (a security
+    /// module refusing every accept, say): past a few, it is paced too.
+    fn escalate(&mut self, retry: Retry) -> Retry {
+        if retry != Retry::Now {
+            return retry;
+        }
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        if self.in_a_row > Self::AT_ONCE_IN_A_ROW {
+            Retry::Unexpected
+        } else {
+            Retry::Now
+        }
     }
 
     /// The pause before the next try, if any.
@@ -866,5 +889,18 @@ mod tests {
             p.pause_after(Retry::Unexpected),
             Some(Duration::from_millis(10))
         );
+    }
+
+    #[test]
+    fn errors_of_one_connection_are_paced_once_they_repeat_without_a_success() {
+        let mut p = ErrorPacing::new("test");
+        for _ in 0..ErrorPacing::AT_ONCE_IN_A_ROW {
+            assert_eq!(p.escalate(Retry::Now), Retry::Now);
+        }
+        assert_eq!(p.escalate(Retry::Now), Retry::Unexpected);
+        assert_eq!(p.escalate(Retry::Now), Retry::Unexpected);
+        p.succeeded();
+        assert_eq!(p.escalate(Retry::Now), Retry::Now);
+        assert_eq!(p.escalate(Retry::Shortage), Retry::Shortage);
     }
 }

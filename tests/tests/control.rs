@@ -42,6 +42,10 @@ fn ctl_errors_are_one_clear_line() {
 
     let (code, _, err) = server.ctl(&["policy", "weighted"]);
     assert_eq!(code, 1, "weighted without weights: {err}");
+    assert_eq!(
+        err.lines().next().unwrap(),
+        "error: worker 0 has no weight yet: give --weights, one per worker"
+    );
 
     let (code, _, err) = server.ctl(&["policy", "fastest"]);
     assert_eq!(code, 2);

@@ -38,8 +38,13 @@ fn load_of_datagrams_dropped_at_a_full_receive_buffer_is_settled() {
         let p = pattern(16, i);
         assert_eq!(udp_exchange_on(&client, server.addr, &p), p);
     }
+    // A worker takes a datagram's load away just after it has replied.
+    assert!(
+        eventually(Duration::from_secs(2), || loads(&server.metrics(), 2)
+            == [0, 0]),
+        "idle workers carry no load"
+    );
     let before = server.metrics();
-    assert_eq!(loads(&before, 2), [0, 0]);
 
     // A stopped process reads nothing, but the program still steers (it
     // runs in the sender's context) and counts every datagram in its
@@ -110,7 +115,11 @@ fn load_of_datagrams_dropped_at_a_full_receive_buffer_is_settled() {
         delta.iter().all(|&d| d >= 50),
         "new datagrams are spread again: {delta:?}"
     );
-    assert_eq!(loads(&after, 2), [0, 0]);
+    assert!(
+        eventually(Duration::from_secs(2), || loads(&server.metrics(), 2)
+            == [0, 0]),
+        "and their load is taken away as they are answered"
+    );
 }
 
 /// Whether every thread of process `pid` is stopped (`T` in
@@ -199,14 +208,15 @@ fn idle_metrics_clients_cannot_take_the_endpoint_or_the_descriptors() {
         "the idle clients hold {extra} of the server's descriptors"
     );
 
-    // A scrape is still answered at once: it takes the place of the
+    // A scrape is still answered at once (3 s allow for a busy machine;
+    // refused, it would wait out a 5 s header timeout): it takes the place of the
     // longest-waiting idle client.
     let asked = Instant::now();
     let (status, body) = get_metrics(metrics).expect("a scrape while idle clients wait");
     assert!(status.contains(" 200 "), "{status}");
     assert!(body.contains("reuseport_worker_accepted_total"), "{body}");
     assert!(
-        asked.elapsed() < Duration::from_secs(1),
+        asked.elapsed() < Duration::from_secs(3),
         "the scrape took {:?}",
         asked.elapsed()
     );

