@@ -48,7 +48,8 @@ pub mod map {
     /// mapping.
     pub const STATE: &str = "STATE";
     /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of two [`Table`](crate::Table)s,
-    /// one per generation: the slot table of `cpu`, `weighted` and `consistent`.
+    /// one per generation: the slot table of `weighted` and `consistent`
+    /// (`cpu`'s small table lives in the [`Config`](crate::Config)).
     pub const TABLE: &str = "TABLE";
     /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of `MAX_WORKERS`
     /// [`WorkerRecord`](crate::WorkerRecord)s: what each slot's worker is and
@@ -109,9 +110,10 @@ pub mod key {
 /// Indices into the per-CPU [`map::COUNTERS`] array.
 ///
 /// Every run of the steering program ends in exactly one of
-/// `SELECTED_BASE + slot`, [`FALLBACK`](counter::FALLBACK) or
-/// [`DROPPED`](counter::DROPPED); the other counters record why a run took a
-/// detour and may be counted in addition to the outcome.
+/// `SELECTED_BASE + slot` or [`FALLBACK`](counter::FALLBACK) (the program
+/// never drops; [`DROPPED`](counter::DROPPED) is kept in the contract and on
+/// `/metrics`, at 0, for a policy that would); the other counters record
+/// why a run took a detour and may be counted in addition to the outcome.
 pub mod counter {
     use crate::MAX_WORKERS;
     /// `SELECTED_BASE + slot`: the program selected that slot.
@@ -251,8 +253,8 @@ impl State {
     };
 }
 
-/// One generation's slot table: slot numbers as bytes, indexed by CPU row
-/// (`cpu`), ticket (`weighted`) or key hash (`consistent`). Bytes keep the
+/// One generation's slot table: slot numbers as bytes, indexed by ticket
+/// (`weighted`) or key hash (`consistent`). Bytes keep the
 /// Maglev table in two pages (8 KiB), which the program reads at random.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,6 +302,9 @@ pub struct WorkerRecord {
     pub load: u64,
     /// Connections that waited because the worker was at its connection limit.
     pub at_limit: u64,
+    /// Unused: makes a record one 64-byte cache line, so that workers
+    /// counting on different CPUs do not share one.
+    pub reserved: u64,
 }
 
 /// Bits of [`GroupInfo::flags`].
@@ -362,7 +367,7 @@ mod tests {
             core::mem::size_of::<Config>(),
             4 * (8 + 2 * MAX_WORKERS as usize) + CPU_TABLE_LEN as usize
         );
-        assert_eq!(core::mem::size_of::<WorkerRecord>(), 4 * 4 + 8 * 5);
+        assert_eq!(core::mem::size_of::<WorkerRecord>(), 64);
         assert_eq!(
             core::mem::size_of::<State>(),
             128 + 2 * core::mem::size_of::<Config>()

@@ -309,14 +309,11 @@ impl Control {
                 selected: counters.selected[slot],
             })
             .collect();
+        let (addr, proto) = addr_of(&info);
         Ok(Status {
             name: self.name.clone(),
-            addr: SocketAddr::new(ip_of(&info), info.port as u16),
-            proto: if info.protocol == 17 {
-                Proto::Udp
-            } else {
-                Proto::Tcp
-            },
+            addr,
+            proto,
             owner_pid: info.owner_pid,
             steered: info.flags & group_flag::PROGRAM != 0,
             policy: policy_of(&config),
@@ -339,11 +336,7 @@ impl Control {
                 name: self.name.clone(),
             });
         }
-        let proto = if info.protocol == 17 {
-            Proto::Udp
-        } else {
-            Proto::Tcp
-        };
+        let (_, proto) = addr_of(&info);
         crate::group::check_key(policy, proto)?;
         self.maps
             .update(|current, live| Ok(policy::replan(policy, live, current)?))

@@ -48,10 +48,18 @@ pub fn enable_pktinfo(socket: BorrowedFd<'_>, local: SocketAddr) -> io::Result<b
     Ok(true)
 }
 
+/// Room for the destination-address control message of one datagram, made
+/// once per socket and handed to every [`recv`].
+pub fn control_buffer() -> Vec<u8> {
+    nix::cmsg_space!(libc::in6_pktinfo, libc::in_pktinfo)
+}
+
 /// Receives one datagram into `buf`: its length, sender and destination.
+/// `cmsg` comes from [`control_buffer`].
 pub async fn recv(
     socket: &UdpSocket,
     buf: &mut [u8],
+    cmsg: &mut Vec<u8>,
     pktinfo: bool,
 ) -> io::Result<(usize, SocketAddr, Destination)> {
     if !pktinfo {
@@ -60,12 +68,11 @@ pub async fn recv(
     }
     socket
         .async_io(Interest::READABLE, || {
-            let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::in_pktinfo);
             let mut iov = [IoSliceMut::new(buf)];
             let msg = recvmsg::<SockaddrStorage>(
                 socket.as_raw_fd(),
                 &mut iov,
-                Some(&mut cmsg),
+                Some(&mut *cmsg),
                 MsgFlags::MSG_DONTWAIT,
             )
             .map_err(io::Error::from)?;
@@ -116,15 +123,15 @@ pub async fn reply(
     socket
         .async_io(Interest::WRITABLE, || {
             let iov = [IoSlice::new(data)];
-            let cmsg: Vec<ControlMessage> = match (&v4, &v6) {
-                (Some(i), _) => vec![ControlMessage::Ipv4PacketInfo(i)],
-                (_, Some(i)) => vec![ControlMessage::Ipv6PacketInfo(i)],
-                _ => vec![],
+            let cmsg = match (&v4, &v6) {
+                (Some(i), _) => Some(ControlMessage::Ipv4PacketInfo(i)),
+                (_, Some(i)) => Some(ControlMessage::Ipv6PacketInfo(i)),
+                _ => None,
             };
             sendmsg(
                 socket.as_raw_fd(),
                 &iov,
-                &cmsg,
+                cmsg.as_slice(),
                 MsgFlags::MSG_DONTWAIT,
                 Some(&peer),
             )

@@ -27,9 +27,12 @@ pub async fn echo(mut stream: TcpStream, conn: Conn) -> io::Result<()> {
         timeout(idle, stream.readable())
             .await
             .map_err(|_| timed_out())??;
-        let mut buf = vec![0u8; conn.limits.buffer_size.max(1)];
+        // Not zeroed: reads fill it from the start, and only what they
+        // filled is written back.
+        let mut buf = Vec::with_capacity(conn.limits.buffer_size.max(1));
         loop {
-            let n = match stream.try_read(&mut buf) {
+            buf.clear();
+            let n = match stream.try_read_buf(&mut buf) {
                 Ok(0) => return stream.shutdown().await,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -442,19 +442,33 @@ impl Group {
     /// going there at once; what is already queued moves when its socket
     /// closes ([`Group::remove_member`]).
     pub fn retire_slot(&self, slot: u32) -> Result<()> {
-        let rec = self.workers.slot(slot);
-        if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
-            rec.state.store(worker_state::DRAINING, Ordering::Release);
-        }
-        if let Some(s) = &self.steering {
-            if self.steered()? && !self.retired() {
-                let _ = lock(s).maps_mut().clear_slot(slot);
+        self.retire_slots(&[slot])
+    }
+
+    /// [`Group::retire_slot`] for several slots, with one rebuild of the
+    /// policy for all.
+    pub fn retire_slots(&self, slots: &[u32]) -> Result<()> {
+        for &slot in slots {
+            let rec = self.workers.slot(slot);
+            if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
+                rec.state.store(worker_state::DRAINING, Ordering::Release);
             }
         }
-        if !self.retired() {
-            self.rebalance()?;
+        if self.retired() {
+            return Ok(());
         }
-        Ok(())
+        match &self.steering {
+            Some(s) if self.steered()? => {
+                let mut s = lock(s);
+                for &slot in slots {
+                    if let Err(e) = s.maps_mut().clear_slot(slot) {
+                        warn!("slot {slot} stays in the socket map until its socket closes: {e}");
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.rebalance()
     }
 
     /// Closes this process's socket of `slot`. When it was a TCP listener
@@ -554,9 +568,7 @@ impl Group {
             .filter(|l| !mine.contains(&l.slot))
             .count();
         if others > 0 {
-            for &slot in &mine {
-                self.retire_slot(slot)?;
-            }
+            self.retire_slots(&mine)?;
             info!("{others} worker(s) of other processes take this process's share of new connections");
         }
         Ok(others)
@@ -573,9 +585,7 @@ impl Group {
         let retired = self.retired();
         let slots: Vec<u32> = self.members.iter().map(|m| m.slot).collect();
         if self.role == Role::Joined {
-            for &slot in &slots {
-                self.retire_slot(slot)?;
-            }
+            self.retire_slots(&slots)?;
         }
         let owner = matches!(self.role, Role::Owner | Role::Successor { .. });
         if owner && !retired && self.steered()? {

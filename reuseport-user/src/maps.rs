@@ -100,6 +100,8 @@ pub struct WorkerCounters {
     pub load: AtomicU64,
     /// Connections that waited because the worker was at its limit.
     pub at_limit: AtomicU64,
+    /// Unused (a record is one cache line).
+    pub reserved: AtomicU64,
 }
 
 const _: () = assert!(size_of::<WorkerCounters>() == size_of::<WorkerRecord>());
@@ -111,7 +113,7 @@ macro_rules! same_offset {
         );)*
     };
 }
-same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit);
+same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit, reserved);
 const _: () = assert!(align_of::<WorkerCounters>() <= 8);
 
 impl WorkerCounters {
@@ -127,6 +129,7 @@ impl WorkerCounters {
             bytes: self.bytes.load(Ordering::Relaxed),
             load: self.load.load(Ordering::Relaxed),
             at_limit: self.at_limit.load(Ordering::Relaxed),
+            reserved: 0,
         }
     }
 
@@ -204,7 +207,7 @@ impl WorkerRegion {
         assert!(slot < MAX_WORKERS, "slot {slot} out of range");
         let offset = slot as usize * size_of::<WorkerCounters>();
         // SAFETY: in bounds (checked above), 8-byte aligned (page-aligned
-        // base, 56-byte records), and the type is atomics only, valid for
+        // base, 64-byte records), and the type is atomics only, valid for
         // any bit pattern and for concurrent access from other processes
         // and the program.
         unsafe { &*(self.mmap.as_ptr().add(offset) as *const WorkerCounters) }

@@ -214,8 +214,9 @@ impl Collector for GroupCollector {
             .sources
             .steering
             .as_ref()
-            .filter(|s| lock(s).has_program())
-            .map(|s| lock(s).run_stats());
+            .map(|s| lock(s))
+            .filter(|s| s.has_program())
+            .map(|s| s.run_stats());
         if let Some(Ok((time, runs))) = stats {
             let m = encoder.encode_descriptor(
                 "reuseport_bpf_runs",
@@ -268,18 +269,11 @@ impl GroupCollector {
         )?;
         ConstGauge::new(1).encode(family.encode_family(&[("policy", policy)])?)?;
 
-        let now: Vec<u64> = self
-            .sources
-            .region
-            .snapshot()
-            .iter()
-            .map(|r| r.accepted)
-            .collect();
+        // One snapshot, so that the counts and the states agree.
+        let records = self.sources.region.snapshot();
+        let now: Vec<u64> = records.iter().map(|r| r.accepted).collect();
         let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
-        let serving: Vec<usize> = self
-            .sources
-            .region
-            .snapshot()
+        let serving: Vec<usize> = records
             .iter()
             .enumerate()
             .filter(|(_, r)| r.state == worker_state::SERVING)

@@ -59,18 +59,19 @@ impl PolicyKind {
         }
     }
 
+    /// The policies the program carries out (every one but `kernel`).
+    pub const STEERED: [PolicyKind; 6] = [
+        PolicyKind::Cpu,
+        PolicyKind::Hash,
+        PolicyKind::RoundRobin,
+        PolicyKind::LeastLoaded,
+        PolicyKind::Weighted,
+        PolicyKind::Consistent,
+    ];
+
     /// The policy with program id `id`, if any.
     pub fn from_id(id: u32) -> Option<PolicyKind> {
-        [
-            PolicyKind::Cpu,
-            PolicyKind::Hash,
-            PolicyKind::RoundRobin,
-            PolicyKind::LeastLoaded,
-            PolicyKind::Weighted,
-            PolicyKind::Consistent,
-        ]
-        .into_iter()
-        .find(|p| p.id() == id)
+        Self::STEERED.into_iter().find(|p| p.id() == id)
     }
 
     /// Whether the policy reads `--hash-key`.

@@ -87,7 +87,7 @@ impl Server {
                 io::Error::other("start_tcp needs a TCP group"),
             ));
         }
-        let limits = Arc::new(options.limits.clone());
+        let limits = options.limits.clone();
         let starter: Starter = Arc::new(move |group: &Group, slot, stop, on_fault| {
             let member = member(group, slot)?;
             worker::spawn_tcp(
@@ -97,7 +97,8 @@ impl Server {
                 },
                 member.tcp_listener()?,
                 group.worker_stats(slot),
-                limits.clone(),
+                // Its own: each connection takes a count of it.
+                Arc::new(limits.clone()),
                 handler.clone(),
                 stop,
                 on_fault,

@@ -283,12 +283,17 @@ async fn udp_loop<H: DatagramHandler>(
 ) {
     // One buffer per worker, of the largest datagram, so nothing is cut.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut cmsg = crate::datagram::control_buffer();
     let mut errors = ErrorPacing::new(format!("worker {}: receive", info.worker));
     let mut audit = LoadAudit::default();
     let mut tick = audit_interval();
+    // Made once: a new one at every datagram would register with the
+    // token's waiters (a lock) each time it is polled.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let (n, peer, dst) = tokio::select! {
-            r = crate::datagram::recv(&socket, &mut buf, pktinfo) => match r {
+            r = crate::datagram::recv(&socket, &mut buf, &mut cmsg, pktinfo) => match r {
                 Ok(v) => {
                     errors.succeeded();
                     v
@@ -303,7 +308,7 @@ async fn udp_loop<H: DatagramHandler>(
                 audit.check_datagrams(&stats, &socket);
                 continue;
             }
-            _ = shutdown.cancelled() => break,
+            _ = &mut cancelled => break,
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         if let Some(reply) = handler.handle(&mut buf, n, peer) {
@@ -506,7 +511,7 @@ impl ErrorPacing {
 /// Ends a connection's accounting when its task ends, however it ends
 /// (including a panic in the handler): one fewer active connection, and
 /// one less unit of the slot's load.
-struct ActiveGuard(WorkerStats);
+struct ActiveGuard(Rc<WorkerStats>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -691,6 +696,11 @@ async fn accept_loop<H, F>(
             }
         })
     };
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    // Per connection, a count on this thread's own `Rc` rather than an
+    // atomic one on the `Arc` every worker shares.
+    let guard_stats = Rc::new(stats.clone());
     loop {
         // At the connection limit, stop accepting: new connections wait in
         // the kernel's queue instead of being accepted and starved.
@@ -703,13 +713,13 @@ async fn accept_loop<H, F>(
                         Ok(p) => p,
                         Err(_) => break,
                     },
-                    _ = shutdown.cancelled() => break,
+                    _ = &mut cancelled => break,
                 }
             }
         };
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.cancelled() => break,
+            _ = &mut cancelled => break,
         };
         let (stream, peer) = match accepted {
             Ok(v) => {
@@ -726,7 +736,7 @@ async fn accept_loop<H, F>(
         };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         stats.active.fetch_add(1, Ordering::Relaxed);
-        let guard = ActiveGuard(stats.clone());
+        let guard = ActiveGuard(guard_stats.clone());
         let conn = Conn {
             worker: info,
             peer,

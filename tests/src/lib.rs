@@ -651,6 +651,28 @@ pub fn empty_slot(group: &str, slot: u32) {
     assert_eq!(rc, 0, "deleting slot {slot}: {err}");
 }
 
+/// Opens `n` connections from a thread pinned to `cpu` (under the `cpu`
+/// policy they all reach that CPU's worker), has each echo one byte, and
+/// keeps them open.
+pub fn hold_from_cpu(addr: SocketAddr, cpu: usize, n: u8) -> Vec<TcpStream> {
+    thread::spawn(move || {
+        pin_to_cpu(cpu);
+        (0..n)
+            .map(|i| {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                s.write_all(&[i]).expect("send");
+                let mut b = [0u8];
+                s.read_exact(&mut b).expect("the echo");
+                s
+            })
+            .collect()
+    })
+    .join()
+    .expect("the connecting thread")
+}
+
 /// Sends one datagram from `src` (port 0: any) to `server` and returns the
 /// reply (waits up to 5 s).
 pub fn udp_exchange(src: SocketAddr, server: SocketAddr, payload: &[u8]) -> Vec<u8> {

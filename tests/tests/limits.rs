@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reuseport_tests::{connect_from, cpus, echo, eventually, netns, pattern, pin_to_cpu, Server};
+use reuseport_tests::{
+    connect_from, cpus, echo, eventually, hold_from_cpu, netns, pattern, Server,
+};
 
 /// Resident memory of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
@@ -167,20 +169,7 @@ fn at_the_connection_limit_a_worker_stops_accepting_and_least_loaded_steers_else
     let addr = server.addr;
     let cpu0 = cpus()[0];
     // Worker 0 takes three long connections: it is at its limit.
-    let held: Vec<TcpStream> = thread::spawn(move || {
-        pin_to_cpu(cpu0);
-        (0..3u8)
-            .map(|i| {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.write_all(&[i]).unwrap();
-                let mut b = [0u8];
-                s.read_exact(&mut b).unwrap();
-                s
-            })
-            .collect()
-    })
-    .join()
-    .unwrap();
+    let held = hold_from_cpu(addr, cpu0, 3);
     assert_eq!(server.metrics().active(0), 3);
 
     // Under least-loaded the full worker's load shows, and new

@@ -9,8 +9,8 @@ use std::{
 };
 
 use reuseport_tests::{
-    accepted_delta, connect_from, cpus, echo, echo_on, empty_slot, eventually, netns, pattern,
-    pin_to_cpu, selected_delta, tcp_once, Metrics, Server,
+    accepted_delta, connect_from, cpus, echo, echo_on, empty_slot, eventually, hold_from_cpu,
+    netns, pattern, pin_to_cpu, selected_delta, tcp_once, Metrics, Server,
 };
 
 /// Opens one echo connection from `src` and returns the worker that
@@ -289,21 +289,7 @@ fn switching_policy_keeps_open_connections_and_steers_new_ones() {
     let addr = server.addr;
     let cpu = cpus()[0];
     // Open connections under `cpu`: all on the worker of the client's CPU.
-    let mut open: Vec<TcpStream> = thread::spawn(move || {
-        pin_to_cpu(cpu);
-        (0..8u8)
-            .map(|i| {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                s.write_all(&[i]).unwrap();
-                let mut b = [0u8];
-                s.read_exact(&mut b).unwrap();
-                s
-            })
-            .collect()
-    })
-    .join()
-    .unwrap();
+    let mut open = hold_from_cpu(addr, cpu, 8);
     assert_eq!(server.metrics().active(0), 8);
 
     server.switch(&["round-robin"]);

@@ -117,14 +117,7 @@ fn reuseport_models(cpus: usize) -> Vec<Model> {
         name: "reuseport-kernel".into(),
         design: reuseport(PolicyKind::Kernel, cpus),
     }];
-    for kind in [
-        PolicyKind::Cpu,
-        PolicyKind::Hash,
-        PolicyKind::RoundRobin,
-        PolicyKind::LeastLoaded,
-        PolicyKind::Weighted,
-        PolicyKind::Consistent,
-    ] {
+    for kind in PolicyKind::STEERED {
         v.push(Model {
             name: kind.name().into(),
             design: reuseport(kind, cpus),

@@ -9,7 +9,10 @@ use plotters::{
 };
 
 use super::{Report, Row, Target, Workload};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    policy::PolicyKind,
+};
 
 fn find<'a>(workloads: &'a [Workload], name: &str) -> Option<&'a Workload> {
     workloads.iter().find(|w| w.name == name)
@@ -46,15 +49,10 @@ pub fn targets(workloads: &[Workload], quick: bool) -> Vec<Target> {
     let rate = find(workloads, "connection-rate");
     if let Some(kernel) = get(rate, "reuseport-kernel") {
         for r in rate.map(|w| w.rows.as_slice()).unwrap_or(&[]) {
-            let policy = [
-                "cpu",
-                "hash",
-                "round-robin",
-                "least-loaded",
-                "weighted",
-                "consistent",
-            ];
-            if policy.contains(&r.model.as_str()) && kernel.rate > 0.0 {
+            let steered = PolicyKind::STEERED
+                .iter()
+                .any(|k| k.name() == r.model.as_str());
+            if steered && kernel.rate > 0.0 {
                 let x = r.rate / kernel.rate;
                 t.push(Target {
                     what: format!("connection rate of `{}` over reuseport-kernel", r.model),
