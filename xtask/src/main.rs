@@ -77,6 +77,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Run { args } => release(&root, "run", &args),
         Task::Test { args } => {
             setup::ensure()?;
+            setup::ensure_test_tools()?;
             cargo(
                 &root,
                 // The examples too: the tests run them from

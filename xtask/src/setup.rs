@@ -5,7 +5,9 @@
 //! 2. LLVM development files of the nightly's own LLVM major version,
 //!    from Debian's packages (`llvm-N-dev`);
 //! 3. `bpf-linker` built against that LLVM;
-//! 4. fontconfig's development files (the benchmark's charts).
+//! 4. fontconfig's development files (the benchmark's charts);
+//! 5. for the tests ([`ensure_test_tools`]): `ip` (iproute2), `setpriv`
+//!    (util-linux) and `python3`, and the `nobody` account.
 //!
 //! The recipe is the one verified in `shared/notes/toolchain.md`.
 
@@ -48,16 +50,7 @@ fn ensure_fontconfig() -> Result<()> {
         bail!("libfontconfig1-dev is missing and installing it needs root: run `sudo apt-get install -y libfontconfig1-dev pkg-config`");
     }
     say("fontconfig development files are missing: installing them from Debian's packages");
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "libfontconfig1-dev",
-            "libfreetype-dev",
-            "pkg-config",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    apt_install(&["libfontconfig1-dev", "libfreetype-dev", "pkg-config"])
 }
 
 fn say(msg: &str) {
@@ -140,7 +133,9 @@ fn llvm_prefix(major: u32) -> String {
 fn ensure_llvm(major: u32) -> Result<()> {
     let prefix = llvm_prefix(major);
     let package = format!("llvm-{major}-dev");
-    if Path::new(&prefix).join("bin/llvm-config").exists() {
+    // libLLVM is what bpf-linker links against; it comes with llvm-N-dev
+    // (llvm-config alone comes with llvm-N).
+    if Path::new(&prefix).join("lib/libLLVM.so").exists() {
         say(&format!("{package}: present ({prefix})"));
         return Ok(());
     }
@@ -156,22 +151,37 @@ fn ensure_llvm(major: u32) -> Result<()> {
     say(&format!(
         "{package} is missing: installing it from Debian's packages"
     ));
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", &package])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    apt_install(&[&package])
+}
+
+/// Where setup notes which LLVM the installed bpf-linker was built against
+/// (`bpf-linker --version` does not say): a nightly on another LLVM needs
+/// another build.
+fn linker_llvm_note() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+    Some(home.join(".bpf-linker-llvm"))
 }
 
 fn ensure_bpf_linker(major: u32) -> Result<()> {
+    let built_for = linker_llvm_note()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| s.trim().parse::<u32>().ok());
     if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            say(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
-            return Ok(());
+        match built_for {
+            _ if !v.contains(BPF_LINKER_VERSION) => say(&format!(
+                "bpf-linker is {}, not {BPF_LINKER_VERSION}: reinstalling",
+                v.trim()
+            )),
+            Some(m) if m != major => say(&format!(
+                "bpf-linker was built for LLVM {m}, the nightly uses LLVM {major}: rebuilding"
+            )),
+            _ => {
+                say(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+                return Ok(());
+            }
         }
-        say(&format!(
-            "bpf-linker is {}, not {BPF_LINKER_VERSION}: reinstalling",
-            v.trim()
-        ));
     } else {
         say(&format!("bpf-linker is missing: building {BPF_LINKER_VERSION} against LLVM {major} (about a minute)"));
     }
@@ -190,5 +200,66 @@ fn ensure_bpf_linker(major: u32) -> Result<()> {
             &format!("llvm-{major}"),
         ])
         // bpf-linker's build script looks for libLLVM under LLVM_PREFIX.
-        .env("LLVM_PREFIX", llvm_prefix(major)))
+        .env("LLVM_PREFIX", llvm_prefix(major)))?;
+    if let Some(p) = linker_llvm_note() {
+        std::fs::write(&p, major.to_string())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// What the tests run besides the project's binary: `ip` (network
+/// namespaces), `setpriv` (tests as another user), `python3` (a server in
+/// another language joins a group), and the `nobody` account.
+pub fn ensure_test_tools() -> Result<()> {
+    let has = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let missing: Vec<(&str, &str)> = [
+        ("ip", "iproute2"),
+        ("setpriv", "util-linux"),
+        ("python3", "python3"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !has(tool))
+    .collect();
+    if missing.is_empty() {
+        say("test tools (ip, setpriv, python3): present");
+    } else {
+        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        if !is_debian() || !is_root() {
+            bail!(
+                "the tests need {}: install {} (as root), then run `cargo xtask test` again",
+                missing
+                    .iter()
+                    .map(|(t, _)| *t)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                packages.join(" ")
+            );
+        }
+        say(&format!(
+            "installing what the tests need: {}",
+            packages.join(" ")
+        ));
+        apt_install(&packages)?;
+    }
+    if output(Command::new("id").arg("nobody")).is_none() {
+        bail!("the tests run some steps as the user `nobody`, which this system lacks: create it (useradd -r nobody)");
+    }
+    Ok(())
+}
+
+/// `apt-get install`, with the package lists brought up to date first (a
+/// fresh image may have none).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
