@@ -133,11 +133,23 @@ fn a_python_server_serves_its_share_under_round_robin() {
                 .any(|l| l.trim_start().starts_with("2 ") && l.contains("serving"))
         }
     ));
+    let before = server.metrics();
     for i in 0..10 {
         let p = format!("after {i}").into_bytes();
         assert_eq!(echo(server.addr, &p), p);
     }
-    assert_eq!(server.metrics().fallback(), 0);
+    let after = server.metrics();
+    assert_eq!(after.fallback(), 0);
+    assert_eq!(
+        reuseport_tests::selected_delta(&before, &after, 2),
+        [5, 5],
+        "all ten, round robin over the two workers left, by a rebuilt policy"
+    );
+    assert_eq!(
+        after.empty_slot(),
+        before.empty_slot(),
+        "its empty slot is no longer even picked"
+    );
 }
 
 #[test]

@@ -121,3 +121,33 @@ fn a_quick_run_measures_every_model_cleanly() {
     }
     let _ = std::fs::remove_dir_all(&out_dir);
 }
+
+/// `reuseport bench --soak MINUTES`: steady churn, with descriptors and
+/// memory reported at intervals; here a few seconds of it.
+#[test]
+fn a_short_soak_stays_flat_and_loses_nothing() {
+    let out_dir = std::env::temp_dir().join(format!("reuseport-soak-{}", std::process::id()));
+    let out = Command::new(binary())
+        .args(["bench", "--soak", "0.1", "--out"])
+        .arg(&out_dir)
+        .output()
+        .expect("running reuseport bench --soak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "soak failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("descriptors and memory flat, nothing failed: yes"),
+        "{stdout}"
+    );
+    // The last sample: thousands of connections, none failed.
+    let last: Vec<&str> = stdout
+        .lines()
+        .rfind(|l| l.starts_with("| ") && !l.starts_with("| s "))
+        .expect("samples")
+        .split('|')
+        .map(str::trim)
+        .collect();
+    let connections: u64 = last[2].parse().unwrap();
+    assert!(connections > 1_000, "{stdout}");
+    assert_eq!(last[3], "0", "failed connections: {stdout}");
+}

@@ -165,6 +165,12 @@ fn stats_prints_the_table_and_the_balance() {
         .join()
         .unwrap();
     }
+    // The same balance on /metrics (the first scrape: since the start).
+    let m = server.metrics();
+    let gauge = |name: &str| m.get(name, &[]).unwrap_or(f64::NAN);
+    assert!((gauge("reuseport_balance_max_over_mean") - 4.0 / 3.0).abs() < 1e-3);
+    assert!((gauge("reuseport_balance_cv") - 1.0 / 3.0).abs() < 1e-3);
+    assert!((gauge("reuseport_balance_jain_index") - 0.9).abs() < 1e-3);
     let (code, out, err) = reuseport(&["stats", "--group", &server.group]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();

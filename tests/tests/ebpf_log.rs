@@ -14,6 +14,7 @@ fn serve(rust_log: &str) -> Server {
         "127.0.0.1:0",
         "--policy",
         "cpu",
+        "--bpf-stats",
     ])
     .env("RUST_LOG", rust_log);
     Server::spawn(&mut cmd).expect("server")
@@ -60,4 +61,22 @@ fn selections_are_logged_only_at_trace_level() {
         "{}",
         quiet.stderr()
     );
+
+    // Pruned means free: by the kernel's run-time statistics, a run of the
+    // quiet program costs a small part of a run of the logging one (about
+    // 1/80 here; the bound leaves room for a noisy machine).
+    let per_run = |s: &Server| {
+        let m = s.metrics();
+        let runs = m.get("reuseport_bpf_runs_total", &[]).unwrap_or(0.0);
+        let secs = m.get("reuseport_bpf_run_seconds_total", &[]).unwrap_or(0.0);
+        assert!(runs >= 20.0, "the kernel counted the runs: {runs}");
+        secs / runs
+    };
+    let (q, l) = (per_run(&quiet), per_run(&loud));
+    println!(
+        "per run: {:.0} ns without the records, {:.0} ns with them",
+        q * 1e9,
+        l * 1e9
+    );
+    assert!(q * 5.0 < l, "quiet {q:e} s per run, loud {l:e} s per run");
 }

@@ -13,7 +13,14 @@ use reuseport_tests::{echo, eventually, netns, pattern, reset, Server};
 #[test]
 fn payloads_of_every_size_come_back_byte_for_byte() {
     netns();
-    let server = Server::start(&["--policy", "hash", "--hash-key", "four-tuple"]);
+    let server = Server::start(&[
+        "--policy",
+        "hash",
+        "--hash-key",
+        "four-tuple",
+        "--workers",
+        "2",
+    ]);
     let addr = server.addr;
     let sizes = [
         1usize,

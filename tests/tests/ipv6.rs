@@ -8,8 +8,8 @@ use std::{
 
 use reuseport_common::{hash::hash_addrs, key};
 use reuseport_tests::{
-    accepted_delta, connect_from, cpus, echo_on, netns, pattern, pin_to_cpu, reset, udp_exchange,
-    Server,
+    accepted_delta, connect_from, cpus, echo_on, netns, pattern, pin_to_cpu, reset, selected_delta,
+    udp_exchange, Server,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -95,10 +95,16 @@ fn cpu_steering_over_ipv6() {
             .unwrap();
             let mut expect = vec![0; n];
             expect[worker] = 50;
+            let after = server.metrics();
             assert_eq!(
-                accepted_delta(&before, &server.metrics(), n),
+                accepted_delta(&before, &after, n),
                 expect,
                 "{proto:?} from CPU {cpu}"
+            );
+            assert_eq!(
+                selected_delta(&before, &after, n),
+                expect,
+                "{proto:?}: chosen by the program"
             );
         }
     }

@@ -108,9 +108,12 @@ fn the_listeners_serve_threads_of_our_own_and_close_releases_the_port() {
             })
         })
         .collect();
+    let handle = group.handle();
     let mut answers = Vec::new();
     for _ in 0..6 {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
         let mut a = String::new();
         std::io::Read::read_to_string(&mut s, &mut a).unwrap();
         answers.push(a);
@@ -120,6 +123,9 @@ fn the_listeners_serve_threads_of_our_own_and_close_releases_the_port() {
         answers,
         ["slot 0", "slot 0", "slot 0", "slot 1", "slot 1", "slot 1"]
     );
+    let c = handle.counters().unwrap();
+    assert_eq!(c.selected[..2], [3, 3], "the program chose every one");
+    assert_eq!(c.fallback, 0);
     for t in threads {
         t.join().unwrap();
     }

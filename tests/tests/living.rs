@@ -90,12 +90,18 @@ fn workers_added_and_drained_under_load_lose_nothing() {
     // It still has the held connection: draining, not gone, and no new work.
     thread::sleep(Duration::from_millis(300));
     assert_eq!(state_of(&server, held_on), "draining");
-    let frozen = accepted(&server.metrics(), held_on);
+    let frozen = server.metrics();
     thread::sleep(Duration::from_millis(500));
+    let now = server.metrics();
     assert_eq!(
-        accepted(&server.metrics(), held_on),
-        frozen,
+        accepted(&now, held_on),
+        accepted(&frozen, held_on),
         "a draining worker gets no new connections"
+    );
+    assert_eq!(
+        now.empty_slot(),
+        frozen.empty_slot(),
+        "the policy left it out (its slot is not even picked)"
     );
     // Its open connection is still served to the end; then it closes.
     held.write_all(b"still").unwrap();
@@ -151,7 +157,15 @@ fn consistent_moves_exactly_the_keys_of_a_drained_or_added_worker() {
     let (code, _, err) = server.ctl(&["drain", "2"]);
     assert_eq!(code, 0, "{err}");
     assert!(eventually(Duration::from_secs(5), || state_of(&server, 2) == "gone"));
+    // The policy was rebuilt without it: no pick lands on its empty slot
+    // (which the program would only skip).
+    let skipped = server.metrics().empty_slot();
     let after = placement(&server, 4, 200);
+    assert_eq!(
+        server.metrics().empty_slot(),
+        skipped,
+        "the table left it out"
+    );
     for i in 0..before.len() {
         if before[i] == 2 {
             assert_ne!(after[i], 2, "client {i} still on the drained worker");
@@ -169,6 +183,7 @@ fn consistent_moves_exactly_the_keys_of_a_drained_or_added_worker() {
     let added: usize = out.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert_eq!(added, 2, "the freed slot is reused: {out}");
     let again = placement(&server, 4, 200);
+    assert_eq!(server.metrics().empty_slot(), skipped);
     for i in 0..after.len() {
         assert!(
             again[i] == after[i] || again[i] == added,
@@ -224,7 +239,13 @@ fn a_second_process_joins_serves_and_leaves() {
     assert!(code.success(), "{err}");
     assert!(eventually(Duration::from_secs(5), || state_of(&server, 2) == "gone"));
     let frozen = accepted(&server.metrics(), 2);
+    let skipped = server.metrics().empty_slot();
     thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        server.metrics().empty_slot(),
+        skipped,
+        "the policy was rebuilt without the departed slot"
+    );
     assert_eq!(
         accepted(&server.metrics(), 2),
         frozen,
@@ -352,6 +373,10 @@ fn rolling_restarts_under_load_lose_no_connection() {
     }
     let ok = assert_clean(load, "three rolling restarts");
     println!("rolling restarts: {ok} connections, none failed");
+    assert!(
+        ok >= 3_000,
+        "several thousand connections across the restarts: {ok}"
+    );
     let (code, out, err) = reuseport(&["ctl", "--group", &group, "status"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("pid {}", current.pid())), "{out}");

@@ -79,6 +79,11 @@ fn more_workers_than_cpus_stay_on_their_cpu() {
         .expect("client thread");
         let after = server.metrics();
         let delta = accepted_delta(&before, &after, n);
+        assert_eq!(
+            selected_delta(&before, &after, n),
+            delta,
+            "the program chose every one"
+        );
         // Workers i and i + |cpus| are the ones pinned to this CPU.
         let on_cpu = delta[i] + delta[i + cpus.len()];
         assert_eq!(on_cpu, PER_CPU as u64, "CPU {cpu}: {delta:?}");

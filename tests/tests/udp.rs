@@ -34,7 +34,7 @@ fn udp(args: &[&str]) -> Server {
 #[test]
 fn datagrams_of_every_size_come_back_unchanged() {
     netns();
-    let server = udp(&["--policy", "round-robin"]);
+    let server = udp(&["--policy", "round-robin", "--workers", "2"]);
     let addr = server.addr;
     let sizes = [0usize, 1, 2, 100, 1472, 1473, 9000, 65_507];
     let clients: Vec<_> = (0..16)
