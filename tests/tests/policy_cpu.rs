@@ -93,3 +93,92 @@ fn more_workers_than_cpus_stay_on_their_cpu() {
         );
     }
 }
+
+/// The CPU of each worker, from the `worker N: slot N, cpu C` lines that
+/// `run` prints before `ready`.
+fn worker_cpus(server: &Server) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for line in &server.banner {
+        let Some(rest) = line.strip_prefix("worker ") else {
+            continue;
+        };
+        let cpu = rest
+            .rsplit_once("cpu ")
+            .and_then(|(_, c)| c.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no CPU in {line:?}"));
+        cpus.push(cpu);
+    }
+    cpus
+}
+
+/// Worker counts below, at and above the CPU count (deduplicated, at
+/// least 1): with 2 CPUs 1, 2 and 3; with 1 CPU 1 and 2.
+fn shapes(cpus: usize) -> Vec<usize> {
+    let mut w = vec![1, cpus.saturating_sub(1), cpus, cpus + 1];
+    w.retain(|&n| n >= 1);
+    w.sort_unstable();
+    w.dedup();
+    w
+}
+
+/// `--policy cpu` with fewer workers than CPUs (issue 11: with
+/// `--workers 1` on 2 CPUs half the connections fell back to the kernel's
+/// hash), as many and more: every CPU has a defined worker, the program
+/// places every connection (fallback 0), a CPU with workers of its own
+/// keeps its connections on them, and a CPU without one sends all of its
+/// connections to the one worker the plan gives it.
+#[test]
+fn every_cpu_has_a_worker_whatever_the_worker_count() {
+    netns();
+    let cpus = cpus();
+    for workers in shapes(cpus.len()) {
+        let w_arg = workers.to_string();
+        let server = Server::start(&["--policy", "cpu", "--workers", &w_arg]);
+        let placed = worker_cpus(&server);
+        assert_eq!(placed.len(), workers, "{:?}", server.banner);
+        let addr = server.addr;
+        let order: Vec<usize> = cpus.iter().chain(cpus.iter().rev()).copied().collect();
+        for cpu in order {
+            let before = server.metrics();
+            thread::spawn(move || {
+                pin_to_cpu(cpu);
+                for i in 0..PER_CPU / 5 {
+                    let payload = pattern(16, (cpu * 1000 + i) as u64);
+                    assert_eq!(echo(addr, &payload), payload, "echo on CPU {cpu}");
+                }
+            })
+            .join()
+            .expect("client thread");
+            let after = server.metrics();
+            let delta = accepted_delta(&before, &after, workers);
+            let what = format!("{workers} workers on CPUs {placed:?}, client on CPU {cpu}");
+            assert_eq!(
+                after.fallback(),
+                0,
+                "{what}: no connection left to the kernel's hash"
+            );
+            assert_eq!(
+                selected_delta(&before, &after, workers),
+                delta,
+                "{what}: the program placed every connection"
+            );
+            assert_eq!(delta.iter().sum::<u64>(), (PER_CPU / 5) as u64, "{what}");
+            let own: Vec<usize> = (0..workers).filter(|&w| placed[w] == cpu).collect();
+            let serving: Vec<usize> = (0..workers).filter(|&w| delta[w] > 0).collect();
+            if own.is_empty() {
+                assert_eq!(
+                    serving.len(),
+                    1,
+                    "{what}: a CPU without a worker has one defined worker: {delta:?}"
+                );
+            } else {
+                assert!(
+                    serving.iter().all(|w| own.contains(w)),
+                    "{what}: served by the CPU's own workers {own:?}: {delta:?}"
+                );
+            }
+        }
+        let (status, stderr) = server.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
