@@ -14,28 +14,44 @@ pub mod hash;
 pub mod table;
 
 /// Largest number of workers (slots) in one group: the size of the socket
-/// map. A power of two (see [`Config::live_at`]).
-pub const MAX_WORKERS: u32 = 64;
+/// map. A power of two (see [`Config::live_at`]). A default `reuseport run`
+/// starts one worker per usable CPU, so this is also the largest machine it
+/// covers with a worker on every CPU.
+pub const MAX_WORKERS: u32 = 1024;
 const _: () = assert!(MAX_WORKERS.is_power_of_two());
+const _: () = assert!(
+    MAX_WORKERS <= u16::MAX as u32 + 1,
+    "slots are stored as u16 in the tables"
+);
+
+/// CPUs the `cpu` policy has a row for ([`Config::cpu_rows`]); a power of
+/// two. Packets received on a CPU above it are placed by the flow hash over
+/// the live workers (still by the program, never by the kernel's hash).
+pub const MAX_CPUS: u32 = 4096;
+const _: () = assert!(MAX_CPUS.is_power_of_two());
 
 /// Entries of one generation of the policy table (see [`Table`]); a power
 /// of two, so an index can be masked into range.
-pub const TABLE_CAPACITY: u32 = 8192;
+pub const TABLE_CAPACITY: u32 = 65536;
 const _: () = assert!(TABLE_CAPACITY.is_power_of_two());
-const _: () = assert!(
-    MAX_WORKERS <= u8::MAX as u32 + 1,
-    "slots are stored as bytes"
-);
-
-/// Entries of the `cpu` policy's table (CPUs times workers per CPU); a
-/// power of two.
-pub const CPU_TABLE_LEN: u32 = 256;
-const _: () = assert!(CPU_TABLE_LEN.is_power_of_two());
 
 /// Size of the `consistent` policy's Maglev lookup table: a prime, as Maglev
-/// requires, and more than 100 entries per worker at [`MAX_WORKERS`] so that
-/// every worker's share is within about 1 % of the ideal.
-pub const MAGLEV_TABLE_SIZE: u32 = 8191;
+/// requires (the largest below 2^16, so slots fit the table), and 64 entries
+/// per worker at [`MAX_WORKERS`], over 1,000 per worker up to 64 workers.
+pub const MAGLEV_TABLE_SIZE: u32 = 65521;
+const _: () = assert!(MAGLEV_TABLE_SIZE <= TABLE_CAPACITY);
+
+/// Live slots the program tries after the policy's first choice turns out
+/// empty (a worker gone before user space rebuilt the plan), spread over the
+/// live list. Bounded so that a stale plan costs a few probes, not a scan of
+/// every slot; past them the run falls back to the kernel's hash, counted.
+pub const PROBES: u32 = 4;
+
+/// Live workers `least-loaded` compares per run: all of them up to this
+/// many (the exact minimum), else this many spread over the live list from
+/// a start that moves at every run (power-of-d choices), so the cost does
+/// not grow with the group.
+pub const LEAST_LOADED_CHOICES: u32 = 4;
 
 /// Names of the maps the eBPF program defines; the loader looks them up by name.
 pub mod map {
@@ -49,7 +65,7 @@ pub mod map {
     pub const STATE: &str = "STATE";
     /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of two [`Table`](crate::Table)s,
     /// one per generation: the slot table of `weighted` and `consistent`
-    /// (`cpu`'s small table lives in the [`Config`](crate::Config)).
+    /// (`cpu`'s rows live in the [`Config`](crate::Config)).
     pub const TABLE: &str = "TABLE";
     /// `BPF_MAP_TYPE_ARRAY` (memory-mappable) of `MAX_WORKERS`
     /// [`WorkerRecord`](crate::WorkerRecord)s: what each slot's worker is and
@@ -58,7 +74,8 @@ pub mod map {
     /// `BPF_MAP_TYPE_ARRAY` of one [`GroupInfo`](crate::GroupInfo): the group's
     /// address and owner, for `ctl` and `stats`.
     pub const GROUP: &str = "GROUP";
-    /// `BPF_MAP_TYPE_PERCPU_ARRAY` of [`counter::LEN`](crate::counter::LEN) `u64`.
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY` of one [`Counters`](crate::Counters)
+    /// record per CPU: one lookup per run reaches every counter.
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -107,7 +124,7 @@ pub mod key {
     pub const PAYLOAD: u32 = 3;
 }
 
-/// Indices into the per-CPU [`map::COUNTERS`] array.
+/// Indices into the per-CPU [`Counters`] record of [`map::COUNTERS`].
 ///
 /// Every run of the steering program ends in exactly one of
 /// `SELECTED_BASE + slot` or [`FALLBACK`](counter::FALLBACK) (the program
@@ -124,7 +141,7 @@ pub mod counter {
     /// The program returned `SK_DROP`: the SYN or datagram was dropped.
     pub const DROPPED: u32 = MAX_WORKERS + 1;
     /// A slot the policy picked held no socket (worker gone); the program
-    /// moved on to the next live slot.
+    /// moved on to other live slots (at most [`PROBES`](crate::PROBES)).
     pub const EMPTY_SLOT: u32 = MAX_WORKERS + 2;
     /// The packet's addresses or ports could not be read; the kernel's flow
     /// hash of the 4-tuple was used as the key instead.
@@ -139,6 +156,34 @@ pub mod counter {
     pub const TURN: u32 = MAX_WORKERS + 6;
     /// Number of counters.
     pub const LEN: u32 = MAX_WORKERS + 8;
+}
+
+/// The program's counters on one CPU: the value of [`map::COUNTERS`]
+/// (a per-CPU array of one entry), indexed by [`counter`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// `values[i]` is counter `i`.
+    pub values: [u64; counter::LEN as usize],
+}
+
+impl Counters {
+    /// All zero.
+    pub const ZERO: Counters = Counters {
+        values: [0; counter::LEN as usize],
+    };
+}
+
+/// One CPU's row of the `cpu` policy: the slots at
+/// `Config::cpu_slots[start..start + len]` serve packets received on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuRow {
+    /// First entry of the row in [`Config::cpu_slots`].
+    pub start: u16,
+    /// Entries in the row: the workers pinned to the CPU, or 1 (the one
+    /// worker the plan gives a CPU without a worker of its own); 0 for no row.
+    pub len: u16,
 }
 
 /// One generation of the steering configuration.
@@ -158,21 +203,24 @@ pub struct Config {
     pub n_live: u32,
     /// Number of valid entries of this generation's table.
     pub table_len: u32,
-    /// `cpu` policy: entries per CPU row of the table.
-    pub row_len: u32,
+    /// `cpu` policy: CPUs with a row in `cpu_rows`.
+    pub n_cpus: u32,
     /// Payload key: offset into the L4 payload.
     pub payload_offset: u32,
     /// Payload key: length in bytes (1 to 16).
     pub payload_len: u32,
-    /// `cpu` policy: its table, here rather than in [`Table`] so that the
-    /// cheapest policy touches one map value only: CPU `c`'s row is
-    /// `cpu_table[c * row_len ..][..row_len]` (see [`Config::cpu_index`]).
-    pub cpu_table: [u8; CPU_TABLE_LEN as usize],
     /// The slots that hold a serving socket, in slot order.
     pub live: [u32; MAX_WORKERS as usize],
     /// `weighted`: the weight of each slot (by slot number). Kept with the
     /// rest so that any process can rebuild the table from this record.
     pub weights: [u32; MAX_WORKERS as usize],
+    /// `cpu` policy: each CPU's row of `cpu_slots` (see
+    /// [`Config::cpu_slot`]); here rather than in [`Table`] so that the
+    /// cheapest policy touches one map value only.
+    pub cpu_rows: [CpuRow; MAX_CPUS as usize],
+    /// `cpu` policy: the live slots ordered by CPU, each CPU's workers
+    /// together, so a CPU's row is a range of this list.
+    pub cpu_slots: [u16; MAX_WORKERS as usize],
 }
 
 impl Config {
@@ -183,12 +231,13 @@ impl Config {
         seed: 0,
         n_live: 0,
         table_len: 0,
-        row_len: 0,
+        n_cpus: 0,
         payload_offset: 0,
         payload_len: 0,
-        cpu_table: [0; CPU_TABLE_LEN as usize],
         live: [0; MAX_WORKERS as usize],
         weights: [0; MAX_WORKERS as usize],
+        cpu_rows: [CpuRow { start: 0, len: 0 }; MAX_CPUS as usize],
+        cpu_slots: [0; MAX_WORKERS as usize],
     };
 
     /// The live slot at position `x` modulo the number of live slots.
@@ -204,23 +253,28 @@ impl Config {
         self.live.get(i as usize).copied()
     }
 
-    /// The position in this generation's table that the `cpu` policy reads
-    /// for a packet received on `cpu` whose kernel flow hash is `flow_hash`.
+    /// The slot the `cpu` policy gives a packet received on `cpu` whose
+    /// kernel flow hash is `flow_hash`, or `None` when the CPU has no row
+    /// (above [`MAX_CPUS`] or above the plan's CPUs).
     ///
-    /// Each CPU owns a row of `row_len` entries listing the slots of the
-    /// workers pinned to it (repeated to fill the row); the flow hash picks
-    /// within the row when several workers share a CPU.
+    /// A CPU with workers pinned to it has them as its row, and the flow
+    /// hash picks among them; a CPU without one has a row of one worker,
+    /// chosen by the plan (`table::cpu_plan`).
     #[inline(always)]
-    pub fn cpu_index(&self, cpu: u32, flow_hash: u32) -> Option<u32> {
-        if self.row_len == 0 {
+    pub fn cpu_slot(&self, cpu: u32, flow_hash: u32) -> Option<u32> {
+        if cpu >= self.n_cpus {
             return None;
         }
-        let index = cpu.checked_mul(self.row_len)? + flow_hash % self.row_len;
-        if index < self.table_len {
-            Some(index)
-        } else {
-            None
+        // Masks: no-ops for valid values that prove the indices in range
+        // to the verifier, which does not follow comparisons made above.
+        let row = self.cpu_rows.get((cpu & (MAX_CPUS - 1)) as usize)?;
+        let len = u32::from(row.len);
+        if len == 0 {
+            return None;
         }
+        let pick = if len == 1 { 0 } else { flow_hash % len };
+        let i = (u32::from(row.start) + pick) & (MAX_WORKERS - 1);
+        self.cpu_slots.get(i as usize).map(|&s| u32::from(s))
     }
 }
 
@@ -253,14 +307,14 @@ impl State {
     };
 }
 
-/// One generation's slot table: slot numbers as bytes, indexed by ticket
-/// (`weighted`) or key hash (`consistent`). Bytes keep the
-/// Maglev table in two pages (8 KiB), which the program reads at random.
+/// One generation's slot table: slot numbers as `u16`, indexed by ticket
+/// (`weighted`) or key hash (`consistent`). Two bytes an entry keep the
+/// Maglev table, which the program reads at random, at 128 KiB.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Table {
     /// The first `Config::table_len` entries are in use.
-    pub slots: [u8; TABLE_CAPACITY as usize],
+    pub slots: [u16; TABLE_CAPACITY as usize],
 }
 
 /// States of a slot's worker ([`WorkerRecord::state`]).
@@ -278,6 +332,11 @@ pub mod worker_state {
 /// What a slot's worker is and has done. One per slot in
 /// [`map::WORKERS`]; the owning worker updates it with atomic instructions
 /// through a shared memory mapping, the program adds to `load`.
+///
+/// Two 64-byte cache lines: the first is written by the worker on every
+/// connection (`accepted`, `active`, `bytes`), the second holds only
+/// `load`, which the program reads and adds to on other CPUs, so neither
+/// side's writes evict the line the other one uses.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerRecord {
@@ -296,15 +355,17 @@ pub struct WorkerRecord {
     pub active: u64,
     /// Bytes served.
     pub bytes: u64,
-    /// Work steered to this slot and not finished: the program adds one per
-    /// selection, the worker takes one away when it is done with it. The
-    /// `least-loaded` policy picks the slot where it is smallest.
-    pub load: u64,
     /// Connections that waited because the worker was at its connection limit.
     pub at_limit: u64,
-    /// Unused: makes a record one 64-byte cache line, so that workers
-    /// counting on different CPUs do not share one.
-    pub reserved: u64,
+    /// Unused: fills the first cache line.
+    pub reserved: [u64; 2],
+    /// Work steered to this slot and not finished: the program adds one per
+    /// selection, the worker takes one away when it is done with it. The
+    /// `least-loaded` policy picks the slot where it is smallest. At the
+    /// start of the record's second cache line.
+    pub load: u64,
+    /// Unused: fills the second cache line.
+    pub reserved2: [u64; 7],
 }
 
 /// Bits of [`GroupInfo::flags`].
@@ -351,6 +412,7 @@ mod pod {
     // SAFETY (all three): `repr(C)`, fixed-width integer fields only, no
     // padding (checked by the size tests), every bit pattern valid.
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::State {}
     unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::WorkerRecord {}
@@ -365,9 +427,15 @@ mod tests {
     fn shared_structs_have_no_padding() {
         assert_eq!(
             core::mem::size_of::<Config>(),
-            4 * (8 + 2 * MAX_WORKERS as usize) + CPU_TABLE_LEN as usize
+            4 * (8 + 2 * MAX_WORKERS as usize) + 4 * MAX_CPUS as usize + 2 * MAX_WORKERS as usize
         );
-        assert_eq!(core::mem::size_of::<WorkerRecord>(), 64);
+        assert_eq!(core::mem::size_of::<CpuRow>(), 4);
+        assert_eq!(core::mem::size_of::<WorkerRecord>(), 128);
+        assert_eq!(core::mem::offset_of!(WorkerRecord, load), 64);
+        assert_eq!(core::mem::size_of::<Counters>(), 8 * counter::LEN as usize);
+        // A per-CPU map value must fit the kernel's per-CPU unit (32 KiB).
+        assert!(core::mem::size_of::<Counters>() <= 32 * 1024);
+        assert_eq!(core::mem::size_of::<Table>(), 2 * TABLE_CAPACITY as usize);
         assert_eq!(
             core::mem::size_of::<State>(),
             128 + 2 * core::mem::size_of::<Config>()
@@ -391,15 +459,26 @@ mod tests {
     }
 
     #[test]
-    fn cpu_index_stays_in_the_table() {
+    fn cpu_slot_reads_the_cpu_row_and_stays_in_range() {
         let mut c = Config::EMPTY;
-        assert_eq!(c.cpu_index(0, 7), None);
-        c.row_len = 2;
-        c.table_len = 4; // two CPUs
-        assert_eq!(c.cpu_index(0, 7), Some(1));
-        assert_eq!(c.cpu_index(1, 8), Some(2));
-        assert_eq!(c.cpu_index(2, 0), None);
-        assert_eq!(c.cpu_index(u32::MAX, 0), None);
+        assert_eq!(c.cpu_slot(0, 7), None);
+        // CPU 0: slots 4 and 6; CPU 1: slot 9; CPU 2: no row.
+        c.cpu_slots[..3].copy_from_slice(&[4, 6, 9]);
+        c.cpu_rows[0] = CpuRow { start: 0, len: 2 };
+        c.cpu_rows[1] = CpuRow { start: 2, len: 1 };
+        c.n_cpus = 3;
+        assert_eq!(c.cpu_slot(0, 7), Some(6));
+        assert_eq!(c.cpu_slot(0, 8), Some(4));
+        assert_eq!(c.cpu_slot(1, 8), Some(9));
+        assert_eq!(c.cpu_slot(2, 0), None);
+        assert_eq!(c.cpu_slot(3, 0), None);
+        assert_eq!(c.cpu_slot(u32::MAX, 0), None);
+        // A corrupt row never reads out of the list.
+        c.cpu_rows[1] = CpuRow {
+            start: u16::MAX,
+            len: u16::MAX,
+        };
+        assert!(c.cpu_slot(1, u32::MAX).is_some());
     }
 
     #[test]

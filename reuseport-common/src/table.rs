@@ -3,7 +3,7 @@
 //! They write into a caller's buffer (no allocation) so they stay in this
 //! `no_std` crate next to the code that reads the tables.
 
-use crate::{hash::hash_u32, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY};
+use crate::{hash::hash_u32, CpuRow, MAGLEV_TABLE_SIZE, MAX_CPUS, MAX_WORKERS, TABLE_CAPACITY};
 
 /// Why a table could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,51 +38,142 @@ impl core::fmt::Display for TableError {
     }
 }
 
-/// Builds the `cpu` policy's table from `(slot, cpu)` pairs of the live
-/// workers. Returns `(row_len, table_len)`.
+/// What the `cpu` planner knows of the machine, one entry per CPU (index =
+/// CPU number; the length is the number of possible CPUs): the id of the
+/// CPU's largest cache domain and of its NUMA node, any number shared by
+/// exactly the CPUs of that domain (for example its lowest CPU), or
+/// [`UNKNOWN`].
+#[derive(Clone, Copy, Debug)]
+pub struct CpuTopology<'a> {
+    /// Largest shared cache domain of each CPU (the last-level cache).
+    pub cache: &'a [u32],
+    /// NUMA node of each CPU.
+    pub node: &'a [u32],
+}
+
+/// A domain id that matches nothing.
+pub const UNKNOWN: u32 = u32::MAX;
+
+impl CpuTopology<'_> {
+    /// CPUs covered.
+    pub fn cpus(&self) -> usize {
+        self.cache.len().max(self.node.len())
+    }
+
+    /// The domain of `cpu` at `level` (0: cache, 1: NUMA node).
+    fn domain(&self, level: usize, cpu: u32) -> u32 {
+        let ids = if level == 0 { self.cache } else { self.node };
+        ids.get(cpu as usize).copied().unwrap_or(UNKNOWN)
+    }
+}
+
+/// Plans the `cpu` policy from `(slot, cpu)` pairs of the live workers:
+/// fills `slots` with the slots ordered by CPU (then slot) and `rows` with
+/// each CPU's range of it, and returns the number of CPUs with a row.
 ///
-/// Row `c` (entries `c * row_len ..`) lists the slots of the workers pinned
-/// to CPU `c`, repeated to fill the row; `row_len` is the most workers any one
-/// CPU has. A CPU that has no worker (fewer workers than CPUs) gets the live
-/// slots in turn starting at its own number, so its packets still land on a
-/// defined worker.
-pub fn cpu_table(workers: &[(u32, u32)], out: &mut [u32]) -> Result<(u32, u32), TableError> {
-    if workers.is_empty() {
+/// - A CPU with workers pinned to it gets them all (the program picks among
+///   them by the flow hash).
+/// - A CPU without a worker gets exactly one worker: one that shares its
+///   cache domain if any does, else its NUMA node, else any worker. Within
+///   those candidates it is the one given the fewest such CPUs so far (ties:
+///   a worker that shares its own CPU with others, then the lowest CPU), so
+///   the CPUs without workers are spread evenly over each domain's workers.
+///   The CPUs that have a same-cache candidate are placed first, then the
+///   same-node ones, then the rest, so that remote placements even out what
+///   local ones left.
+///
+/// Rows cover every CPU of `topo` and every worker's CPU, up to
+/// [`MAX_CPUS`]. The result depends only on the arguments.
+pub fn cpu_plan(
+    workers: &[(u32, u32)],
+    topo: CpuTopology<'_>,
+    rows: &mut [CpuRow],
+    slots: &mut [u16],
+) -> Result<u32, TableError> {
+    let n = workers.len();
+    if n == 0 {
         return Err(TableError::NoSlots);
     }
-    if workers.len() > MAX_WORKERS as usize {
+    if n > MAX_WORKERS as usize {
         return Err(TableError::TooManySlots);
     }
-    let rows = workers.iter().map(|&(_, cpu)| cpu).max().unwrap_or(0) + 1;
-    let row_len = (0..rows)
-        .map(|c| workers.iter().filter(|&&(_, cpu)| cpu == c).count() as u32)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let needed = rows.saturating_mul(row_len);
-    if needed > TABLE_CAPACITY {
-        return Err(TableError::TooLarge { needed });
-    }
-    if out.len() < needed as usize {
+    let top_worker_cpu = workers.iter().map(|&(_, c)| c).max().unwrap_or(0);
+    let n_cpus = (topo.cpus() as u64)
+        .max(u64::from(top_worker_cpu) + 1)
+        .min(u64::from(MAX_CPUS)) as u32;
+    if rows.len() < n_cpus as usize || slots.len() < n {
         return Err(TableError::BufferTooSmall);
     }
-    for c in 0..rows {
-        let mut on_cpu = [0u32; MAX_WORKERS as usize];
-        let mut count = 0;
-        for &(slot, _) in workers.iter().filter(|&&(_, cpu)| cpu == c) {
-            on_cpu[count] = slot;
-            count += 1;
+    // Workers ordered by (CPU, slot): each CPU's workers are one range.
+    let mut order = [0u16; MAX_WORKERS as usize];
+    for (k, o) in order.iter_mut().enumerate().take(n) {
+        *o = k as u16;
+    }
+    let order = &mut order[..n];
+    order.sort_unstable_by_key(|&k| (workers[k as usize].1, workers[k as usize].0));
+    let cpu_at = |k: usize| workers[order[k] as usize].1;
+    let rows = &mut rows[..n_cpus as usize];
+    rows.fill(CpuRow::default());
+    // How many workers share the CPU of the worker at position k.
+    let mut sharing = [0u16; MAX_WORKERS as usize];
+    let mut k = 0;
+    while k < n {
+        let cpu = cpu_at(k);
+        let mut end = k;
+        while end < n && cpu_at(end) == cpu {
+            end += 1;
         }
-        let row = &mut out[(c * row_len) as usize..((c + 1) * row_len) as usize];
-        for (j, entry) in row.iter_mut().enumerate() {
-            *entry = if count == 0 {
-                workers[(c as usize + j) % workers.len()].0
-            } else {
-                on_cpu[j % count]
+        for s in &mut sharing[k..end] {
+            *s = (end - k) as u16;
+        }
+        if let Some(row) = rows.get_mut(cpu as usize) {
+            *row = CpuRow {
+                start: k as u16,
+                len: (end - k) as u16,
             };
         }
+        k = end;
     }
-    Ok((row_len, needed))
+    for (k, s) in slots.iter_mut().enumerate().take(n) {
+        *s = workers[order[k] as usize].0 as u16;
+    }
+    // CPUs without a worker, nearest domain first.
+    let mut given = [0u32; MAX_WORKERS as usize];
+    for level in 0..3 {
+        for c in 0..n_cpus {
+            if rows[c as usize].len != 0 {
+                continue;
+            }
+            let want = if level < 2 { topo.domain(level, c) } else { 0 };
+            if want == UNKNOWN {
+                continue;
+            }
+            let mut best: Option<usize> = None;
+            for k in 0..n {
+                if level < 2 && topo.domain(level, cpu_at(k)) != want {
+                    continue;
+                }
+                let better = match best {
+                    None => true,
+                    Some(b) => {
+                        (given[k], core::cmp::Reverse(sharing[k]))
+                            < (given[b], core::cmp::Reverse(sharing[b]))
+                    }
+                };
+                if better {
+                    best = Some(k);
+                }
+            }
+            if let Some(k) = best {
+                given[k] += 1;
+                rows[c as usize] = CpuRow {
+                    start: k as u16,
+                    len: 1,
+                };
+            }
+        }
+    }
+    Ok(n_cpus)
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -305,32 +396,150 @@ mod tests {
         table.iter().filter(|&&s| s == slot).count()
     }
 
-    #[test]
-    fn cpu_table_one_worker_per_cpu() {
-        let mut t = [u32::MAX; 16];
-        let (row, len) = cpu_table(&[(0, 0), (1, 1)], &mut t).unwrap();
-        assert_eq!((row, len), (1, 2));
-        assert_eq!(&t[..2], &[0, 1]);
+    /// Plans `workers` on `topo`; returns, per CPU, the slots of its row.
+    fn plan_rows(workers: &[(u32, u32)], cache: &[u32], node: &[u32]) -> Vec<Vec<u32>> {
+        let mut rows = vec![CpuRow::default(); MAX_CPUS as usize];
+        let mut slots = vec![0u16; MAX_WORKERS as usize];
+        let topo = CpuTopology { cache, node };
+        let n = cpu_plan(workers, topo, &mut rows, &mut slots).unwrap();
+        (0..n as usize)
+            .map(|c| {
+                let r = rows[c];
+                (r.start..r.start + r.len)
+                    .map(|i| u32::from(slots[i as usize]))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// `cpus` CPUs, `per_cache` to a last-level cache, `per_node` to a node.
+    fn topology(cpus: u32, per_cache: u32, per_node: u32) -> (Vec<u32>, Vec<u32>) {
+        (
+            (0..cpus).map(|c| c / per_cache * per_cache).collect(),
+            (0..cpus).map(|c| c / per_node).collect(),
+        )
+    }
+
+    /// How many CPUs have `slot` as their one worker, besides its own.
+    fn given_to(rows: &[Vec<u32>], own: &[u32], slot: u32) -> usize {
+        rows.iter()
+            .enumerate()
+            .filter(|(c, r)| r.as_slice() == [slot] && !own.contains(&(*c as u32)))
+            .count()
     }
 
     #[test]
-    fn cpu_table_wraps_more_workers_than_cpus() {
-        let mut t = [u32::MAX; 16];
-        // 5 workers on 2 CPUs: 0,2,4 on CPU 0; 1,3 on CPU 1.
+    fn cpu_plan_one_worker_per_cpu() {
+        let (cache, node) = topology(2, 2, 2);
+        assert_eq!(plan_rows(&[(0, 0), (1, 1)], &cache, &node), [[0], [1]]);
+    }
+
+    #[test]
+    fn cpu_plan_gives_every_cpu_a_worker_when_workers_are_fewer() {
+        // The case of issue 11: one worker, two CPUs.
+        let (cache, node) = topology(2, 2, 2);
+        assert_eq!(plan_rows(&[(0, 0)], &cache, &node), [[0], [0]]);
+        // Unknown topology, 7 CPUs, 3 workers: the 4 CPUs without a
+        // worker are spread 2, 1, 1.
+        let unknown = [UNKNOWN; 7];
+        let rows = plan_rows(&[(0, 0), (1, 1), (2, 2)], &unknown, &unknown);
+        assert_eq!(rows.len(), 7);
+        let shares: Vec<usize> = (0..3).map(|s| given_to(&rows, &[s], s)).collect();
+        assert_eq!(shares.iter().sum::<usize>(), 4);
+        assert!(shares.iter().all(|&g| g == 1 || g == 2), "{shares:?}");
+    }
+
+    #[test]
+    fn cpu_plan_two_numa_nodes_of_four_cpus_and_three_workers() {
+        let (cache, node) = topology(8, 4, 4);
+        // Workers placed on CPUs 0, 1, 2 (one per usable CPU, in order):
+        // CPU 3 shares their cache; CPUs 4 to 7 share nothing with them
+        // and are spread over all three.
+        let rows = plan_rows(&[(0, 0), (1, 1), (2, 2)], &cache, &node);
+        assert_eq!(rows[..3], [[0], [1], [2]]);
+        assert!([0, 1, 2].contains(&rows[3][0]));
+        let total: Vec<usize> = (0..3u32)
+            .map(|s| rows.iter().filter(|r| r.as_slice() == [s]).count())
+            .collect();
+        assert_eq!(total.iter().sum::<usize>(), 8);
+        assert!(total.iter().all(|&t| t == 2 || t == 3), "{total:?}");
+        // Workers on both nodes (CPUs 0, 4 and 5): node 0's CPUs stay with
+        // worker 0, node 1's are shared evenly by workers 1 and 2.
+        let rows = plan_rows(&[(0, 0), (1, 4), (2, 5)], &cache, &node);
+        assert_eq!(rows[..4], [[0], [0], [0], [0]]);
+        assert_eq!(rows[4..], [[1], [2], [1], [2]]);
+    }
+
+    #[test]
+    fn cpu_plan_prefers_the_cache_domain_then_the_node() {
+        // One node, two last-level caches of 4 CPUs (chiplets): each
+        // cache's CPUs go to the worker that shares it.
+        let (cache, node) = topology(8, 4, 8);
+        let rows = plan_rows(&[(0, 0), (1, 4)], &cache, &node);
+        assert_eq!(rows, [[0], [0], [0], [0], [1], [1], [1], [1]]);
+        // Two nodes of two caches each; the workers are on cache 0 of node
+        // 0 and cache 4 of node 1: CPUs of the other caches go to the
+        // worker of their node.
+        let (cache, node) = topology(16, 4, 8);
+        let rows = plan_rows(&[(0, 0), (1, 4), (2, 8)], &cache, &node);
+        for (c, row) in rows.iter().enumerate() {
+            let expect = match c {
+                0..=3 => 0,
+                4..=7 => 1,
+                // Node 1 (CPUs 8 to 15) has worker 2 only.
+                _ => 2,
+            };
+            assert_eq!(row, &[expect], "CPU {c}");
+        }
+        // A node without a worker: its CPUs are spread over all of them.
+        let rows = plan_rows(&[(0, 0), (1, 1)], &cache, &node);
+        assert_eq!(given_to(&rows[8..], &[], 0), 4);
+        assert_eq!(given_to(&rows[8..], &[], 1), 4);
+    }
+
+    #[test]
+    fn cpu_plan_keeps_a_cpus_own_workers_together() {
+        // 5 workers on 2 CPUs: 0, 2, 4 on CPU 0; 1, 3 on CPU 1.
+        let (cache, node) = topology(2, 2, 2);
         let w = [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)];
-        let (row, len) = cpu_table(&w, &mut t).unwrap();
-        assert_eq!((row, len), (3, 6));
-        assert_eq!(&t[..3], &[0, 2, 4]);
-        assert_eq!(&t[3..6], &[1, 3, 1]);
+        assert_eq!(plan_rows(&w, &cache, &node), [vec![0, 2, 4], vec![1, 3]]);
+        // A worker on a CPU the topology does not list still has its row.
+        let rows = plan_rows(&[(5, 2)], &cache, &node);
+        assert_eq!(rows, [[5], [5], [5]]);
+        let mut rows = [CpuRow::default(); 4];
+        let mut slots = [0u16; 4];
+        let topo = CpuTopology {
+            cache: &cache,
+            node: &node,
+        };
+        assert_eq!(
+            cpu_plan(&[], topo, &mut rows, &mut slots),
+            Err(TableError::NoSlots)
+        );
+        assert_eq!(
+            cpu_plan(&[(0, 9)], topo, &mut rows, &mut slots),
+            Err(TableError::BufferTooSmall)
+        );
     }
 
     #[test]
-    fn cpu_table_fills_rows_of_cpus_without_workers() {
-        let mut t = [u32::MAX; 16];
-        let (row, len) = cpu_table(&[(5, 2)], &mut t).unwrap();
-        assert_eq!((row, len), (1, 3));
-        assert_eq!(&t[..3], &[5, 5, 5]);
-        assert_eq!(cpu_table(&[], &mut t), Err(TableError::NoSlots));
+    fn cpu_plan_covers_a_thousand_cpus_and_workers() {
+        let (cache, node) = topology(MAX_WORKERS, 16, 512);
+        let w: Vec<(u32, u32)> = (0..MAX_WORKERS).map(|s| (s, s)).collect();
+        let rows = plan_rows(&w, &cache, &node);
+        assert_eq!(rows.len(), MAX_WORKERS as usize);
+        assert!(rows.iter().enumerate().all(|(c, r)| r == &[c as u32]));
+        // Half as many workers, on the even CPUs: each odd CPU goes to a
+        // worker of its own cache domain, one each.
+        let w: Vec<(u32, u32)> = (0..MAX_WORKERS / 2).map(|s| (s, 2 * s)).collect();
+        let rows = plan_rows(&w, &cache, &node);
+        for (c, r) in rows.iter().enumerate() {
+            assert_eq!(r.len(), 1);
+            assert_eq!(cache[w[r[0] as usize].1 as usize], cache[c], "CPU {c}");
+        }
+        for s in 0..MAX_WORKERS / 2 {
+            assert_eq!(given_to(&rows, &[2 * s], s), 1, "slot {s}");
+        }
     }
 
     #[test]
@@ -348,8 +557,8 @@ mod tests {
             Err(TableError::ZeroWeights)
         );
         assert_eq!(
-            weighted_table(&[(0, 9000), (1, 1)], &mut t),
-            Err(TableError::TooLarge { needed: 9001 })
+            weighted_table(&[(0, 70_000), (1, 1)], &mut t),
+            Err(TableError::TooLarge { needed: 70_001 })
         );
     }
 
@@ -460,7 +669,7 @@ mod tests {
         use proptest::prelude::*;
         use std::collections::BTreeSet;
 
-        /// A set of 1 to 64 distinct live slots.
+        /// A set of 1 to `MAX_WORKERS` distinct live slots.
         fn live_slots() -> impl Strategy<Value = Vec<u32>> {
             proptest::collection::btree_set(0..MAX_WORKERS, 1..=MAX_WORKERS as usize)
                 .prop_map(|s| s.into_iter().collect())
@@ -503,44 +712,60 @@ mod tests {
                 let mut new = vec![0u32; m];
                 maglev_table(&before, &mut old).unwrap();
                 maglev_update(&old, &after, &mut new).unwrap();
+                let counts = |t: &[u32]| {
+                    let mut c = vec![0usize; MAX_WORKERS as usize];
+                    for &s in t {
+                        c[s as usize] += 1;
+                    }
+                    c
+                };
+                let (c_old, c_new) = (counts(&old), counts(&new));
+                let live: BTreeSet<u32> = after.iter().copied().collect();
                 for s in &after {
-                    let c = count(&new, *s);
+                    let c = c_new[*s as usize];
                     prop_assert!(c == m / after.len() || c == m / after.len() + 1, "slot {} has {}", s, c);
                 }
                 // An entry moves only if its slot left, or to a slot that
                 // needed entries (one that is new or was below its share).
-                let gained: BTreeSet<u32> = after
-                    .iter()
-                    .copied()
-                    .filter(|s| count(&new, *s) > count(&old, *s))
-                    .collect();
                 for i in 0..m {
                     if old[i] != new[i] {
-                        prop_assert!(!after.contains(&old[i]) || count(&old, old[i]) > count(&new, old[i]));
-                        prop_assert!(gained.contains(&new[i]));
+                        let (o, n) = (old[i] as usize, new[i] as usize);
+                        prop_assert!(!live.contains(&old[i]) || c_old[o] > c_new[o]);
+                        prop_assert!(c_new[n] > c_old[n]);
                     }
                 }
             }
 
             #[test]
-            fn cpu_tables_send_each_cpu_to_its_own_workers(
-                cpus_of in proptest::collection::vec(0u32..8, 1..=16usize)
+            fn cpu_plans_send_each_cpu_to_its_own_workers_or_one_near_worker(
+                cpus_of in proptest::collection::vec(0u32..16, 1..=24usize),
+                cpus in 1u32..20,
+                per_cache in 1u32..8,
+                per_node in 1u32..16,
             ) {
                 let workers: Vec<(u32, u32)> = cpus_of.iter().enumerate().map(|(s, &c)| (s as u32, c)).collect();
-                let mut t = vec![u32::MAX; TABLE_CAPACITY as usize];
-                let (row, len) = cpu_table(&workers, &mut t).unwrap();
-                let live: BTreeSet<u32> = workers.iter().map(|w| w.0).collect();
-                for c in 0..len / row {
+                let (cache, node) = topology(cpus, per_cache, per_node);
+                let rows = plan_rows(&workers, &cache, &node);
+                let top = cpus_of.iter().copied().max().unwrap();
+                prop_assert_eq!(rows.len() as u32, cpus.max(top + 1));
+                let domain = |ids: &[u32], c: u32| ids.get(c as usize).copied();
+                for (c, row) in rows.iter().enumerate() {
+                    let c = c as u32;
                     let here: BTreeSet<u32> = workers.iter().filter(|w| w.1 == c).map(|w| w.0).collect();
-                    for &s in &t[(c * row) as usize..((c + 1) * row) as usize] {
-                        prop_assert!(live.contains(&s));
-                        if !here.is_empty() {
-                            prop_assert!(here.contains(&s), "CPU {} row has slot {} of another CPU", c, s);
-                        }
+                    if !here.is_empty() {
+                        let row: BTreeSet<u32> = row.iter().copied().collect();
+                        prop_assert_eq!(row, here);
+                        continue;
                     }
-                    // Every worker of the CPU appears in its row.
-                    for s in &here {
-                        prop_assert!(t[(c * row) as usize..((c + 1) * row) as usize].contains(s));
+                    prop_assert_eq!(row.len(), 1, "CPU {} has one worker", c);
+                    let cpu_of = workers[row[0] as usize].1;
+                    // The nearest domain that has a worker is the one used.
+                    for ids in [&cache, &node] {
+                        let near = workers.iter().any(|w| domain(ids, w.1).is_some() && domain(ids, w.1) == domain(ids, c));
+                        if near {
+                            prop_assert_eq!(domain(ids, cpu_of), domain(ids, c), "CPU {}", c);
+                            break;
+                        }
                     }
                 }
             }

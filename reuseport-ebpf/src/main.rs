@@ -36,8 +36,8 @@ use aya_log_ebpf::trace;
 use reuseport_common::{
     counter,
     hash::{hash_four_tuple, hash_payload, hash_src_ip, v4_mapped},
-    key, policy, Config, GroupInfo, State, Table, WorkerRecord, CPU_TABLE_LEN, MAX_WORKERS,
-    TABLE_CAPACITY,
+    key, policy, Config, Counters, GroupInfo, State, Table, WorkerRecord, LEAST_LOADED_CHOICES,
+    MAX_WORKERS, PROBES, TABLE_CAPACITY,
 };
 
 #[map]
@@ -59,8 +59,9 @@ static WORKERS: Array<WorkerRecord> = Array::with_max_entries(MAX_WORKERS, BPF_F
 #[map]
 static GROUP: Array<GroupInfo> = Array::with_max_entries(1, 0);
 
+/// One record of every counter per CPU: one lookup per run.
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
 /// `ETH_P_IP` and `ETH_P_IPV6` as the context reports them (network order).
 const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
@@ -73,14 +74,16 @@ const UDP_HEADER_LEN: u32 = 8;
 /// connections of a listener that closes.
 #[sk_reuseport(migrate)]
 pub fn steer(ctx: SkReuseportContext) -> u32 {
-    match try_steer(&ctx) {
+    // This CPU's counters, looked up once for the whole run.
+    let counters = COUNTERS.get_ptr_mut(0);
+    match try_steer(&ctx, counters) {
         Ok(slot) => {
-            count(counter::SELECTED_BASE + slot);
+            add(counters, counter::SELECTED_BASE + slot);
             // Pruned by the verifier unless user space raised AYA_LOG_LEVEL
             // to trace at load time, so it costs nothing when off.
             trace!(&ctx, "selected slot {}", slot);
         }
-        Err(()) => count(counter::FALLBACK),
+        Err(()) => add(counters, counter::FALLBACK),
     }
     // Returned whether or not a socket was selected: without a selection
     // the kernel falls back to its own hash, never drops.
@@ -88,45 +91,61 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
 }
 
 /// Selects a socket and returns its slot, or `Err` to leave the choice to
-/// the kernel's hash.
+/// the kernel's hash: only when no live slot is configured (or the policy
+/// is `kernel`), or when the first choice and [`PROBES`] more live slots
+/// all turned out empty (a plan far behind the workers).
 #[inline(always)]
-fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
+fn try_steer(ctx: &SkReuseportContext, counters: Option<*mut Counters>) -> Result<u32, ()> {
     let state = STATE.get_ptr_mut(0).ok_or(())?;
     // SAFETY: a map value, valid while the map exists; user space rewrites
     // only the generation not in force, then flips `active`.
     let generation = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
     let cfg: &Config = unsafe { &(*state).config[generation as usize] };
     if ctx.migrating_sk().is_some() {
-        count(counter::MIGRATED);
+        add(counters, counter::MIGRATED);
     }
     // Each policy returns its first choice and a position in the live list
-    // from which to look further if that slot turns out empty.
-    let (first, probe_from) = match cfg.policy {
-        policy::CPU => by_cpu(ctx, cfg)?,
-        policy::HASH => by_hash(ctx, cfg)?,
-        policy::ROUND_ROBIN => round_robin(state, cfg)?,
-        policy::LEAST_LOADED => least_loaded(ctx, cfg)?,
-        policy::WEIGHTED => weighted(state, cfg, generation)?,
-        policy::CONSISTENT => consistent(ctx, cfg, generation)?,
+    // from which to look further if that slot turns out empty. A policy
+    // without a choice for this packet (a CPU without a row, an empty
+    // table) gives `Err`: the flow hash then picks among the live slots,
+    // so while a slot is live the kernel's hash never decides.
+    let choice = match cfg.policy {
+        policy::CPU => by_cpu(ctx, cfg),
+        policy::HASH => by_hash(ctx, cfg),
+        policy::ROUND_ROBIN => round_robin(state, cfg),
+        policy::LEAST_LOADED => least_loaded(ctx, cfg, counters),
+        policy::WEIGHTED => weighted(state, cfg, generation),
+        policy::CONSISTENT => consistent(ctx, cfg, generation),
         _ => return Err(()),
+    };
+    let (first, probe_from) = match choice {
+        Ok(c) => c,
+        Err(()) => {
+            let h = ctx.hash();
+            (cfg.live_at(h).ok_or(())?, h)
+        }
     };
     if select(ctx, cfg, first).is_ok() {
         return Ok(first);
     }
-    count(counter::EMPTY_SLOT);
-    // The slot is empty (its worker is gone or draining and user space has
-    // not rebuilt the configuration yet): try the next live slots in turn.
+    add(counters, counter::EMPTY_SLOT);
+    // The slot is empty (its worker is gone and user space has not rebuilt
+    // the plan yet): try a few other live slots, spread over the live list
+    // (workers that leave together often have neighbouring slots), at
+    // distinct positions: `stride * PROBES` stays below `n_live`.
+    let n = cfg.n_live;
+    let stride = if n > PROBES + 1 { n / (PROBES + 1) } else { 1 };
     let mut i = 1;
-    while i <= MAX_WORKERS {
-        if i > cfg.n_live {
+    while i <= PROBES {
+        if i >= n {
             break;
         }
-        let slot = cfg.live_at(probe_from.wrapping_add(i)).ok_or(())?;
+        let slot = cfg.live_at(probe_from.wrapping_add(i * stride)).ok_or(())?;
         if slot != first {
             if select(ctx, cfg, slot).is_ok() {
                 return Ok(slot);
             }
-            count(counter::EMPTY_SLOT);
+            add(counters, counter::EMPTY_SLOT);
         }
         i += 1;
     }
@@ -165,15 +184,15 @@ fn table(generation: u32, index: u32) -> Result<u32, ()> {
     }))
 }
 
-/// `cpu`: the slot of a worker pinned to the CPU that received the packet.
+/// `cpu`: the slot the plan gives the CPU that received the packet: a
+/// worker pinned to it, or for a CPU without one, a worker near it.
 #[inline(always)]
 fn by_cpu(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()> {
     // SAFETY: a helper without arguments or side effects (inlined by the
     // verifier into a per-CPU load).
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let index = cfg.cpu_index(cpu, ctx.hash()).ok_or(())?;
-    let slot = cfg.cpu_table[(index & (CPU_TABLE_LEN - 1)) as usize];
-    Ok((u32::from(slot), ctx.hash()))
+    let h = ctx.hash();
+    Ok((cfg.cpu_slot(cpu, h).ok_or(())?, h))
 }
 
 /// `hash`: the live slot at the key's hash modulo the live slots.
@@ -191,30 +210,45 @@ fn round_robin(state: *mut State, cfg: &Config) -> Result<(u32, u32), ()> {
 }
 
 /// `least-loaded`: the live slot with the least work in flight (see
-/// `WorkerRecord::load`). The scan starts at a live slot that moves on at
-/// every run (a per-CPU turn counter, plus the flow hash), so equally
-/// loaded workers share the work instead of the first one taking it all,
-/// without a shared counter or a helper call for a random number.
+/// `WorkerRecord::load`) among [`LEAST_LOADED_CHOICES`] live slots: all of
+/// them in a group that small (the exact minimum), else that many spread
+/// evenly over the live list (power-of-d choices: the cost stays the same
+/// however large the group). The first candidate moves on at every run (a
+/// per-CPU turn counter, plus the flow hash), so equally loaded workers
+/// share the work instead of the first one taking it all, without a shared
+/// counter or a helper call for a random number.
 #[inline(always)]
-fn least_loaded(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()> {
-    let turn = COUNTERS.get_ptr_mut(counter::TURN).map_or(0, |c| {
-        // SAFETY: this CPU's own value; runs on one CPU do not overlap.
+fn least_loaded(
+    ctx: &SkReuseportContext,
+    cfg: &Config,
+    counters: Option<*mut Counters>,
+) -> Result<(u32, u32), ()> {
+    let turn = counters.map_or(0, |c| {
+        // SAFETY: this CPU's own record; runs on one CPU do not overlap.
         unsafe {
-            *c += 1;
-            *c as u32
+            let t = &mut (*c).values[counter::TURN as usize];
+            *t += 1;
+            *t as u32
         }
     });
-    let start = turn.wrapping_add(ctx.hash());
+    // The golden-ratio step scatters consecutive turns over the list.
+    let start = ctx.hash().wrapping_add(turn.wrapping_mul(0x9e37_79b9));
+    let n = cfg.n_live;
+    let stride = if n > LEAST_LOADED_CHOICES {
+        n / LEAST_LOADED_CHOICES
+    } else {
+        1
+    };
     let mut best = cfg.live_at(start).ok_or(())?;
     let mut best_load = u64::MAX;
     // Only map values flow into `best`: were the loop index kept with it,
     // every iteration would double the verifier's states.
     let mut i = 0;
-    while i < MAX_WORKERS {
-        if i >= cfg.n_live {
+    while i < LEAST_LOADED_CHOICES {
+        if i >= n {
             break;
         }
-        let slot = cfg.live_at(start.wrapping_add(i)).ok_or(())?;
+        let slot = cfg.live_at(start.wrapping_add(i * stride)).ok_or(())?;
         // SAFETY: see `select`; an aligned 8-byte load is atomic.
         let load = WORKERS
             .get_ptr(slot)
@@ -226,7 +260,7 @@ fn least_loaded(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()
         }
         i += 1;
     }
-    Ok((best, best))
+    Ok((best, start))
 }
 
 /// `weighted`: the next ticket's entry of the weighted sequence.
@@ -393,13 +427,27 @@ fn payload_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
     Some(hash_payload(cfg.seed, &bytes))
 }
 
+/// Adds one to counter `index` of this CPU's record (`counters`, looked up
+/// once per run).
+#[inline(always)]
+fn add(counters: Option<*mut Counters>, index: u32) {
+    if let Some(c) = counters {
+        // SAFETY: a per-CPU value is only touched by this CPU, and a program
+        // run is not preempted by another run on the same CPU. The index is
+        // checked against the record's length (for the verifier).
+        unsafe {
+            if let Some(v) = (*c).values.get_mut(index as usize) {
+                *v += 1;
+            }
+        }
+    }
+}
+
+/// [`add`] for the rare paths deep in the key readers, which look the
+/// record up themselves rather than carry it.
 #[inline(always)]
 fn count(index: u32) {
-    if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU value is only touched by this CPU, and a program
-        // run is not preempted by another run on the same CPU.
-        unsafe { *c += 1 };
-    }
+    add(COUNTERS.get_ptr_mut(0), index);
 }
 
 /// The cost floor: selects slot 0 and does nothing else. Benchmarks compare

@@ -187,8 +187,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     pub proto: Proto,
 
-    /// Number of workers [default: one per CPU this process may use]. More
-    /// workers than CPUs wrap round the CPUs.
+    /// Number of workers, 1 to 1024 [default: one per CPU this process may
+    /// use, at most 1024]. More workers than CPUs wrap round the CPUs.
     #[arg(long)]
     pub workers: Option<usize>,
 

@@ -713,7 +713,18 @@ impl GroupBuilder {
             Some(c) if !c.is_empty() => c.clone(),
             _ => sys::usable_cpus()?,
         };
-        let n = self.workers.unwrap_or(cpus.len());
+        let n = self.workers.unwrap_or_else(|| {
+            // One worker per usable CPU, up to the socket map's size; the
+            // `cpu` policy gives the CPUs beyond it a worker of their own
+            // cache domain or node.
+            if cpus.len() > MAX_WORKERS as usize {
+                warn!(
+                    "{} usable CPUs but at most {MAX_WORKERS} workers a group: starting {MAX_WORKERS}; under the cpu policy the other CPUs go to workers near them",
+                    cpus.len()
+                );
+            }
+            cpus.len().min(MAX_WORKERS as usize)
+        });
         if n == 0 || n > MAX_WORKERS as usize {
             return Err(Error::WorkerCount {
                 requested: n,

@@ -14,6 +14,7 @@
 //!   from any process through its pinned maps (`reuseport ctl`, `stats`)
 //! - [`metrics`]: Prometheus metrics; [`server`]: serving a group with a
 //!   handler, supervised (`reuseport run` serves the [`echo`] handler)
+//! - [`topology`]: the CPU topology the `cpu` policy plans over
 //! - [`bench`](mod@bench): `reuseport bench`
 //!
 //! # Serving a steered group with your own handler
@@ -95,6 +96,7 @@ pub mod socket;
 pub mod stats;
 pub mod steering;
 pub mod sys;
+pub mod topology;
 pub mod worker;
 
 pub use error::{Error, Result};

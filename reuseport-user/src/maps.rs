@@ -22,8 +22,8 @@ use aya::{
 };
 use memmap2::{MmapMut, MmapOptions};
 use reuseport_common::{
-    counter, group_flag, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord,
-    MAX_WORKERS, TABLE_CAPACITY,
+    counter, group_flag, map, worker_state, Config, Counters, GroupInfo, State, Table,
+    WorkerRecord, MAX_WORKERS, TABLE_CAPACITY,
 };
 
 use crate::{
@@ -96,12 +96,15 @@ pub struct WorkerCounters {
     pub active: AtomicU64,
     /// Bytes served.
     pub bytes: AtomicU64,
-    /// Work steered to the slot and not finished (see `WorkerRecord::load`).
-    pub load: AtomicU64,
     /// Connections that waited because the worker was at its limit.
     pub at_limit: AtomicU64,
-    /// Unused (a record is one cache line).
-    pub reserved: AtomicU64,
+    /// Unused (fills the first cache line).
+    pub reserved: [AtomicU64; 2],
+    /// Work steered to the slot and not finished (see `WorkerRecord::load`),
+    /// on a cache line of its own.
+    pub load: AtomicU64,
+    /// Unused (fills the second cache line).
+    pub reserved2: [AtomicU64; 7],
 }
 
 const _: () = assert!(size_of::<WorkerCounters>() == size_of::<WorkerRecord>());
@@ -113,7 +116,7 @@ macro_rules! same_offset {
         );)*
     };
 }
-same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit, reserved);
+same_offset!(state, cpu, pid, queued, accepted, active, bytes, at_limit, reserved, load, reserved2);
 const _: () = assert!(align_of::<WorkerCounters>() <= 8);
 
 impl WorkerCounters {
@@ -127,9 +130,10 @@ impl WorkerCounters {
             accepted: self.accepted.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
-            load: self.load.load(Ordering::Relaxed),
             at_limit: self.at_limit.load(Ordering::Relaxed),
-            reserved: 0,
+            reserved: [0; 2],
+            load: self.load.load(Ordering::Relaxed),
+            reserved2: [0; 7],
         }
     }
 
@@ -207,7 +211,7 @@ impl WorkerRegion {
         assert!(slot < MAX_WORKERS, "slot {slot} out of range");
         let offset = slot as usize * size_of::<WorkerCounters>();
         // SAFETY: in bounds (checked above), 8-byte aligned (page-aligned
-        // base, 64-byte records), and the type is atomics only, valid for
+        // base, 128-byte records), and the type is atomics only, valid for
         // any bit pattern and for concurrent access from other processes
         // and the program.
         unsafe { &*(self.mmap.as_ptr().add(offset) as *const WorkerCounters) }
@@ -247,7 +251,7 @@ pub struct Maps {
     sockets_fd: std::os::fd::OwnedFd,
     state: MmapMut,
     table: MmapMut,
-    counters: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, Counters>,
     group: Array<MapData, GroupInfo>,
     workers: Arc<WorkerRegion>,
     pin_dir: Option<PathBuf>,
@@ -524,7 +528,8 @@ impl Maps {
         for (i, &slot) in plan.table.iter().enumerate() {
             // SAFETY: in bounds (checked above) of generation `next`'s
             // table, which the program does not read until `active` flips.
-            unsafe { std::ptr::write_volatile(table.add(i), slot as u8) };
+            // Slots are below MAX_WORKERS, so they fit a u16.
+            unsafe { std::ptr::write_volatile(table.add(i), slot as u16) };
         }
         // SAFETY: as above, for generation `next` of the configuration.
         unsafe {
@@ -540,9 +545,12 @@ impl Maps {
         Ok(())
     }
 
-    fn table_ptr(&self, generation: u32) -> *mut u8 {
+    fn table_ptr(&self, generation: u32) -> *mut u16 {
         // SAFETY: generation is 0 or 1, and the mapping holds two tables.
-        unsafe { (self.table.as_ptr() as *mut u8).add(generation as usize * size_of::<Table>()) }
+        unsafe {
+            (self.table.as_ptr() as *mut u8).add(generation as usize * size_of::<Table>())
+                as *mut u16
+        }
     }
 
     /// An exclusive lock on the group's pin directory (flock(2)), held by
@@ -620,14 +628,18 @@ impl Maps {
             .map_err(|e| Error::bpf("writing the group record", e))
     }
 
-    /// Reads the counters, summed over CPUs.
+    /// Reads the counters, summed over CPUs (one lookup: each CPU has one
+    /// record of all of them).
     pub fn counters(&self) -> Result<BpfCounters> {
+        let per_cpu = self
+            .counters
+            .get(&0, 0)
+            .map_err(|e| Error::bpf("reading the program's counters", e))?;
         let read = |i: u32| -> Result<u64> {
-            let values = self
-                .counters
-                .get(&i, 0)
-                .map_err(|e| Error::bpf("reading the program's counters", e))?;
-            Ok(values.iter().sum())
+            Ok(per_cpu
+                .iter()
+                .map(|c| c.values.get(i as usize).copied().unwrap_or(0))
+                .sum())
         };
         let mut c = BpfCounters::zero();
         for slot in 0..MAX_WORKERS {

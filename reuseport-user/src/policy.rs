@@ -8,9 +8,11 @@ use std::{fmt, str::FromStr};
 
 use reuseport_common::{
     key, policy as id,
-    table::{cpu_table, maglev_table, maglev_update, weighted_table, TableError},
-    Config, CPU_TABLE_LEN, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY,
+    table::{cpu_plan, maglev_table, maglev_update, weighted_table, CpuTopology, TableError},
+    Config, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY,
 };
+
+use crate::topology::Topology;
 
 /// How new connections (or datagrams) are spread over the workers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -238,9 +240,20 @@ pub struct Plan {
 /// Turns a policy and the live slots into a [`Plan`], from scratch.
 ///
 /// `live` must be sorted by slot. `weights` of a `weighted` policy are indexed
-/// by slot; a slot with no weight given gets none of the traffic.
+/// by slot; a slot with no weight given gets none of the traffic. The `cpu`
+/// policy is planned over this machine's CPUs ([`Topology::host`]).
 pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
-    plan_with(policy, live, None)
+    plan_with(policy, live, None, Topology::host().view())
+}
+
+/// [`plan`] on a given CPU topology (for the `cpu` policy): what a group on
+/// a machine of that shape would get.
+pub fn plan_on(
+    policy: &Policy,
+    live: &[LiveSlot],
+    topology: CpuTopology<'_>,
+) -> Result<Plan, PolicyError> {
+    plan_with(policy, live, None, topology)
 }
 
 /// Like [`plan`], for a running group whose plan in force is `current`:
@@ -248,7 +261,7 @@ pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
 /// rebuilt, so that only the keys of workers that came or went move
 /// ([`maglev_update`]).
 pub fn replan(policy: &Policy, live: &[LiveSlot], current: &Plan) -> Result<Plan, PolicyError> {
-    plan_with(policy, live, Some(current))
+    plan_with(policy, live, Some(current), Topology::host().view())
 }
 
 /// Rebuilds the policy in force (`current`) over the workers serving now
@@ -271,6 +284,7 @@ fn plan_with(
     policy: &Policy,
     live: &[LiveSlot],
     current: Option<&Plan>,
+    topology: CpuTopology<'_>,
 ) -> Result<Plan, PolicyError> {
     if live.is_empty() {
         return Err(PolicyError::Table(TableError::NoSlots));
@@ -301,18 +315,15 @@ fn plan_with(
         // falls back to the kernel's hash (and is counted as a fallback).
         PolicyKind::Kernel => {}
         PolicyKind::Cpu => {
+            // The rows live in the configuration record, not the table.
             let pairs: Vec<(u32, u32)> = live.iter().map(|l| (l.slot, l.cpu)).collect();
-            let (row_len, len) = cpu_table(&pairs, &mut table).map_err(PolicyError::Table)?;
-            if len > CPU_TABLE_LEN {
-                return Err(PolicyError::Table(TableError::TooLarge { needed: len }));
-            }
-            config.row_len = row_len;
-            config.table_len = len;
-            for (entry, &slot) in config.cpu_table.iter_mut().zip(&table[..len as usize]) {
-                *entry = slot as u8;
-            }
-            // The table lives in the configuration record.
-            table.clear();
+            config.n_cpus = cpu_plan(
+                &pairs,
+                topology,
+                &mut config.cpu_rows,
+                &mut config.cpu_slots,
+            )
+            .map_err(PolicyError::Table)?;
         }
         PolicyKind::Weighted => {
             let max_slot = live.iter().map(|l| l.slot).max().unwrap_or(0) as usize;
@@ -390,11 +401,58 @@ mod tests {
 
     #[test]
     fn cpu_plan_maps_each_cpu_to_its_worker() {
-        let p = plan(&Policy::new(PolicyKind::Cpu), &live(2)).unwrap();
+        let topo = Topology::flat(2);
+        let p = plan_on(&Policy::new(PolicyKind::Cpu), &live(2), topo.view()).unwrap();
         assert_eq!(p.config.policy, id::CPU);
-        assert_eq!((p.config.row_len, p.config.table_len), (1, 2));
-        assert_eq!(&p.config.cpu_table[..2], &[0, 1]);
-        assert!(p.table.is_empty(), "the cpu table is in the record");
+        assert_eq!(p.config.n_cpus, 2);
+        assert_eq!(p.config.cpu_slot(0, 7), Some(0));
+        assert_eq!(p.config.cpu_slot(1, 7), Some(1));
+        assert!(p.table.is_empty(), "the cpu rows are in the record");
+    }
+
+    #[test]
+    fn cpu_plan_covers_every_cpu_of_the_machine() {
+        // One worker on an 8-CPU machine of 2 nodes: every CPU has it.
+        let topo = Topology {
+            cache: vec![0, 0, 0, 0, 4, 4, 4, 4],
+            node: vec![0, 0, 0, 0, 1, 1, 1, 1],
+        };
+        let one = [LiveSlot { slot: 3, cpu: 0 }];
+        let p = plan_on(&Policy::new(PolicyKind::Cpu), &one, topo.view()).unwrap();
+        assert_eq!(p.config.n_cpus, 8);
+        for cpu in 0..8 {
+            assert_eq!(p.config.cpu_slot(cpu, cpu * 77), Some(3), "CPU {cpu}");
+        }
+        assert_eq!(p.config.cpu_slot(8, 0), None);
+        // The host's plan covers every CPU this process can run on.
+        let p = plan(&Policy::new(PolicyKind::Cpu), &one).unwrap();
+        for cpu in crate::sys::usable_cpus().unwrap() {
+            assert_eq!(p.config.cpu_slot(cpu as u32, 0), Some(3), "CPU {cpu}");
+        }
+    }
+
+    #[test]
+    fn plans_hold_the_largest_group() {
+        let all: Vec<LiveSlot> = (0..MAX_WORKERS)
+            .map(|slot| LiveSlot { slot, cpu: slot })
+            .collect();
+        let topo = Topology::flat(MAX_WORKERS as usize);
+        for kind in PolicyKind::STEERED {
+            let mut policy = Policy::new(kind);
+            policy.weights = vec![1; MAX_WORKERS as usize];
+            let p = plan_on(&policy, &all, topo.view()).unwrap();
+            assert_eq!(p.config.n_live, MAX_WORKERS, "{kind}");
+            assert_eq!(p.config.live[MAX_WORKERS as usize - 1], MAX_WORKERS - 1);
+        }
+        let p = plan_on(&Policy::new(PolicyKind::Cpu), &all, topo.view()).unwrap();
+        assert_eq!(p.config.cpu_slot(MAX_WORKERS - 1, 0), Some(MAX_WORKERS - 1));
+        let too_many: Vec<LiveSlot> = (0..=MAX_WORKERS)
+            .map(|slot| LiveSlot { slot, cpu: 0 })
+            .collect();
+        assert_eq!(
+            plan(&Policy::new(PolicyKind::RoundRobin), &too_many),
+            Err(PolicyError::Table(TableError::TooManySlots))
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::thread;
 
+use reuseport::policy::{plan, LiveSlot, Policy, PolicyKind};
 use reuseport_tests::{
     accepted_delta, cpus, echo, netns, pattern, pin_to_cpu, selected_delta, Server,
 };
@@ -121,12 +122,31 @@ fn shapes(cpus: usize) -> Vec<usize> {
     w
 }
 
+/// The workers the plan gives `cpu`, computed in user space by the
+/// library's planner over this machine's topology.
+fn planned(placed: &[usize], cpu: usize) -> Vec<usize> {
+    let live: Vec<LiveSlot> = placed
+        .iter()
+        .enumerate()
+        .map(|(slot, &cpu)| LiveSlot {
+            slot: slot as u32,
+            cpu: cpu as u32,
+        })
+        .collect();
+    let plan = plan(&Policy::new(PolicyKind::Cpu), &live).expect("a cpu plan");
+    let row = plan.config.cpu_rows[cpu];
+    (row.start..row.start + row.len)
+        .map(|i| usize::from(plan.config.cpu_slots[usize::from(i)]))
+        .collect()
+}
+
 /// `--policy cpu` with fewer workers than CPUs (issue 11: with
 /// `--workers 1` on 2 CPUs half the connections fell back to the kernel's
 /// hash), as many and more: every CPU has a defined worker, the program
 /// places every connection (fallback 0), a CPU with workers of its own
 /// keeps its connections on them, and a CPU without one sends all of its
-/// connections to the one worker the plan gives it.
+/// connections to the one worker the plan, predicted in user space, gives
+/// it.
 #[test]
 fn every_cpu_has_a_worker_whatever_the_worker_count() {
     netns();
@@ -165,13 +185,19 @@ fn every_cpu_has_a_worker_whatever_the_worker_count() {
             assert_eq!(delta.iter().sum::<u64>(), (PER_CPU / 5) as u64, "{what}");
             let own: Vec<usize> = (0..workers).filter(|&w| placed[w] == cpu).collect();
             let serving: Vec<usize> = (0..workers).filter(|&w| delta[w] > 0).collect();
+            let predicted = planned(&placed, cpu);
             if own.is_empty() {
                 assert_eq!(
                     serving.len(),
                     1,
                     "{what}: a CPU without a worker has one defined worker: {delta:?}"
                 );
+                assert_eq!(serving, predicted, "{what}: the worker the plan gives it");
             } else {
+                assert_eq!(
+                    predicted, own,
+                    "{what}: the plan keeps the CPU's own workers"
+                );
                 assert!(
                     serving.iter().all(|w| own.contains(w)),
                     "{what}: served by the CPU's own workers {own:?}: {delta:?}"
