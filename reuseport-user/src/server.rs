@@ -453,6 +453,12 @@ impl Supervisor {
             .map(|(s, _)| *s)
             .collect();
         for slot in finished {
+            // Asked to stop meanwhile: the workers return because of that,
+            // and are not to be restarted (with many workers, this pass can
+            // outlast the request).
+            if self.shutdown.is_cancelled() {
+                return Ok(None);
+            }
             let Some(run) = self.workers.remove(&slot) else {
                 continue;
             };
