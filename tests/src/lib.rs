@@ -66,6 +66,18 @@ pub fn pin_to_cpu(cpu: usize) {
     nix::sched::sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
+/// The CPUs this process may run on, failing the test (never skipping it)
+/// when there are fewer than `n`: `why` says what needs them.
+pub fn cpus_at_least(n: usize, why: &str) -> Vec<usize> {
+    let cpus = cpus();
+    assert!(
+        cpus.len() >= n,
+        "this test needs at least {n} usable CPUs ({why}); it has {}: run it on a larger machine or VM",
+        cpus.len()
+    );
+    cpus
+}
+
 /// The CPUs this process may run on.
 pub fn cpus() -> Vec<usize> {
     let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
@@ -746,29 +758,47 @@ pub fn tcp_once(src: SocketAddr, server: SocketAddr, payload: &[u8]) -> SocketAd
 /// other until stopped, checking every echo.
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    threads: Vec<thread::JoinHandle<(u64, Vec<String>)>>,
+    threads: Vec<thread::JoinHandle<LoadResult>>,
 }
+
+/// What one load thread saw.
+type LoadResult = (u64, Vec<String>, Vec<(Instant, Instant)>);
 
 impl Load {
     /// Starts `threads` clients against `addr`.
     pub fn start(addr: SocketAddr, threads: usize) -> Load {
+        Load::start_holding(addr, threads, Duration::ZERO)
+    }
+
+    /// Like [`Load::start`], each connection held open for `hold` between
+    /// its request and the rest of its echo, so that connections are in
+    /// flight at any moment. Thread `t` of `n` starts `t / n` of a hold
+    /// late, so that the threads' connections do not all end together.
+    pub fn start_holding(addr: SocketAddr, threads: usize, hold: Duration) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n = threads as u32;
         let threads = (0..threads)
             .map(|t| {
                 let stop = stop.clone();
                 thread::spawn(move || {
+                    thread::sleep(hold * t as u32 / n);
                     let mut ok = 0u64;
                     let mut failures = Vec::new();
+                    let mut spans = Vec::new();
                     let mut i = 0u64;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         i += 1;
                         let payload = pattern(64, (t as u64) << 32 | i);
-                        match try_echo(addr, &payload) {
-                            Ok(()) => ok += 1,
+                        let began = Instant::now();
+                        match try_echo_holding(addr, &payload, hold) {
+                            Ok(()) => {
+                                ok += 1;
+                                spans.push((began, Instant::now()));
+                            }
                             Err(e) => failures.push(e),
                         }
                     }
-                    (ok, failures)
+                    (ok, failures, spans)
                 })
             })
             .collect();
@@ -777,25 +807,43 @@ impl Load {
 
     /// Stops the clients: (connections echoed correctly, failures).
     pub fn stop(self) -> (u64, Vec<String>) {
+        let (ok, failures, _) = self.stop_with_spans();
+        (ok, failures)
+    }
+
+    /// Stops the clients: (connections echoed correctly, failures, and
+    /// when each correct one began and ended).
+    pub fn stop_with_spans(self) -> LoadResult {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut ok = 0;
         let mut failures = Vec::new();
+        let mut spans = Vec::new();
         for t in self.threads {
-            let (o, f) = t.join().expect("load thread");
+            let (o, f, s) = t.join().expect("load thread");
             ok += o;
             failures.extend(f);
+            spans.extend(s);
         }
-        (ok, failures)
+        (ok, failures, spans)
     }
 }
 
 /// One echo connection; every way it can fail, as text.
 pub fn try_echo(addr: SocketAddr, payload: &[u8]) -> Result<(), String> {
+    try_echo_holding(addr, payload, Duration::ZERO)
+}
+
+/// [`try_echo`], waiting `hold` after sending the payload and before
+/// half-closing: the connection stays open (and served) that long.
+pub fn try_echo_holding(addr: SocketAddr, payload: &[u8], hold: Duration) -> Result<(), String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     s.write_all(payload).map_err(|e| format!("send: {e}"))?;
+    if !hold.is_zero() {
+        thread::sleep(hold);
+    }
     s.shutdown(Shutdown::Write)
         .map_err(|e| format!("half-close: {e}"))?;
     let mut got = Vec::new();

@@ -8,8 +8,8 @@ use std::{
 
 use reuseport_common::{hash::hash_addrs, key};
 use reuseport_tests::{
-    accepted_delta, connect_from, cpus, echo_on, netns, pattern, pin_to_cpu, reset, selected_delta,
-    udp_exchange, Server,
+    accepted_delta, connect_from, cpus_at_least, echo_on, netns, pattern, pin_to_cpu, reset,
+    selected_delta, udp_exchange, Server,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -80,9 +80,10 @@ const V6_ANY_PORT: &str = "[::1]:0";
 fn cpu_steering_over_ipv6() {
     netns();
     for proto in [Proto::Tcp, Proto::Udp] {
+        let cpus = cpus_at_least(2, "each CPU's traffic must reach a different worker");
         let server = start(proto, V6_ANY_PORT, &["--policy", "cpu"]);
-        let n = cpus().len();
-        for (worker, cpu) in cpus().into_iter().enumerate() {
+        let n = cpus.len();
+        for (worker, cpu) in cpus.into_iter().enumerate() {
             let before = server.metrics();
             let addr = server.addr;
             thread::spawn(move || {

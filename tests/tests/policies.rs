@@ -5,7 +5,7 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use reuseport_tests::{
@@ -302,19 +302,44 @@ fn switching_policy_keeps_open_connections_and_steers_new_ones() {
     let mut open = hold_from_cpu(addr, cpu, 8);
     assert_eq!(server.metrics().active(0), 8);
 
-    // The switch happens under traffic: no client sees a failure.
-    let load = reuseport_tests::Load::start(addr, 2);
-    thread::sleep(Duration::from_millis(200));
+    // The switch happens under traffic: no client sees a failure. Each
+    // load connection stays open several times as long as a switch takes
+    // here (timed with one that changes nothing), so that some are open
+    // from before the switch begins until after it has ended.
+    let t = Instant::now();
+    server.switch(&["cpu"]);
+    let hold = t.elapsed() * 10 + Duration::from_millis(50);
+    let threads = 4;
+    let load = reuseport_tests::Load::start_holding(addr, threads, hold);
+    thread::sleep(hold * 2);
+    let began = Instant::now();
     server.switch(&["round-robin"]);
-    thread::sleep(Duration::from_millis(200));
-    let (ok, failures) = load.stop();
+    let ended = Instant::now();
+    thread::sleep(hold * 2);
+    let (ok, failures, spans) = load.stop_with_spans();
     assert!(
         failures.is_empty(),
         "{} failed: {:?}",
         failures.len(),
         &failures[..failures.len().min(3)]
     );
-    assert!(ok > 20, "the load ran across the switch ({ok} connections)");
+    let across = spans
+        .iter()
+        .filter(|(s, e)| *s < began && *e > ended)
+        .count();
+    println!(
+        "switch under load: {ok} connections, {across} open through the whole switch ({:?}, connections held {hold:?})",
+        ended - began
+    );
+    assert!(
+        across > 0,
+        "connections were in flight while the policy changed: {ok} connections, switch took {:?}",
+        ended - began
+    );
+    assert!(
+        spans.iter().any(|(s, _)| *s > ended),
+        "and new ones came after it"
+    );
     assert_eq!(server.metrics().policy(), "round-robin");
     let before = server.metrics();
     thread::spawn(move || {

@@ -5,7 +5,7 @@ use std::thread;
 
 use reuseport::policy::{plan, LiveSlot, Policy, PolicyKind};
 use reuseport_tests::{
-    accepted_delta, cpus, echo, netns, pattern, pin_to_cpu, selected_delta, Server,
+    accepted_delta, cpus, cpus_at_least, echo, netns, pattern, pin_to_cpu, selected_delta, Server,
 };
 
 const PER_CPU: usize = 100;
@@ -13,7 +13,7 @@ const PER_CPU: usize = 100;
 #[test]
 fn every_connection_reaches_the_worker_of_its_cpu() {
     netns();
-    let cpus = cpus();
+    let cpus = cpus_at_least(2, "each CPU's connections must reach a different worker");
     let n = cpus.len();
     let server = Server::start(&["--policy", "cpu"]);
     let addr = server.addr;
@@ -62,7 +62,7 @@ fn every_connection_reaches_the_worker_of_its_cpu() {
 #[test]
 fn more_workers_than_cpus_stay_on_their_cpu() {
     netns();
-    let cpus = cpus();
+    let cpus = cpus_at_least(2, "each CPU's connections must stay on its own workers");
     let n = cpus.len() * 2;
     let workers = n.to_string();
     let server = Server::start(&["--policy", "cpu", "--workers", &workers]);

@@ -83,7 +83,27 @@ fn a_connection_that_never_ends_is_closed_at_the_drain_deadline() {
         "{waited:?}"
     );
     assert!(stderr.contains("drain deadline"), "{stderr}");
-    // The client sees its connection end.
+    // The client sees its connection end: end of stream or a reset at once,
+    // not the read timeout of a connection left open.
     let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
+    let read = Instant::now();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the connection did not end: {e} after {:?}", read.elapsed()),
+    }
+    assert!(rest.is_empty(), "nothing more came: {rest:?}");
+    assert!(
+        read.elapsed() < Duration::from_secs(5),
+        "ended at once, not at the read timeout"
+    );
+    // And nothing can be sent on it any more.
+    let sent = s.write_all(b"still there?").and_then(|()| {
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"?")
+    });
+    assert!(
+        sent.is_err(),
+        "the server side is closed: a write is refused"
+    );
 }
