@@ -122,6 +122,10 @@ pub mod key {
     pub const FOUR_TUPLE: u32 = 2;
     /// `payload_len` bytes at `payload_offset` of the L4 payload.
     pub const PAYLOAD: u32 = 3;
+    /// The kernel's own hash of the 4-tuple (the context's `hash`): no
+    /// header read and no hashing in the program, but salted per boot, so
+    /// user space cannot predict it.
+    pub const FLOW: u32 = 4;
 }
 
 /// Indices into the per-CPU [`Counters`] record of [`map::COUNTERS`].

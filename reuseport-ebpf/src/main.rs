@@ -299,16 +299,35 @@ fn next_ticket(state: *mut State) -> u64 {
 #[inline(always)]
 fn key_hash(ctx: &SkReuseportContext, cfg: &Config) -> Result<u32, ()> {
     let h = match cfg.key {
-        key::SRC_IP | key::FOUR_TUPLE => addr_hash(ctx, cfg),
+        key::SRC_IP => src_ip_hash(ctx, cfg),
+        key::FOUR_TUPLE => addr_hash(ctx, cfg),
         key::PAYLOAD => payload_hash(ctx, cfg),
+        // `flow`, and any key this program does not know: the kernel's.
         _ => None,
     };
     Ok(h.unwrap_or_else(|| ctx.hash()))
 }
 
-/// Hashes the `src-ip` or `four-tuple` key read from the IP and L4 headers.
-/// One helper call reads the addresses (the IP header lies before the
-/// context's data, out of direct reach); the ports are read directly.
+/// Hashes the `src-ip` key: one helper call reads the source address only
+/// (4 bytes of an IPv4 header, 16 of an IPv6 one).
+#[inline(always)]
+fn src_ip_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
+    let src = match ctx.eth_protocol() {
+        // IPv4 header: source at 12.
+        ETH_P_IP_BE => v4_mapped(load::<4>(ctx, 12, BPF_HDR_START_NET)?),
+        // IPv6 header: source at 8.
+        ETH_P_IPV6_BE => load::<16>(ctx, 8, BPF_HDR_START_NET)?,
+        _ => {
+            count(counter::KEY_UNREADABLE);
+            return None;
+        }
+    };
+    Some(hash_src_ip(cfg.seed, &src))
+}
+
+/// Hashes the `four-tuple` key read from the IP and L4 headers. One helper
+/// call reads both addresses (the IP header lies before the context's
+/// data, out of direct reach); the ports are read directly.
 #[inline(always)]
 fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
     let (src, dst) = match ctx.eth_protocol() {
@@ -334,9 +353,6 @@ fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
             return None;
         }
     };
-    if cfg.key == key::SRC_IP {
-        return Some(hash_src_ip(cfg.seed, &src));
-    }
     // TCP and UDP both start with source port then destination port, and
     // the context's data begins at the L4 header.
     let ports = l4_ports(ctx)?;

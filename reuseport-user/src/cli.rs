@@ -197,8 +197,9 @@ pub struct RunArgs {
     pub policy: Option<PolicyKind>,
 
     /// What the hash policies (hash, consistent) hash: src-ip (client
-    /// affinity), four-tuple, or payload:OFFSET:LEN (UDP: LEN bytes, 1 to
-    /// 16, at OFFSET of the payload, e.g. a QUIC connection ID).
+    /// affinity), four-tuple (predictable), flow (the kernel's 4-tuple
+    /// hash: cheapest, not predictable), or payload:OFFSET:LEN (UDP: LEN
+    /// bytes, 1 to 16, at OFFSET of the payload, e.g. a QUIC connection ID).
     #[arg(long, default_value = "src-ip")]
     pub hash_key: HashKey,
 
@@ -290,8 +291,8 @@ pub enum CtlAction {
         /// `weighted`: one weight per worker, in slot order [default: the current ones].
         #[arg(long)]
         weights: Option<Weights>,
-        /// Hash policies: src-ip, four-tuple or payload:OFFSET:LEN [default:
-        /// the current key].
+        /// Hash policies: src-ip, four-tuple, flow or payload:OFFSET:LEN
+        /// [default: the current key].
         #[arg(long)]
         hash_key: Option<HashKey>,
         /// Seed of the key hash [default: the current seed].

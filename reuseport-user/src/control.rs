@@ -192,6 +192,7 @@ pub fn policy_of(config: &Config) -> Policy {
     let kind = PolicyKind::from_id(config.policy).unwrap_or(PolicyKind::Kernel);
     let key = match config.key {
         key::FOUR_TUPLE => HashKey::FourTuple,
+        key::FLOW => HashKey::Flow,
         key::PAYLOAD => HashKey::Payload {
             offset: config.payload_offset as u16,
             len: config.payload_len as u8,

@@ -96,6 +96,9 @@ pub enum HashKey {
     SrcIp,
     /// Client and server address and port.
     FourTuple,
+    /// The kernel's own hash of the 4-tuple: the cheapest key, but salted
+    /// per boot, so the worker cannot be predicted outside the kernel.
+    Flow,
     /// `len` bytes (1 to 16) at `offset` of the UDP payload.
     Payload {
         /// Offset into the payload.
@@ -110,6 +113,7 @@ impl HashKey {
         match self {
             HashKey::SrcIp => key::SRC_IP,
             HashKey::FourTuple => key::FOUR_TUPLE,
+            HashKey::Flow => key::FLOW,
             HashKey::Payload { .. } => key::PAYLOAD,
         }
     }
@@ -120,6 +124,7 @@ impl fmt::Display for HashKey {
         match self {
             HashKey::SrcIp => f.write_str("src-ip"),
             HashKey::FourTuple => f.write_str("four-tuple"),
+            HashKey::Flow => f.write_str("flow"),
             HashKey::Payload { offset, len } => write!(f, "payload:{offset}:{len}"),
         }
     }
@@ -132,10 +137,11 @@ impl FromStr for HashKey {
         match s {
             "src-ip" => Ok(HashKey::SrcIp),
             "four-tuple" => Ok(HashKey::FourTuple),
+            "flow" => Ok(HashKey::Flow),
             _ => {
                 let bad = || {
                     format!(
-                        "unknown hash key `{s}`: use src-ip, four-tuple or payload:OFFSET:LEN (LEN 1 to 16)"
+                        "unknown hash key `{s}`: use src-ip, four-tuple, flow or payload:OFFSET:LEN (LEN 1 to 16)"
                     )
                 };
                 let rest = s.strip_prefix("payload:").ok_or_else(bad)?;
@@ -385,7 +391,13 @@ mod tests {
 
     #[test]
     fn hash_keys_parse_and_print() {
-        for s in ["src-ip", "four-tuple", "payload:0:4", "payload:12:16"] {
+        for s in [
+            "src-ip",
+            "four-tuple",
+            "flow",
+            "payload:0:4",
+            "payload:12:16",
+        ] {
             assert_eq!(s.parse::<HashKey>().unwrap().to_string(), s);
         }
         for bad in [
