@@ -203,12 +203,14 @@ fn adopting_what_cannot_serve_the_group_fails_clearly() {
 #[test]
 fn a_group_with_every_slot_taken_has_no_room() {
     netns();
-    let server = Server::start(&["--policy", "round-robin", "--workers", "64"]);
+    let max = reuseport_common::MAX_WORKERS;
+    let workers = max.to_string();
+    let server = Server::start(&["--policy", "round-robin", "--workers", &workers]);
     let python = Python::start(server.addr.port(), None);
     let (code, _, err) = adopt(&server, python.pid, python.fd);
     assert_eq!(code, 1);
     assert_eq!(
         err.trim(),
-        "error: the group has no free slot: all 64 are taken"
+        format!("error: the group has no free slot: all {max} are taken")
     );
 }
