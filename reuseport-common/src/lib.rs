@@ -35,11 +35,17 @@ const _: () = assert!(MAX_CPUS.is_power_of_two());
 pub const TABLE_CAPACITY: u32 = 65536;
 const _: () = assert!(TABLE_CAPACITY.is_power_of_two());
 
-/// Size of the `consistent` policy's Maglev lookup table: a prime, as Maglev
-/// requires (the largest below 2^16, so slots fit the table), and 64 entries
-/// per worker at [`MAX_WORKERS`], over 1,000 per worker up to 64 workers.
-pub const MAGLEV_TABLE_SIZE: u32 = 65521;
-const _: () = assert!(MAGLEV_TABLE_SIZE <= TABLE_CAPACITY);
+/// Size of the `consistent` policy's Maglev lookup table for groups of up
+/// to [`MAGLEV_SMALL_GROUP`] workers: a prime, as Maglev requires, with over
+/// 100 entries per worker; 16 KiB, so the program's random reads stay in
+/// the CPU's nearest cache.
+pub const MAGLEV_TABLE_SIZE: u32 = 8191;
+/// Size of the Maglev table for larger groups: the largest prime below
+/// 2^16, 64 entries per worker at [`MAX_WORKERS`].
+pub const MAGLEV_TABLE_SIZE_LARGE: u32 = 65521;
+/// Largest group that uses [`MAGLEV_TABLE_SIZE`].
+pub const MAGLEV_SMALL_GROUP: u32 = 64;
+const _: () = assert!(MAGLEV_TABLE_SIZE_LARGE <= TABLE_CAPACITY);
 
 /// Live slots the program tries after the policy's first choice turns out
 /// empty (a worker gone before user space rebuilt the plan), spread over the

@@ -3,7 +3,22 @@
 //! They write into a caller's buffer (no allocation) so they stay in this
 //! `no_std` crate next to the code that reads the tables.
 
-use crate::{hash::hash_u32, CpuRow, MAGLEV_TABLE_SIZE, MAX_CPUS, MAX_WORKERS, TABLE_CAPACITY};
+use crate::{
+    hash::hash_u32, CpuRow, MAGLEV_SMALL_GROUP, MAGLEV_TABLE_SIZE, MAGLEV_TABLE_SIZE_LARGE,
+    MAX_CPUS, MAX_WORKERS, TABLE_CAPACITY,
+};
+
+/// The size of the Maglev table for `slots` live slots:
+/// [`MAGLEV_TABLE_SIZE`] up to [`MAGLEV_SMALL_GROUP`] slots, else
+/// [`MAGLEV_TABLE_SIZE_LARGE`]. A group that crosses the boundary gets a
+/// table built afresh (most keys move once).
+pub fn maglev_size(slots: usize) -> u32 {
+    if slots <= MAGLEV_SMALL_GROUP as usize {
+        MAGLEV_TABLE_SIZE
+    } else {
+        MAGLEV_TABLE_SIZE_LARGE
+    }
+}
 
 /// Why a table could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,7 +245,7 @@ const MAGLEV_OFFSET_SEED: u32 = 0x6d61_676c;
 const MAGLEV_SKIP_SEED: u32 = 0x6576_2121;
 
 /// Builds the `consistent` policy's Maglev lookup table (Eisenbud et al.,
-/// NSDI 2016) of [`MAGLEV_TABLE_SIZE`] entries over the live `slots`.
+/// NSDI 2016) of [`maglev_size`] entries over the live `slots`.
 ///
 /// Each slot's preference list is the permutation
 /// `(offset + j * skip) mod M` with `offset` and `skip` from a hash of the
@@ -239,7 +254,7 @@ const MAGLEV_SKIP_SEED: u32 = 0x6576_2121;
 /// or adding one slot moves about `1/N` of the entries. Returns the length.
 pub fn maglev_table(slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
     const EMPTY: u32 = u32::MAX;
-    let m = MAGLEV_TABLE_SIZE;
+    let m = maglev_size(slots.len());
     if slots.is_empty() {
         return Err(TableError::NoSlots);
     }
@@ -252,7 +267,7 @@ pub fn maglev_table(slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
     let out = &mut out[..m as usize];
     out.fill(EMPTY);
     let perm: [Permutation; MAX_WORKERS as usize] =
-        core::array::from_fn(|i| Permutation::of(slots.get(i).copied().unwrap_or(0)));
+        core::array::from_fn(|i| Permutation::of(slots.get(i).copied().unwrap_or(0), m));
     let mut next = [0u64; MAX_WORKERS as usize];
     let mut filled = 0;
     // Every slot's sequence visits all M entries (M prime, 0 < skip < M), so
@@ -280,19 +295,21 @@ pub fn maglev_table(slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
 struct Permutation {
     offset: u64,
     skip: u64,
+    m: u64,
 }
 
 impl Permutation {
-    fn of(slot: u32) -> Self {
-        let m = MAGLEV_TABLE_SIZE;
+    /// Slot `slot`'s order in a table of `m` (prime) entries.
+    fn of(slot: u32, m: u32) -> Self {
         Permutation {
             offset: u64::from(hash_u32(MAGLEV_OFFSET_SEED, slot) % m),
             skip: u64::from(hash_u32(MAGLEV_SKIP_SEED, slot) % (m - 1) + 1),
+            m: u64::from(m),
         }
     }
 
     fn at(self, j: u64) -> usize {
-        ((self.offset + j * self.skip) % u64::from(MAGLEV_TABLE_SIZE)) as usize
+        ((self.offset + j * self.skip) % self.m) as usize
     }
 }
 
@@ -311,7 +328,7 @@ impl Permutation {
 /// the same table. A `previous` of the wrong size builds afresh.
 pub fn maglev_update(previous: &[u32], slots: &[u32], out: &mut [u32]) -> Result<u32, TableError> {
     const EMPTY: u32 = u32::MAX;
-    let m = MAGLEV_TABLE_SIZE as usize;
+    let m = maglev_size(slots.len()) as usize;
     if previous.len() != m {
         return maglev_table(slots, out);
     }
@@ -350,7 +367,7 @@ pub fn maglev_update(previous: &[u32], slots: &[u32], out: &mut [u32]) -> Result
         target[i] = q + 1;
     }
     let perm: [Permutation; MAX_WORKERS as usize] =
-        core::array::from_fn(|i| Permutation::of(slots.get(i).copied().unwrap_or(0)));
+        core::array::from_fn(|i| Permutation::of(slots.get(i).copied().unwrap_or(0), m as u32));
     // Slots above their share give up the entries they prefer least.
     for i in 0..n {
         let mut j = m as u64;
@@ -383,7 +400,7 @@ pub fn maglev_update(previous: &[u32], slots: &[u32], out: &mut [u32]) -> Result
             break;
         }
     }
-    Ok(MAGLEV_TABLE_SIZE)
+    Ok(m as u32)
 }
 
 #[cfg(test)]
@@ -588,9 +605,13 @@ mod tests {
     }
 
     fn assert_even(table: &[u32], slots: &[u32]) {
-        let m = MAGLEV_TABLE_SIZE as usize;
+        let m = table.len();
+        let mut counts = vec![0usize; MAX_WORKERS as usize];
+        for &s in table {
+            counts[s as usize] += 1;
+        }
         for s in slots {
-            let c = count(table, *s);
+            let c = counts[*s as usize];
             assert!(
                 c == m / slots.len() || c == m / slots.len() + 1,
                 "slot {s}: {c}"
@@ -649,6 +670,24 @@ mod tests {
     }
 
     #[test]
+    fn maglev_tables_grow_past_a_small_group() {
+        let small: Vec<u32> = (0..MAGLEV_SMALL_GROUP).collect();
+        let large: Vec<u32> = (0..=MAGLEV_SMALL_GROUP).collect();
+        assert_eq!(maglev_size(small.len()), MAGLEV_TABLE_SIZE);
+        assert_eq!(maglev_size(large.len()), MAGLEV_TABLE_SIZE_LARGE);
+        let mut t = vec![0u32; MAGLEV_TABLE_SIZE_LARGE as usize];
+        assert_eq!(maglev_table(&small, &mut t), Ok(MAGLEV_TABLE_SIZE));
+        let previous = t[..MAGLEV_TABLE_SIZE as usize].to_vec();
+        let len = maglev_update(&previous, &large, &mut t).unwrap();
+        assert_eq!(len, MAGLEV_TABLE_SIZE_LARGE);
+        assert_even(&t, &large);
+        // The largest group: 64 entries each, give or take one.
+        let all: Vec<u32> = (0..MAX_WORKERS).collect();
+        maglev_table(&all, &mut t).unwrap();
+        assert_even(&t, &all);
+    }
+
+    #[test]
     fn maglev_removal_moves_only_about_one_nth() {
         let mut before = vec![0u32; MAGLEV_TABLE_SIZE as usize];
         let mut after = vec![0u32; MAGLEV_TABLE_SIZE as usize];
@@ -695,8 +734,9 @@ mod tests {
 
             #[test]
             fn maglev_tables_cover_every_live_slot_and_nothing_else(slots in live_slots()) {
-                let mut t = vec![u32::MAX; MAGLEV_TABLE_SIZE as usize];
-                maglev_table(&slots, &mut t).unwrap();
+                let mut t = vec![u32::MAX; maglev_size(slots.len()) as usize];
+                let len = maglev_table(&slots, &mut t).unwrap();
+                prop_assert_eq!(len as usize, t.len());
                 let seen: BTreeSet<u32> = t.iter().copied().collect();
                 let live: BTreeSet<u32> = slots.iter().copied().collect();
                 prop_assert_eq!(seen, live);
@@ -707,11 +747,11 @@ mod tests {
                 before in live_slots(),
                 after in live_slots(),
             ) {
-                let m = MAGLEV_TABLE_SIZE as usize;
-                let mut old = vec![0u32; m];
+                let m = maglev_size(after.len()) as usize;
+                let mut old = vec![0u32; maglev_size(before.len()) as usize];
                 let mut new = vec![0u32; m];
                 maglev_table(&before, &mut old).unwrap();
-                maglev_update(&old, &after, &mut new).unwrap();
+                prop_assert_eq!(maglev_update(&old, &after, &mut new).unwrap() as usize, m);
                 let counts = |t: &[u32]| {
                     let mut c = vec![0usize; MAX_WORKERS as usize];
                     for &s in t {
@@ -726,7 +766,11 @@ mod tests {
                     prop_assert!(c == m / after.len() || c == m / after.len() + 1, "slot {} has {}", s, c);
                 }
                 // An entry moves only if its slot left, or to a slot that
-                // needed entries (one that is new or was below its share).
+                // needed entries (one that is new or was below its share);
+                // a table of another size is built afresh.
+                if old.len() != m {
+                    return Ok(());
+                }
                 for i in 0..m {
                     if old[i] != new[i] {
                         let (o, n) = (old[i] as usize, new[i] as usize);

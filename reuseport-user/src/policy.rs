@@ -8,8 +8,10 @@ use std::{fmt, str::FromStr};
 
 use reuseport_common::{
     key, policy as id,
-    table::{cpu_plan, maglev_table, maglev_update, weighted_table, CpuTopology, TableError},
-    Config, MAGLEV_TABLE_SIZE, MAX_WORKERS, TABLE_CAPACITY,
+    table::{
+        cpu_plan, maglev_size, maglev_table, maglev_update, weighted_table, CpuTopology, TableError,
+    },
+    Config, MAX_WORKERS, TABLE_CAPACITY,
 };
 
 use crate::topology::Topology;
@@ -357,7 +359,7 @@ fn plan_with(
                 None => maglev_table(&slots, &mut table),
             }
             .map_err(PolicyError::Table)?;
-            debug_assert_eq!(config.table_len, MAGLEV_TABLE_SIZE);
+            debug_assert_eq!(config.table_len, maglev_size(slots.len()));
         }
         PolicyKind::Hash | PolicyKind::RoundRobin | PolicyKind::LeastLoaded => {}
     }

@@ -11,8 +11,7 @@ use std::{
 use reuseport_common::{
     hash::hash_addrs,
     key,
-    table::{maglev_table, maglev_update},
-    MAGLEV_TABLE_SIZE,
+    table::{maglev_size, maglev_table, maglev_update},
 };
 use reuseport_tests::{
     accepted_delta, connect_from, cpus, echo, echo_on, empty_slot, eventually, hold_from_cpu,
@@ -232,7 +231,7 @@ fn consistent_tables_of_neighbouring_sizes_share_most_keys() {
 /// MurmurHash3 of the key, modulo the Maglev table's size, then the table.
 fn maglev_says(table: &[u32], client: SocketAddr, server: SocketAddr) -> usize {
     let h = hash_addrs(key::SRC_IP, 0, client, server).unwrap();
-    table[(h % MAGLEV_TABLE_SIZE) as usize] as usize
+    table[(h % table.len() as u32) as usize] as usize
 }
 
 /// Each connection's worker under `consistent` is predicted in user space
@@ -260,7 +259,7 @@ fn consistent_placement_is_predicted_through_a_drain_and_an_add() {
             })
             .collect()
     };
-    let m = MAGLEV_TABLE_SIZE as usize;
+    let m = maglev_size(4) as usize;
     let mut fresh = vec![0u32; m];
     maglev_table(&[0, 1, 2, 3], &mut fresh).unwrap();
     let before = check(&fresh, "fresh");

@@ -17,8 +17,8 @@ use reuseport::policy::{plan, LiveSlot, Policy, PolicyKind};
 use reuseport_common::{
     hash::hash_addrs,
     key,
-    table::{maglev_table, weighted_table},
-    LEAST_LOADED_CHOICES, MAGLEV_TABLE_SIZE,
+    table::{maglev_size, maglev_table, weighted_table},
+    LEAST_LOADED_CHOICES,
 };
 use reuseport_tests::{
     accepted_delta, connect_from, cpus, echo_on, eventually, netns, pattern, pin_to_cpu,
@@ -174,13 +174,13 @@ fn consistent_under_every_shape() {
         let what = format!("consistent, {workers} workers on {} CPUs", cpus.len());
         let r = run(&server, workers, &cpus, 12 * cpus.len(), &what);
         let slots: Vec<u32> = (0..workers as u32).collect();
-        let mut table = vec![0u32; MAGLEV_TABLE_SIZE as usize];
-        maglev_table(&slots, &mut table).unwrap();
+        let mut table = vec![0u32; maglev_size(workers) as usize];
+        let m = maglev_table(&slots, &mut table).unwrap();
         let predicted = counts(
             workers,
             r.clients.iter().map(|&c| {
                 let h = hash_addrs(key::SRC_IP, 5, c, server.addr).unwrap();
-                table[(h % MAGLEV_TABLE_SIZE) as usize] as usize
+                table[(h % m) as usize] as usize
             }),
         );
         assert_eq!(
