@@ -13,7 +13,7 @@ use reuseport_common::table::{CpuTopology, UNKNOWN};
 
 /// Per CPU (index = CPU number, over every possible CPU): the id of its
 /// largest cache domain and of its NUMA node, or
-/// [`UNKNOWN`](reuseport_common::table::UNKNOWN).
+/// [`UNKNOWN`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     /// Largest shared cache of each CPU, named by the lowest CPU sharing it.
