@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cluster;
+
 use nix::{sched::CpuSet, unistd::Pid};
 use socket2::{Domain, Socket, Type};
 
