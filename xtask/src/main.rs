@@ -6,10 +6,13 @@
 //! - `test`: build, then run every test (unit and integration)
 //! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
 //! - `bench -- ARGS`: build, then `reuseport bench ARGS`
+//! - `cluster -- ARGS`: hosts behind an ECMP router in network namespaces,
+//!   measured (docs/cluster/report.md)
 //!
 //! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
 //! and says what it installs.
 
+mod cluster;
 mod setup;
 
 use std::{
@@ -51,6 +54,15 @@ enum Task {
     /// `--` (e.g. `-- --quick`); results go to target/bench/<time>/.
     Bench {
         /// Arguments for `reuseport bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build (release), then run several hosts, each serving a group, behind
+    /// an ECMP router in network namespaces and measure affinity, a host
+    /// leaving and a worker draining (writes docs/cluster/report.md; `--
+    /// --help` lists the options).
+    Cluster {
+        /// Arguments for the `cluster` program.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -128,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             status(&mut doctest)
         }
         Task::Bench { args } => release(&root, "bench", &args),
+        Task::Cluster { args } => cluster::run(&root, &args),
         Task::Lint => {
             setup::ensure()?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
