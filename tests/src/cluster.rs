@@ -698,7 +698,14 @@ impl Cluster {
             FrontEnd::Ipvs => {
                 let service = format!("{VIP}:{PORT}");
                 if *current != Some(front) {
+                    if let Err(why) = self.ipvs_available() {
+                        bail!("the IPVS front-end cannot run here: {why}");
+                    }
                     ip_in(&r, &["addr", "add", &vip, "dev", "lo"])?;
+                    // Replies leave the hosts from the VIP, which is local
+                    // here too: without accept_local the router drops them
+                    // as martians (fib_validate_source(), net/ipv4/fib_frontend.c).
+                    sysctl_in(&r, "net.ipv4.conf.all.accept_local", "1")?;
                     // A new SYN on the 5-tuple of a closed connection is
                     // scheduled again (the probes reuse their tuples).
                     sysctl_in(&r, "net.ipv4.vs.conn_reuse_mode", "1")?;

@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     buckets: u16,
     /// Clients of the steady load run through each change.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     load_threads: usize,
     /// How long each load connection stays open between its two exchanges.
     #[arg(long, default_value = "100ms", value_parser = humantime_ms)]
