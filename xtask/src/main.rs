@@ -6,11 +6,14 @@
 //! - `test`: build, then run every test (unit and integration)
 //! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
 //! - `bench -- ARGS`: build, then `reuseport bench ARGS`
+//! - `vm-test`: the integration tests in QEMU on Debian's kernels (see `vm`)
 //!
 //! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
 //! and says what it installs.
 
+mod cpio;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +56,22 @@ enum Task {
         /// Arguments for `reuseport bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run a subset of the integration tests in QEMU on Debian's kernels
+    /// (and on the host's): a pass/fail table kernel x vCPUs x test,
+    /// written to target/vm/results.md.
+    VmTest {
+        /// Kernels: 5.10 (only the kernel-too-old check), 6.1, 6.12, host,
+        /// a comma-separated list, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// vCPU counts of each VM cell, e.g. 1,4,8.
+        #[arg(long, default_value = "1,4,8")]
+        cpus: String,
+        /// Tests as FILE::NAME or FILE (all of tests/tests/FILE.rs),
+        /// comma-separated; default: the matrix's subset.
+        #[arg(long, value_delimiter = ',')]
+        tests: Vec<String>,
     },
 }
 
@@ -128,6 +147,23 @@ fn run(cli: Cli) -> Result<()> {
             status(&mut doctest)
         }
         Task::Bench { args } => release(&root, "bench", &args),
+        Task::VmTest {
+            kernel,
+            cpus,
+            tests,
+        } => {
+            setup::ensure()?;
+            setup::ensure_test_tools()?;
+            vm::run(
+                &root,
+                &vm::Options {
+                    kernels: vm::Kernel::parse_list(&kernel)?,
+                    cpus: vm::parse_cpus(&cpus)?,
+                    tests,
+                    results: "target/vm/results.md".into(),
+                },
+            )
+        }
         Task::Lint => {
             setup::ensure()?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
