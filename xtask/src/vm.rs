@@ -636,7 +636,8 @@ fn add_busybox(a: &mut Archive) -> Result<()> {
 
 /// The guest's /init. Each test runs alone (`--exact`, one thread), with a
 /// time limit, between `@@VM begin` / `@@VM end NAME rc=N` lines; the
-/// plan's lines are `FILE NAME [ENV=VALUE]`.
+/// plan's lines are `FILE NAME [ENV="VALUE"...]` (the variables quoted for
+/// the shell).
 fn init_script() -> String {
     format!(
         r#"#!/bin/sh
@@ -651,7 +652,7 @@ export REUSEPORT_BIN=/bin/reuseport RUST_BACKTRACE=1 HOME=/root
 while read -r file name extra; do
     [ -n "$file" ] || continue
     echo "@@VM begin $file::$name"
-    env $extra timeout -s KILL {timeout} /t/$file --exact "$name" --test-threads 1 </dev/null 2>&1
+    eval "env $extra timeout -s KILL {timeout} /t/$file --exact \"\$name\" --test-threads 1" </dev/null 2>&1
     echo "@@VM end $file::$name rc=$?"
 done < /plan
 echo "@@VM done"
