@@ -3,7 +3,8 @@
 //! - `setup`: install what building the eBPF program needs, if missing
 //! - `build`: build everything (release)
 //! - `run -- ARGS`: build, then `reuseport run ARGS`
-//! - `test`: build, then run every test (unit and integration)
+//! - `test`: build, then run every test (unit and integration), and one
+//!   cell of the VM matrix (6.1 with 4 vCPUs)
 //! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
 //! - `bench -- ARGS`: build, then `reuseport bench ARGS`
 //! - `vm-test`: the integration tests in QEMU on Debian's kernels (see `vm`)
@@ -144,7 +145,20 @@ fn run(cli: Cli) -> Result<()> {
                 "reuseport-common",
             ]);
             println!("xtask: cargo test --doc");
-            status(&mut doctest)
+            status(&mut doctest)?;
+            // One cell of the VM matrix: Debian 12's kernel with 4 vCPUs
+            // (and 5.10 for the kernel-too-old error); the whole matrix is
+            // `cargo xtask vm-test`.
+            println!("xtask: the VM cell (6.1 x 4 vCPUs, 5.10 x 1)");
+            vm::run(
+                &root,
+                &vm::Options {
+                    kernels: vec![vm::Kernel::V5_10, vm::Kernel::V6_1],
+                    cpus: vec![4],
+                    tests: vm::CI.iter().map(|s| s.to_string()).collect(),
+                    results: "target/vm/ci-results.md".into(),
+                },
+            )
         }
         Task::Bench { args } => release(&root, "bench", &args),
         Task::VmTest {
