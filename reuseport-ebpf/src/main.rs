@@ -73,12 +73,29 @@ const UDP_HEADER_LEN: u32 = 8;
 /// connections of a listener that closes.
 #[sk_reuseport(migrate)]
 pub fn steer(ctx: SkReuseportContext) -> u32 {
-    match try_steer(&ctx) {
+    if ctx.migrating_sk().is_some() {
+        count(counter::MIGRATED);
+    }
+    finish(&ctx, try_steer(&ctx))
+}
+
+/// The same steering, attached with plain `BPF_SK_REUSEPORT_SELECT` for
+/// kernels without listener migration (before 5.14): it never reads
+/// `migrating_sk`, which their verifier does not know.
+#[sk_reuseport]
+pub fn steer_select(ctx: SkReuseportContext) -> u32 {
+    finish(&ctx, try_steer(&ctx))
+}
+
+/// Counts the outcome of a selection and lets the kernel go on.
+#[inline(always)]
+fn finish(ctx: &SkReuseportContext, selected: Result<u32, ()>) -> u32 {
+    match selected {
         Ok(slot) => {
             count(counter::SELECTED_BASE + slot);
             // Pruned by the verifier unless user space raised AYA_LOG_LEVEL
             // to trace at load time, so it costs nothing when off.
-            trace!(&ctx, "selected slot {}", slot);
+            trace!(ctx, "selected slot {}", slot);
         }
         Err(()) => count(counter::FALLBACK),
     }
@@ -96,9 +113,6 @@ fn try_steer(ctx: &SkReuseportContext) -> Result<u32, ()> {
     // only the generation not in force, then flips `active`.
     let generation = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
     let cfg: &Config = unsafe { &(*state).config[generation as usize] };
-    if ctx.migrating_sk().is_some() {
-        count(counter::MIGRATED);
-    }
     // Each policy returns its first choice and a position in the live list
     // from which to look further if that slot turns out empty.
     let (first, probe_from) = match cfg.policy {
