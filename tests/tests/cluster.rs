@@ -25,7 +25,8 @@ fn clean(pass: &Pass, what: &str) {
     assert_eq!(pass.failed, 0, "{what}: {:?}", pass.failures);
     assert!(
         pass.placed_by_program,
-        "{what}: the program's selections differ from the workers' accepts (or it fell back to the kernel's hash)"
+        "{what}: the program's selections differ from the workers' accepts (or it fell back to the kernel's hash): {:?}",
+        pass.program_mismatch
     );
 }
 
@@ -191,6 +192,16 @@ fn ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys() {
             others_moved += 1;
         }
     }
+    let its = first.per_host(3)[gone];
+    eprintln!(
+        "IPVS mh on {}: {KEYS} keys, per host {:?}, {} of {KEYS} on the same host and worker twice; host {gone} left: {} keys moved ({:.1} %, its share {:.1} %), {others_moved} of the other hosts' keys moved",
+        reuseport_tests::cluster::kernel_release(),
+        first.per_host(3),
+        m.same,
+        its + others_moved,
+        100.0 * (its + others_moved) as f64 / KEYS as f64,
+        100.0 * its as f64 / KEYS as f64,
+    );
     // Maglev rebuilds its table from each remaining host's preference
     // list: a few entries of the remaining hosts change hands too (the
     // NSDI paper measures a few per cent), never a large share.

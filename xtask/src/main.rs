@@ -18,6 +18,7 @@ mod cluster;
 mod cpio;
 mod setup;
 mod vm;
+mod vm_modules;
 
 use std::{
     path::{Path, PathBuf},

@@ -227,6 +227,8 @@ pub const FULL: &[&str] = &[
     "errors::no_privilege_names_the_capabilities",
     "errors::verifier_rejection_shows_the_log",
     "errors::without_listener_migration_the_program_selects_only",
+    "cluster::keys_keep_host_and_worker_and_a_drained_worker_moves_only_its_keys",
+    IPVS,
     TOO_OLD,
 ];
 
@@ -253,8 +255,23 @@ pub const CI: &[&str] = &[
     "adopt::a_python_server_serves_its_share_under_round_robin",
     "errors::no_privilege_names_the_capabilities",
     "errors::without_listener_migration_the_program_selects_only",
+    IPVS,
     TOO_OLD,
 ];
+
+/// The IPVS form of the cluster test: it must run where the modules
+/// load (the x86-64 VM cells, which carry them and `ipvsadm`).
+const IPVS: &str = "cluster::ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys";
+
+/// What a test is told in the x86-64 VM cells.
+fn env_of(t: &TestName) -> String {
+    if t.to_string() == IPVS {
+        // Its measurements go to the console (target/vm/cells/*/console.log).
+        "REUSEPORT_EXPECT_IPVS=1 RUST_TEST_NOCAPTURE=1".into()
+    } else {
+        String::new()
+    }
+}
 
 /// What `vm-test` runs.
 pub struct Options {
@@ -400,7 +417,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 )
             } else {
                 (
-                    tests.iter().map(|t| (t.clone(), String::new())).collect(),
+                    tests.iter().map(|t| (t.clone(), env_of(t))).collect(),
                     opts.cpus.clone(),
                 )
             };
@@ -579,6 +596,9 @@ fn ensure_tools(kernels: &[Kernel]) -> Result<()> {
         ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
         ("/bin/busybox", "busybox-static"),
         ("/usr/bin/strip", "binutils"),
+        // The cluster tests: IPVS's tool, and xz for 6.12's modules.
+        ("/usr/sbin/ipvsadm", "ipvsadm"),
+        ("/usr/bin/xz", "xz-utils"),
     ];
     if arm {
         wanted.extend([
@@ -845,6 +865,10 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t bpf bpf /sys/fs/bpf
+# Modules the cluster tests need (veth, IPVS), when the cell carries them.
+if [ -f /modules/order ]; then
+    while read -r m; do insmod /modules/$m || echo "@@VM insmod $m failed"; done < /modules/order
+fi
 echo "@@VM init kernel=$(uname -r) cpus=$(nproc)"
 export REUSEPORT_BIN=/bin/reuseport RUST_BACKTRACE=1 HOME=/root
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu
@@ -888,7 +912,8 @@ fn stage(
         Arch::Aarch64 => arm64_busybox(vm_dir)?,
     };
     add_busybox(&mut a, &busybox)?;
-    for d in ["proc", "sys", "dev", "tmp", "root", "t"] {
+    // /run: `ip netns add` keeps its namespaces in /run/netns.
+    for d in ["proc", "sys", "dev", "tmp", "root", "t", "run"] {
         a.dir(d)?;
     }
     a.file("init", 0o755, init_script().as_bytes())?;
@@ -918,6 +943,10 @@ fn stage(
         for tool in ["ip", "setpriv"] {
             let path = which(tool)?;
             add_binary(&mut a, &path, &format!("usr/bin/{tool}"))?;
+        }
+        // The IPVS front-end of the cluster tests.
+        if let Ok(path) = which("ipvsadm") {
+            add_binary(&mut a, &path, "usr/bin/ipvsadm")?;
         }
     } else {
         // busybox's: enough for `ip link set lo up`.
@@ -1220,6 +1249,18 @@ fn kill(child: &mut Child) {
 
 /// One VM cell: a guest image with this cell's plan, booted (retried once
 /// if the boot stalls), its console parsed.
+/// The downloaded .deb of kernel image package `package`.
+fn kernel_deb(vm_dir: &Path, package: &str) -> Result<PathBuf> {
+    fs::read_dir(vm_dir.join("debs"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+        })
+        .with_context(|| format!("no .deb of {package} in target/vm/debs"))
+}
+
 fn vm_cell(
     vm_dir: &Path,
     base: &Path,
@@ -1249,6 +1290,22 @@ fn vm_cell(
         use std::io::Write as _;
         let mut f = fs::OpenOptions::new().append(true).open(&initrd)?;
         f.write_all(&fs::read(&plan_cpio)?)?;
+    }
+    // The cluster tests need modules this kernel builds as such (veth,
+    // IPVS): a third archive with them, from the kernel's own package.
+    if plan.iter().any(|(t, _)| t.file == "cluster") {
+        let modules_cpio = cell_dir.join("modules.cpio");
+        match kernel_deb(vm_dir, &image.package)
+            .and_then(|deb| crate::vm_modules::archive(&deb, &cell_dir, &modules_cpio))
+        {
+            Ok(order) => {
+                say(&format!("{title}: modules {}", order.join(" ")));
+                use std::io::Write as _;
+                let mut f = fs::OpenOptions::new().append(true).open(&initrd)?;
+                f.write_all(&fs::read(&modules_cpio)?)?;
+            }
+            Err(e) => say(&format!("{title}: no modules for the cluster tests: {e:#}")),
+        }
     }
 
     // Boots reach /init in about 5 s with a few vCPUs under TCG here; more
