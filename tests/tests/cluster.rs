@@ -130,8 +130,9 @@ fn a_host_leaving_a_resilient_group_moves_only_its_keys() {
 /// IPVS with the Maglev scheduler (`mh`) in front of three hosts. Where the
 /// kernel has IPVS (Debian's kernels, as modules: the VM cells of
 /// `cargo xtask vm-test` load them and set `REUSEPORT_EXPECT_IPVS=1`), every
-/// key keeps its host and worker, and a host that leaves takes only its
-/// own keys away, give or take Maglev's small reshuffle. Where it has not
+/// key keeps its host and worker, and a host that leaves (weight 0) takes
+/// only its own keys away, give or take Maglev's small reshuffle, while
+/// the connections open on it finish. Where it has not
 /// (this project's build machine), the front-end refuses with a message
 /// that names what is missing, and the test says so.
 #[test]
@@ -176,10 +177,23 @@ fn ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys() {
     let m = compare(&first, &second);
     assert_eq!(m.same, KEYS, "every key on the same host and worker: {m:?}");
 
+    // Host 1 leaves (weight 0) under a steady load: IPVS keeps the open
+    // connections on it, so none is reset or fails.
     let gone = 1;
-    cluster
-        .set_front(FrontEnd::Ipvs, &[0, 2], false)
-        .expect("ipvsadm -d");
+    let load = cluster
+        .load(4, Duration::from_millis(100))
+        .expect("starting the load");
+    thread::sleep(Duration::from_millis(500));
+    let changed = cluster.set_front(FrontEnd::Ipvs, &[0, 2], false);
+    thread::sleep(Duration::from_millis(1000));
+    let through = load.stop();
+    changed.expect("ipvsadm -e ... -w 0");
+    assert!(through.completed > 0, "the load ran: {through:?}");
+    assert_eq!(
+        (through.failed, through.reset),
+        (0, 0),
+        "no connection failed or was reset as host {gone} left: {through:?}"
+    );
     let after = cluster.probe(KEYS).expect("after host 1 left");
     clean(&after, "after host 1 left");
     let mut others_moved = 0;
@@ -194,13 +208,16 @@ fn ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys() {
     }
     let its = first.per_host(3)[gone];
     eprintln!(
-        "IPVS mh on {}: {KEYS} keys, per host {:?}, {} of {KEYS} on the same host and worker twice; host {gone} left: {} keys moved ({:.1} %, its share {:.1} %), {others_moved} of the other hosts' keys moved",
+        "IPVS mh on {}: {KEYS} keys, per host {:?}, {} of {KEYS} on the same host and worker twice; host {gone} left: {} keys moved ({:.1} %, its share {:.1} %), {others_moved} of the other hosts' keys moved; load through the change: {} completed, {} reset, {} failed",
         reuseport_tests::cluster::kernel_release(),
         first.per_host(3),
         m.same,
         its + others_moved,
         100.0 * (its + others_moved) as f64 / KEYS as f64,
         100.0 * its as f64 / KEYS as f64,
+        through.completed,
+        through.reset,
+        through.failed,
     );
     // Maglev rebuilds its table from each remaining host's preference
     // list: a few entries of the remaining hosts change hands too (the

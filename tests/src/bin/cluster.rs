@@ -287,11 +287,13 @@ fn pass(cluster: &Cluster, keys: usize, what: &str) -> Result<Pass> {
         .probe(keys)
         .with_context(|| format!("probing ({what})"))?;
     println!(
-        "   {what}: {} keys in {:.1} s, per host {:?}, {} failed{}",
+        "   {what}: {} keys in {:.1} s, per host {:?}, {} failed, {} extra selections, {} SYNs sent again{}",
         keys,
         p.elapsed.as_secs_f64(),
         p.per_host(cluster.hosts.len()),
         p.failed,
+        p.extra_selections,
+        p.syn_retransmits,
         p.failures
             .first()
             .map(|f| format!(" (e.g. {f})"))
@@ -445,7 +447,7 @@ fn render(
     let _ = writeln!(r, "\n## A host leaves\n");
     let _ = writeln!(
         r,
-        "The front-end is changed in place (`ip route replace` without the host, `ip nexthop replace` of the resilient group, `ipvsadm -d`) while {} clients keep opening connections held {} ms each. *Keys moved* compares every key's host before and after; the ideal is the leaving host's own keys (its share, about 1/{}).\n",
+        "The front-end is changed in place (`ip route replace` without the host, `ip nexthop replace` of the resilient group, `ipvsadm -e ... -w 0`) while {} clients keep opening connections held {} ms each. *Keys moved* compares every key's host before and after; the ideal is the leaving host's own keys (its share, about 1/{}).\n",
         args.load_threads,
         args.hold.as_millis(),
         args.hosts
@@ -475,6 +477,12 @@ fn render(
         let _ = writeln!(r, "\n## Not measured on this machine\n");
         for u in unavailable {
             let _ = writeln!(r, "- {u}");
+        }
+        if unavailable.iter().any(|u| u.starts_with("IPVS")) {
+            let _ = writeln!(
+                r,
+                "\nThe IPVS form runs in the VM cells, whose Debian kernels have IPVS as modules: `cargo xtask vm-test --kernel 6.1,6.12 --tests cluster` (its measurements are printed to target/vm/cells/*/console.log); or run this on a machine with `ipvsadm` and the `ip_vs`, `ip_vs_mh` modules: `cargo xtask cluster -- --front ipvs`."
+            );
         }
     }
     r
