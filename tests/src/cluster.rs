@@ -17,8 +17,13 @@
 //! Which host and worker served a connection is read from the hosts
 //! themselves: each group's per-worker `accepted` counters (the `WORKERS`
 //! map, memory-mapped) moved by exactly one, and over a whole pass the
-//! program's own per-slot `selected` counters moved exactly as much, so it
-//! was the program that placed every connection, not the kernel's hash.
+//! program's own per-slot `selected` counters moved at least as much, with
+//! no fallback, so it was the program that placed every connection, not
+//! the kernel's hash.
+//!
+//! The router hashes the 5-tuple from the headers (see [`Hash`]): with
+//! `fib_multipath_hash_policy=1` between namespaces every connection would
+//! take a random path.
 //!
 //! Addresses come from test ranges only: 198.18.0.0/15 (RFC 2544) for the
 //! clients and the service, 192.0.2.0/24 (RFC 5737) for the links. All
@@ -49,8 +54,8 @@ use crate::Server;
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 /// The service port.
 pub const PORT: u16 = 80;
-/// The source port of every key's connection. With the L4 hash
-/// (`fib_multipath_hash_policy=1`) the front-end hashes the 5-tuple, so a
+/// The source port of every key's connection. With an L4 hash the
+/// front-end hashes the 5-tuple, so a
 /// key is an address and a port; a fixed port makes the source address the
 /// key at both levels (the hosts' `consistent` policy hashes `src-ip`).
 pub const KEY_PORT: u16 = 40000;
