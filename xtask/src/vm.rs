@@ -231,8 +231,13 @@ pub const FULL: &[&str] = &[
 ];
 
 /// The cell `cargo xtask test` runs (6.1 with 4 vCPUs, and 5.10 for the
-/// too-old check): the same ground as [`FULL`] in fewer, shorter tests, so
-/// that it stays within about 10 minutes under emulation here.
+/// too-old check): the ground of [`FULL`] in shorter tests (datagrams where
+/// a connection test takes minutes under emulation), so that it stays
+/// within about 10 minutes here. Left out: `policies::round_robin_…` and
+/// `policies::weighted_…` (they count program runs against connections,
+/// and on 6.1 under emulation the program runs a few more times than there
+/// are connections), and the takeover test (it expects a connection rate
+/// emulation does not reach); both run in the full matrix.
 pub const CI: &[&str] = &[
     "policy_kernel::serves_without_a_program_and_the_counters_stay_at_zero",
     "udp::round_robin_rotates_datagrams",
@@ -249,7 +254,6 @@ pub const CI: &[&str] = &[
     "living::workers_added_and_drained_under_load_lose_nothing",
     "living::queued_and_half_open_connections_move_when_a_listener_closes",
     "living::a_second_process_joins_serves_and_leaves",
-    "living::rolling_restarts_under_load_lose_no_connection",
     "adopt::a_python_server_serves_its_share_under_round_robin",
     "errors::no_privilege_names_the_capabilities",
     "errors::without_listener_migration_the_program_selects_only",
@@ -1315,6 +1319,8 @@ fn parse_console<'a>(
     plan: impl Iterator<Item = &'a TestName>,
     logs: &Path,
 ) -> BTreeMap<String, Outcome> {
+    // Logs of an earlier run of this cell would mislead.
+    let _ = fs::remove_dir_all(logs);
     let mut out = BTreeMap::new();
     for t in plan {
         let key = t.to_string();
@@ -1381,6 +1387,7 @@ fn host_cell(root: &Path, exes: &Executables, tests: &[TestName], vm_dir: &Path)
         tests.len()
     ));
     let logs = vm_dir.join("logs").join("host");
+    let _ = fs::remove_dir_all(&logs);
     let started = Instant::now();
     let mut outcomes = BTreeMap::new();
     for t in tests {
@@ -1477,7 +1484,13 @@ mod tests {
     fn kernel_lists_parse() {
         assert_eq!(
             Kernel::parse_list("all").unwrap(),
-            vec![Kernel::V5_10, Kernel::V6_1, Kernel::V6_12, Kernel::Host]
+            vec![
+                Kernel::V5_10,
+                Kernel::V6_1,
+                Kernel::V6_12,
+                Kernel::Arm64V6_1,
+                Kernel::Host
+            ]
         );
         assert_eq!(
             Kernel::parse_list("6.12,6.1").unwrap(),
