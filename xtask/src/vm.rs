@@ -231,6 +231,7 @@ pub const FULL: &[&str] = &[
     "errors::no_privilege_names_the_capabilities",
     "errors::verifier_rejection_shows_the_log",
     "errors::without_listener_migration_the_program_selects_only",
+    "errors::rust_log_of_the_environment_does_not_change_results",
     TOO_OLD,
 ];
 
