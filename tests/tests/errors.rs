@@ -322,3 +322,32 @@ fn without_listener_migration_the_program_selects_only() {
         server.stderr()
     );
 }
+
+/// `RUST_LOG` in the environment of whoever runs the tests does not change
+/// what they see (issue 12): this test executable runs its select-only test
+/// again, which reads a warning from the server's log, with the log turned
+/// off, down to errors and up to trace around it. The harness sets the
+/// servers' level itself.
+#[test]
+fn rust_log_of_the_environment_does_not_change_results() {
+    let me = std::env::current_exe().expect("current_exe");
+    for level in ["off", "error", "trace"] {
+        let out = Command::new(&me)
+            .args([
+                "--exact",
+                "without_listener_migration_the_program_selects_only",
+                "--test-threads",
+                "1",
+            ])
+            .env("RUST_LOG", level)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running this test executable again");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("test result: ok. 1 passed"),
+            "with RUST_LOG={level}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

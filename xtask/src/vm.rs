@@ -157,18 +157,21 @@ impl Arch {
 }
 
 /// The tests of the arm64 cell: those that need neither Python, `setpriv`
-/// nor iproute2's `ip` (the guest has busybox's), on 2 emulated vCPUs.
+/// nor iproute2's `ip` (the guest has busybox's, which cannot attach the
+/// XDP program of the migration test), on 2 emulated vCPUs. The
+/// kernel-too-old test there checks that every feature is found, BPF
+/// atomics in the arm64 JIT included, and that the program steers.
 const ARM64: &[&str] = &[
     "policy_kernel::serves_without_a_program_and_the_counters_stay_at_zero",
-    "policies::round_robin_rotates_over_the_workers",
+    "udp::round_robin_rotates_datagrams",
     "policies::least_loaded_evens_out_open_connections_where_others_do_not",
     "udp::weighted_datagram_shares_follow_the_weights",
+    "living::consistent_moves_exactly_the_keys_of_a_drained_or_added_worker",
     "policy_hash::four_tuple_maps_each_tuple_to_its_predicted_slot",
     "policy_cpu::every_connection_reaches_the_worker_of_its_cpu",
     "agreement::the_program_picks_the_worker_user_space_predicts",
     "udp::datagrams_of_every_size_come_back_unchanged",
     "living::workers_added_and_drained_under_load_lose_nothing",
-    "living::queued_and_half_open_connections_move_when_a_listener_closes",
     "errors::verifier_rejection_shows_the_log",
     TOO_OLD,
 ];
@@ -214,6 +217,7 @@ pub const FULL: &[&str] = &[
     "policy_cpu::more_workers_than_cpus_stay_on_their_cpu",
     "agreement::the_program_picks_the_worker_user_space_predicts",
     "udp::datagrams_of_every_size_come_back_unchanged",
+    "udp::round_robin_rotates_datagrams",
     "udp::cpu_policy_answers_from_the_worker_of_the_senders_cpu",
     "udp::hash_src_ip_puts_each_client_on_its_predicted_worker",
     "ipv6::cpu_steering_over_ipv6",
@@ -227,14 +231,20 @@ pub const FULL: &[&str] = &[
     "errors::no_privilege_names_the_capabilities",
     "errors::verifier_rejection_shows_the_log",
     "errors::without_listener_migration_the_program_selects_only",
+    "errors::rust_log_of_the_environment_does_not_change_results",
     "cluster::keys_keep_host_and_worker_and_a_drained_worker_moves_only_its_keys",
     IPVS,
     TOO_OLD,
 ];
 
 /// The cell `cargo xtask test` runs (6.1 with 4 vCPUs, and 5.10 for the
-/// too-old check): the same ground as [`FULL`] in fewer, shorter tests, so
-/// that it stays within about 10 minutes under emulation here.
+/// too-old check): the ground of [`FULL`] in shorter tests (datagrams where
+/// a connection test takes minutes under emulation), so that it stays
+/// within about 10 minutes here. Left out: `policies::round_robin_…` and
+/// `policies::weighted_…` (they count program runs against connections,
+/// and on 6.1 under emulation the program runs a few more times than there
+/// are connections), and the takeover test (it expects a connection rate
+/// emulation does not reach); both run in the full matrix.
 pub const CI: &[&str] = &[
     "policy_kernel::serves_without_a_program_and_the_counters_stay_at_zero",
     "udp::round_robin_rotates_datagrams",
@@ -251,7 +261,6 @@ pub const CI: &[&str] = &[
     "living::workers_added_and_drained_under_load_lose_nothing",
     "living::queued_and_half_open_connections_move_when_a_listener_closes",
     "living::a_second_process_joins_serves_and_leaves",
-    "living::rolling_restarts_under_load_lose_no_connection",
     "adopt::a_python_server_serves_its_share_under_round_robin",
     "errors::no_privilege_names_the_capabilities",
     "errors::without_listener_migration_the_program_selects_only",
@@ -1372,6 +1381,8 @@ fn parse_console<'a>(
     plan: impl Iterator<Item = &'a TestName>,
     logs: &Path,
 ) -> BTreeMap<String, Outcome> {
+    // Logs of an earlier run of this cell would mislead.
+    let _ = fs::remove_dir_all(logs);
     let mut out = BTreeMap::new();
     for t in plan {
         let key = t.to_string();
@@ -1438,6 +1449,7 @@ fn host_cell(root: &Path, exes: &Executables, tests: &[TestName], vm_dir: &Path)
         tests.len()
     ));
     let logs = vm_dir.join("logs").join("host");
+    let _ = fs::remove_dir_all(&logs);
     let started = Instant::now();
     let mut outcomes = BTreeMap::new();
     for t in tests {
@@ -1534,7 +1546,13 @@ mod tests {
     fn kernel_lists_parse() {
         assert_eq!(
             Kernel::parse_list("all").unwrap(),
-            vec![Kernel::V5_10, Kernel::V6_1, Kernel::V6_12, Kernel::Host]
+            vec![
+                Kernel::V5_10,
+                Kernel::V6_1,
+                Kernel::V6_12,
+                Kernel::Arm64V6_1,
+                Kernel::Host
+            ]
         );
         assert_eq!(
             Kernel::parse_list("6.12,6.1").unwrap(),
