@@ -89,6 +89,9 @@ pub mod map {
 pub mod program {
     /// The steering program: runs the configured policy.
     pub const STEER: &str = "steer";
+    /// The same steering for kernels without listener migration (before
+    /// 5.14): attached for `BPF_SK_REUSEPORT_SELECT` only.
+    pub const STEER_SELECT: &str = "steer_select";
     /// The reference for the cost of a selection: always selects slot 0 and
     /// does nothing else (no config, no counters).
     pub const FLOOR: &str = "floor";

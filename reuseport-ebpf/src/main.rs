@@ -76,12 +76,34 @@ const UDP_HEADER_LEN: u32 = 8;
 pub fn steer(ctx: SkReuseportContext) -> u32 {
     // This CPU's counters, looked up once for the whole run.
     let counters = COUNTERS.get_ptr_mut(0);
-    match try_steer(&ctx, counters) {
+    if ctx.migrating_sk().is_some() {
+        add(counters, counter::MIGRATED);
+    }
+    finish(&ctx, counters, try_steer(&ctx, counters))
+}
+
+/// The same steering, attached with plain `BPF_SK_REUSEPORT_SELECT` for
+/// kernels without listener migration (before 5.14): it never reads
+/// `migrating_sk`, which their verifier does not know.
+#[sk_reuseport]
+pub fn steer_select(ctx: SkReuseportContext) -> u32 {
+    let counters = COUNTERS.get_ptr_mut(0);
+    finish(&ctx, counters, try_steer(&ctx, counters))
+}
+
+/// Counts the outcome of a selection and lets the kernel go on.
+#[inline(always)]
+fn finish(
+    ctx: &SkReuseportContext,
+    counters: Option<*mut Counters>,
+    selected: Result<u32, ()>,
+) -> u32 {
+    match selected {
         Ok(slot) => {
             add(counters, counter::SELECTED_BASE + slot);
             // Pruned by the verifier unless user space raised AYA_LOG_LEVEL
             // to trace at load time, so it costs nothing when off.
-            trace!(&ctx, "selected slot {}", slot);
+            trace!(ctx, "selected slot {}", slot);
         }
         Err(()) => add(counters, counter::FALLBACK),
     }
@@ -101,9 +123,6 @@ fn try_steer(ctx: &SkReuseportContext, counters: Option<*mut Counters>) -> Resul
     // only the generation not in force, then flips `active`.
     let generation = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
     let cfg: &Config = unsafe { &(*state).config[generation as usize] };
-    if ctx.migrating_sk().is_some() {
-        add(counters, counter::MIGRATED);
-    }
     // Each policy returns its first choice and a position in the live list
     // from which to look further if that slot turns out empty. A policy
     // without a choice for this packet (a CPU without a row, an empty

@@ -45,13 +45,14 @@ pub enum Error {
         count: usize,
     },
 
-    /// The running kernel lacks something the program needs.
-    #[error("Linux {found} is too old: {feature} needs Linux {needed} or later")]
+    /// The running kernel lacks something the program needs (found by
+    /// probing it, see [`features`](crate::features)).
+    #[error("this kernel (Linux {found}) is too old for {feature}: it lacks {missing}")]
     KernelTooOld {
         /// The running kernel's release.
         found: String,
-        /// The oldest release that works.
-        needed: &'static str,
+        /// Each missing feature with the release that brought it.
+        missing: String,
         /// What needs it.
         feature: &'static str,
     },

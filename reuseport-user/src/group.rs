@@ -757,8 +757,8 @@ impl GroupBuilder {
         let plan = policy::plan(&self.policy, &placement)?;
         let with_program = self.policy.kind != PolicyKind::Kernel;
         if with_program {
-            sys::check_kernel("the steering program")?;
             sys::check_bpf_privilege("loading the steering program")?;
+            crate::features::KernelFeatures::probe().require("the steering program")?;
         }
 
         let first = socket::bind_member(self.addr, self.proto)?;

@@ -87,6 +87,7 @@ pub mod control;
 pub mod datagram;
 pub mod echo;
 pub mod error;
+pub mod features;
 pub mod group;
 pub mod maps;
 pub mod metrics;

@@ -20,6 +20,7 @@ use log::{debug, warn};
 
 use crate::{
     error::{Error, Result},
+    features::{Feature, KernelFeatures},
     maps::Maps,
 };
 
@@ -52,10 +53,33 @@ impl Steering {
     /// Loads the object's maps (pinning them in `pin_dir`) and, if
     /// `program` is given (normally [`STEER`](reuseport_common::program::STEER)), that program.
     /// Nothing is attached yet.
+    ///
+    /// The kernel's features are probed first (see
+    /// [`features`](crate::features)): a missing required one is named in
+    /// the error. Without listener migration (before 5.14) the steering
+    /// program is loaded as [`STEER_SELECT`](reuseport_common::program::STEER_SELECT),
+    /// for selection only, and the loss is logged once.
     pub fn load(program: Option<&str>, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut program = program;
         if program.is_some() {
-            crate::sys::check_kernel("the steering program")?;
+            // Privilege first: without it every probe fails, and the
+            // missing capability is the error to show.
             crate::sys::check_bpf_privilege("loading the steering program")?;
+            let features = KernelFeatures::probe();
+            features.require("the steering program")?;
+            if program == Some(reuseport_common::program::STEER)
+                && !features.has(Feature::Migration)
+            {
+                program = Some(reuseport_common::program::STEER_SELECT);
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    warn!(
+                        "this kernel lacks {} (Linux {}): steering selects only; the connections queued on a worker's listener are reset when it closes (drain, exit, restart) instead of moving to another worker",
+                        Feature::Migration.name(),
+                        Feature::Migration.since()
+                    )
+                });
+            }
         } else {
             crate::sys::check_bpf_privilege("creating the group's BPF maps")?;
         }

@@ -1,40 +1,15 @@
 //! Facts about the running system: kernel release, usable CPUs, capabilities.
+//! What the kernel's BPF offers is probed in [`features`](crate::features).
 
 use caps::{CapSet, Capability};
 use nix::{sched::CpuSet, unistd::Pid};
 
 use crate::error::{Error, Result};
 
-/// Oldest kernel the steering program loads on: it reads
-/// `sk_reuseport_md.migrating_sk` (5.14) and uses BPF atomics (5.12).
-pub const MIN_KERNEL: (u32, u32) = (5, 14);
-
 /// The running kernel's release string, e.g. `6.18.44-fc`.
 pub fn kernel_release() -> Result<String> {
     let uts = nix::sys::utsname::uname().map_err(|e| Error::io("uname", e.into()))?;
     Ok(uts.release().to_string_lossy().into_owned())
-}
-
-/// The `(major, minor)` of a kernel release string.
-pub fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-/// Fails with [`Error::KernelTooOld`] unless the kernel is at least
-/// [`MIN_KERNEL`].
-pub fn check_kernel(feature: &'static str) -> Result<()> {
-    let release = kernel_release()?;
-    match parse_release(&release) {
-        Some(v) if v >= MIN_KERNEL => Ok(()),
-        _ => Err(Error::KernelTooOld {
-            found: release,
-            needed: "5.14",
-            feature,
-        }),
-    }
 }
 
 /// The CPUs this process may run on, in ascending order (its affinity
@@ -291,17 +266,6 @@ pub fn accept_queue_len(listener: &impl std::os::fd::AsRawFd) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_kernel_releases() {
-        assert_eq!(parse_release("6.18.44-fc-v595"), Some((6, 18)));
-        assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
-        assert_eq!(parse_release("4.19"), Some((4, 19)));
-        assert_eq!(parse_release("garbage"), None);
-        assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
-        assert!(parse_release("5.14.0").unwrap() >= MIN_KERNEL);
-        assert!(parse_release("6.1.0").unwrap() >= MIN_KERNEL);
-    }
 
     #[test]
     fn usable_cpus_include_the_current_one() {

@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cluster;
+
 use nix::{sched::CpuSet, unistd::Pid};
 use socket2::{Domain, Socket, Type};
 
@@ -98,10 +100,15 @@ pub fn pin_dir(group: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf/reuseport").join(group)
 }
 
+/// The log level of every `reuseport` process the tests start, whatever
+/// `RUST_LOG` the tests themselves run with.
+pub const LOG_LEVEL: &str = "info";
+
 /// Runs `reuseport ARGS` to completion: (exit code, stdout, stderr).
 pub fn reuseport(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary())
         .args(args)
+        .env("RUST_LOG", LOG_LEVEL)
         .stdin(Stdio::null())
         .output()
         .expect("running reuseport");
@@ -184,11 +191,11 @@ impl Server {
 
     /// Starts a prepared command of the binary and waits for "ready".
     pub fn spawn(cmd: &mut Command) -> Result<Server, Failed> {
+        // The tests read info-level lines: the level is set here, never
+        // taken from the environment of whoever runs the tests (a test that
+        // needs another level sets it on its command).
         if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
-            cmd.env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            cmd.env("RUST_LOG", LOG_LEVEL);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -591,6 +598,57 @@ pub fn bpf_program_exists(id: u32) -> bool {
     } else {
         false
     }
+}
+
+/// The name of BPF program `id` (`BPF_PROG_GET_FD_BY_ID`, then
+/// `BPF_OBJ_GET_INFO_BY_FD`: `struct bpf_prog_info` has `name` at offset 64).
+pub fn bpf_program_name(id: u32) -> Option<String> {
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let get = [id, 0, 0];
+    // SAFETY: a valid bpf_attr prefix for this command, its size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            get.as_ptr(),
+            std::mem::size_of_val(&get),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor that we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    #[repr(C, align(8))]
+    struct Info([u8; 256]);
+    let mut info = Info([0; 256]);
+    #[repr(C)]
+    struct InfoByFd {
+        fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoByFd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: 256,
+        info: info.0.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` points at a writable buffer of the length it gives.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFd,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return None;
+    }
+    let name = &info.0[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
 /// Empties `slot` of a group's socket map from outside, as the kernel does

@@ -232,3 +232,123 @@ fn add_worker_on_a_cpu_the_owner_cannot_use() {
         "no slot was taken:\n{status}"
     );
 }
+
+/// The loader probes what the kernel offers instead of reading its version.
+/// In the VM matrix, Debian 11's 5.10 kernel lacks BPF atomics (5.12), and
+/// the matrix says so through `REUSEPORT_TEST_KERNEL_LACKS` (what the error
+/// must name, and nothing else): every steered
+/// policy then fails with one line naming what is missing and the release
+/// that brought it, while the kernel policy, which loads no program, serves.
+/// On a kernel that has everything, the steering program loads and steers.
+#[test]
+fn missing_kernel_features_are_named() {
+    netns();
+    if let Ok(lacks) = std::env::var("REUSEPORT_TEST_KERNEL_LACKS") {
+        for policy in ["cpu", "round-robin", "hash"] {
+            let (code, err) = run(&["--addr", "127.0.0.1:0", "--policy", policy]);
+            assert_eq!(code, 1, "{err}");
+            let line = first_line(&err);
+            // Exactly what is missing: the features it has are not named.
+            assert!(
+                line.starts_with("error: this kernel (Linux ")
+                    && line.ends_with(&format!(
+                        "is too old for the steering program: it lacks {lacks}"
+                    )),
+                "--policy {policy}, expected it to lack {lacks}: {err}"
+            );
+        }
+        let server = Server::start(&["--policy", "kernel", "--workers", "2"]);
+        let p = b"no program needed".to_vec();
+        assert_eq!(reuseport_tests::echo(server.addr, &p), p);
+        return;
+    }
+    let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let before = server.metrics();
+    for i in 0..4 {
+        let p = reuseport_tests::pattern(16, i);
+        assert_eq!(reuseport_tests::echo(server.addr, &p), p);
+    }
+    let moved = reuseport_tests::selected_delta(&before, &server.metrics(), 2);
+    assert_eq!(moved, vec![2, 2], "the program steered every connection");
+    assert!(
+        !server.stderr().contains("lacks"),
+        "nothing is missing here: {}",
+        server.stderr()
+    );
+}
+
+/// Without listener migration (before 5.14) the loader attaches the
+/// select-only program and says once what that loses. No kernel within the
+/// matrix's reach has BPF atomics but no migration, so the debug build's
+/// `REUSEPORT_PROBE_HIDE` makes the probe report it missing.
+#[test]
+fn without_listener_migration_the_program_selects_only() {
+    netns();
+    let group = reuseport_tests::unique_group();
+    let mut cmd = Command::new(binary());
+    cmd.env("REUSEPORT_PROBE_HIDE", "migrate").args([
+        "run",
+        "--addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--group",
+        &group,
+        "--policy",
+        "round-robin",
+        "--workers",
+        "2",
+    ]);
+    let server = Server::spawn(&mut cmd).expect("it serves without migration");
+    let names: Vec<String> = reuseport_tests::bpf_programs_of(server.pid())
+        .into_iter()
+        .filter_map(reuseport_tests::bpf_program_name)
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "steer_select") && !names.iter().any(|n| n == "steer"),
+        "the select-only program is loaded: {names:?}"
+    );
+    let before = server.metrics();
+    for i in 0..6 {
+        let p = reuseport_tests::pattern(16, i);
+        assert_eq!(reuseport_tests::echo(server.addr, &p), p);
+    }
+    let moved = reuseport_tests::selected_delta(&before, &server.metrics(), 2);
+    assert_eq!(moved, vec![3, 3], "the select-only program steers");
+    let said = server.stderr().matches("lacks listener migration").count();
+    assert_eq!(said, 1, "said once:\n{}", server.stderr());
+    assert!(
+        server.stderr().contains("reset when it closes"),
+        "and what that loses:\n{}",
+        server.stderr()
+    );
+}
+
+/// `RUST_LOG` in the environment of whoever runs the tests does not change
+/// what they see (issue 12): this test executable runs its select-only test
+/// again, which reads a warning from the server's log, with the log turned
+/// off, down to errors and up to trace around it. The harness sets the
+/// servers' level itself.
+#[test]
+fn rust_log_of_the_environment_does_not_change_results() {
+    let me = std::env::current_exe().expect("current_exe");
+    for level in ["off", "error", "trace"] {
+        let out = Command::new(&me)
+            .args([
+                "--exact",
+                "without_listener_migration_the_program_selects_only",
+                "--test-threads",
+                "1",
+            ])
+            .env("RUST_LOG", level)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running this test executable again");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("test result: ok. 1 passed"),
+            "with RUST_LOG={level}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

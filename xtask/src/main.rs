@@ -3,14 +3,22 @@
 //! - `setup`: install what building the eBPF program needs, if missing
 //! - `build`: build everything (release)
 //! - `run -- ARGS`: build, then `reuseport run ARGS`
-//! - `test`: build, then run every test (unit and integration)
+//! - `test`: build, then run every test (unit and integration), and one
+//!   cell of the VM matrix (6.1 with 4 vCPUs)
 //! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
 //! - `bench -- ARGS`: build, then `reuseport bench ARGS`
+//! - `cluster -- ARGS`: hosts behind an ECMP router in network namespaces,
+//!   measured (docs/cluster/report.md)
+//! - `vm-test`: the integration tests in QEMU on Debian's kernels (see `vm`)
 //!
 //! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
 //! and says what it installs.
 
+mod cluster;
+mod cpio;
 mod setup;
+mod vm;
+mod vm_modules;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +61,31 @@ enum Task {
         /// Arguments for `reuseport bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build (release), then run several hosts, each serving a group, behind
+    /// an ECMP router in network namespaces and measure affinity, a host
+    /// leaving and a worker draining (writes docs/cluster/report.md; `--
+    /// --help` lists the options).
+    Cluster {
+        /// Arguments for the `cluster` program.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a subset of the integration tests in QEMU on Debian's kernels
+    /// (and on the host's): a pass/fail table kernel x vCPUs x test,
+    /// written to target/vm/results.md.
+    VmTest {
+        /// Kernels: 5.10 (only the kernel-too-old check), 6.1, 6.12, host,
+        /// a comma-separated list, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// vCPU counts of each VM cell, e.g. 1,4,8.
+        #[arg(long, default_value = "1,4,8")]
+        cpus: String,
+        /// Tests as FILE::NAME or FILE (all of tests/tests/FILE.rs),
+        /// comma-separated; default: the matrix's subset.
+        #[arg(long, value_delimiter = ',')]
+        tests: Vec<String>,
     },
 }
 
@@ -125,9 +158,40 @@ fn run(cli: Cli) -> Result<()> {
                 "reuseport-common",
             ]);
             println!("xtask: cargo test --doc");
-            status(&mut doctest)
+            status(&mut doctest)?;
+            // One cell of the VM matrix: Debian 12's kernel with 4 vCPUs
+            // (and 5.10 for the kernel-too-old error); the whole matrix is
+            // `cargo xtask vm-test`.
+            println!("xtask: the VM cell (6.1 x 4 vCPUs, 5.10 x 1)");
+            vm::run(
+                &root,
+                &vm::Options {
+                    kernels: vec![vm::Kernel::V5_10, vm::Kernel::V6_1],
+                    cpus: vec![4],
+                    tests: vm::CI.iter().map(|s| s.to_string()).collect(),
+                    results: "target/vm/ci-results.md".into(),
+                },
+            )
         }
         Task::Bench { args } => release(&root, "bench", &args),
+        Task::Cluster { args } => cluster::run(&root, &args),
+        Task::VmTest {
+            kernel,
+            cpus,
+            tests,
+        } => {
+            setup::ensure()?;
+            setup::ensure_test_tools()?;
+            vm::run(
+                &root,
+                &vm::Options {
+                    kernels: vm::Kernel::parse_list(&kernel)?,
+                    cpus: vm::parse_cpus(&cpus)?,
+                    tests,
+                    results: "target/vm/results.md".into(),
+                },
+            )
+        }
         Task::Lint => {
             setup::ensure()?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;

@@ -256,7 +256,7 @@ pub fn ensure_test_tools() -> Result<()> {
 
 /// `apt-get install`, with the package lists brought up to date first (a
 /// fresh image may have none).
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get").args(["update", "-q"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q"])
