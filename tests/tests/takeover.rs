@@ -1,0 +1,327 @@
+//! `run --takeover` in a group with other members: a joined process and a
+//! socket adopted from another program keep their share across the
+//! handover, the old policy is kept, a long-lived connection goes on, and
+//! the group's name resolves to a live owner throughout. And a takeover of
+//! a group created by a build with another map layout is refused before
+//! anything is touched.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use reuseport_tests::{
+    binary, echo, eventually, netns, pin_dir, reuseport, selected_delta, Load, Server,
+};
+
+/// A Python echo server (tests/fixtures/py_echo.py) on the group's port,
+/// bound with SO_REUSEPORT by itself: the program `reuseport adopt` takes in.
+struct Python {
+    child: Child,
+    pid: u32,
+    fd: i32,
+}
+
+impl Python {
+    fn start(port: u16) -> Python {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/py_echo.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 4, "python said {line:?}");
+        Python {
+            pid: f[1].parse().unwrap(),
+            fd: f[3].parse().unwrap(),
+            child,
+        }
+    }
+}
+
+impl Drop for Python {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn assert_clean(load: Load, what: &str) -> u64 {
+    let (ok, failures) = load.stop();
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} connections failed: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 100, "{what}: the load ran ({ok} connections)");
+    ok
+}
+
+fn joined_accepted(joined: &Server, slot: u32) -> u64 {
+    joined
+        .metrics()
+        .get(
+            "reuseport_worker_accepted_total",
+            &[("worker", &slot.to_string())],
+        )
+        .unwrap_or(0.0) as u64
+}
+
+/// Runs `ctl --group NAME status` over and over until stopped; returns
+/// every failure (exit code and stderr), and how many runs there were.
+fn watch_name(group: String) -> (Arc<AtomicBool>, thread::JoinHandle<(u32, Vec<String>)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let t = thread::spawn(move || {
+        let mut runs = 0;
+        let mut failures = Vec::new();
+        // Bounded: at most ten minutes of polling even if never stopped.
+        while !s.load(Ordering::Relaxed) && runs < 20_000 {
+            runs += 1;
+            let (code, out, err) = reuseport(&["ctl", "--group", &group, "status"]);
+            let owner_alive = out
+                .split_whitespace()
+                .skip_while(|w| *w != "pid")
+                .nth(1)
+                .and_then(|p| p.trim_end_matches([',', ')']).parse::<u32>().ok())
+                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if code != 0 || !owner_alive {
+                failures.push(format!("exit {code}: {}{}", err.trim(), out.trim()));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        (runs, failures)
+    });
+    (stop, t)
+}
+
+#[test]
+fn a_takeover_carries_joined_and_adopted_members_and_keeps_the_policy() {
+    netns();
+    let first = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let group = first.group.clone();
+    let addr = first.addr;
+
+    // A second process joins (slot 2); a Python server is adopted (slot 3).
+    let mut join = Command::new(binary());
+    join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
+    let joined = Server::spawn(&mut join).expect("join starts");
+    assert!(
+        joined.banner.iter().any(|l| l == "worker 2: slot 2, cpu 0"),
+        "{:?}",
+        joined.banner
+    );
+    let python = Python::start(addr.port());
+    let (code, out, err) = reuseport(&[
+        "adopt",
+        "--group",
+        &group,
+        "--pid",
+        &python.pid.to_string(),
+        "--fd",
+        &python.fd.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim().ends_with("serves slot 3"), "{out}");
+
+    // A long-lived connection, opened before the handover.
+    let mut held = TcpStream::connect(addr).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    held.read_exact(&mut buf).unwrap();
+
+    let load = Load::start(addr, 4);
+    thread::sleep(Duration::from_millis(300));
+    let (watching, watcher) = watch_name(group.clone());
+    thread::sleep(Duration::from_millis(200));
+
+    // The new generation, without --policy: it keeps round-robin.
+    let next = Server::try_start(&["--takeover", &group, "--workers", "2"])
+        .unwrap_or_else(|f| panic!("the takeover failed: {}", f.stderr));
+    assert!(
+        next.banner.iter().any(|l| l == "policy round-robin"),
+        "the old policy is kept without --policy: {:?}",
+        next.banner
+    );
+    assert_eq!(next.metrics().policy(), "round-robin");
+
+    // The held connection still echoes after the takeover, then ends, so
+    // the old owner can finish draining.
+    held.write_all(b"after!").unwrap();
+    held.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after!", "the long-lived connection goes on");
+    held.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    let (status, stderr) = first.wait(Duration::from_secs(30));
+    assert!(status.success(), "the old owner exits 0: {stderr}");
+    thread::sleep(Duration::from_millis(300));
+    watching.store(true, Ordering::Relaxed);
+    let (runs, failures) = watcher.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "the group's name resolves to a live owner throughout ({} of {runs} lookups failed): {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(
+        runs > 5,
+        "the name was looked up during the handover ({runs})"
+    );
+
+    // The joined process serves in the new generation: the new program
+    // selects its slot and its own accepted counter moves with it.
+    let before = (next.metrics(), joined_accepted(&joined, 2));
+    thread::sleep(Duration::from_secs(1));
+    let after = (next.metrics(), joined_accepted(&joined, 2));
+    let moved = selected_delta(&before.0, &after.0, 4);
+    assert!(
+        moved.iter().all(|&n| n > 10),
+        "every member of the new generation gets new connections, the joined (2) and adopted (3) too: {moved:?}"
+    );
+    let served = after.1 - before.1;
+    assert!(
+        served + 4 >= moved[2] && served <= moved[2] + 4,
+        "the joined process accepts what the program sends to its slot: accepted {served}, selected {}",
+        moved[2]
+    );
+    assert_eq!(after.0.fallback(), 0, "the program chose every connection");
+    assert_clean(load, "a takeover with joined and adopted members");
+
+    // Round robin over four live slots: the adopted socket answers exactly
+    // a quarter of 100 sequential connections, as the program counts.
+    let before = next.metrics();
+    let mut from_python = 0;
+    for i in 0..100 {
+        let p = format!("hello {i}").into_bytes();
+        let got = echo(addr, &p);
+        if got.starts_with(b"py:") {
+            assert_eq!(&got[3..], &p[..]);
+            from_python += 1;
+        } else {
+            assert_eq!(got, p);
+        }
+    }
+    let after = next.metrics();
+    assert_eq!(from_python, 25, "the adopted socket keeps its share");
+    assert_eq!(selected_delta(&before, &after, 4)[3], 25);
+
+    // Asked to stop, the joined process leaves the new generation cleanly.
+    let (status, stderr) = joined.stop();
+    assert!(status.success(), "{stderr}");
+    let (code, out, err) = reuseport(&["ctl", "--group", &group, "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("pid {}", next.pid())), "{out}");
+    let (status, _) = next.stop();
+    assert!(status.success());
+}
+
+/// The binary built from the last commit without a layout version, which
+/// `cargo xtask test` builds once (xtask/src/old_build.rs).
+fn old_binary() -> PathBuf {
+    let path = std::env::var_os("REUSEPORT_OLD_LAYOUT_BIN").unwrap_or_else(|| {
+        panic!(
+            "REUSEPORT_OLD_LAYOUT_BIN is not set: run this test through `cargo xtask test`, which builds the old-layout binary and sets it"
+        )
+    });
+    let path = PathBuf::from(path);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask test` to build it",
+        path.display()
+    );
+    path
+}
+
+fn pinned_files(group: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(pin_dir(group))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_takeover_of_a_group_with_an_older_layout_is_refused_before_anything_changes() {
+    netns();
+    let old_bin = old_binary();
+    let group = reuseport_tests::unique_group();
+    let mut cmd = Command::new(&old_bin);
+    cmd.args([
+        "run",
+        "--addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--group",
+        &group,
+        "--policy",
+        "round-robin",
+        "--workers",
+        "2",
+    ]);
+    let old = Server::spawn(&mut cmd).expect("the old build starts");
+    let addr: SocketAddr = old.addr;
+    let pins = pinned_files(&group);
+    let load = Load::start(addr, 3);
+    thread::sleep(Duration::from_millis(300));
+
+    let expected = format!(
+        "error: group {group} was created by an incompatible build (an older layout that records no version, this build"
+    );
+    for extra in [&[][..], &["--policy", "cpu"][..]] {
+        let mut args = vec!["run", "--takeover", &group, "--workers", "2"];
+        args.extend(extra);
+        args.extend(["--metrics-addr", "127.0.0.1:0"]);
+        let (code, _, err) = reuseport(&args);
+        assert_eq!(code, 1, "the takeover {extra:?} is refused: {err}");
+        let line = err.lines().next().unwrap_or("");
+        assert!(line.starts_with(&expected), "{line}");
+    }
+    // Reading it is refused the same way, not misread.
+    let (code, _, err) = reuseport(&["ctl", "--group", &group, "status"]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with(&expected), "{err}");
+
+    // The old group goes on untouched: its pins, its program's steering
+    // (round robin over its own two workers), every connection served.
+    assert_eq!(pinned_files(&group), pins, "its pins are as they were");
+    let before = old.metrics();
+    thread::sleep(Duration::from_millis(500));
+    let after = old.metrics();
+    let moved = selected_delta(&before, &after, 2);
+    assert!(moved[0] > 10 && moved[1] > 10, "{moved:?}");
+    assert_eq!(after.fallback(), 0);
+    assert_eq!(after.policy(), "round-robin");
+    assert_clean(load, "a refused takeover across layouts");
+    assert!(
+        !old.stderr().contains("taken over"),
+        "the old owner was not told anything: {}",
+        old.stderr()
+    );
+    let (status, stderr) = old.stop();
+    assert!(status.success(), "{stderr}");
+}
