@@ -107,7 +107,11 @@ pub fn claim(name: &str) -> Result<PathBuf> {
     make_private_dir(Path::new(PIN_ROOT))?;
     let dir = group_dir(name);
     if dir.exists() {
-        let owner = Maps::from_pins(&dir).and_then(|m| m.group_info()).ok();
+        let owner = match Maps::from_pins(&dir) {
+            // Another build's group: not ours to judge or to remove.
+            Err(e @ Error::IncompatibleLayout { .. }) => return Err(e),
+            maps => maps.and_then(|m| m.group_info()).ok(),
+        };
         match owner {
             Some(info) if process_start_time(info.owner_pid) == Some(info.owner_start) => {
                 return Err(Error::GroupRunning {

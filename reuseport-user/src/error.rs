@@ -144,6 +144,18 @@ pub enum Error {
         owner: u32,
     },
 
+    /// The group's pinned maps were created by a build with another layout
+    /// (see [`crate::layout`]): this build cannot read them correctly.
+    #[error("group {name} was created by an incompatible build ({theirs}, this build {ours}): stop it, or take it over, with a build of its layout; nothing was changed")]
+    IncompatibleLayout {
+        /// The group.
+        name: String,
+        /// Its layout, in words (`layout 2`, or an older one without a version).
+        theirs: String,
+        /// This build's [`reuseport_common::LAYOUT_VERSION`].
+        ours: u32,
+    },
+
     /// A worker that is not serving cannot be drained.
     #[error("worker {slot} is not serving (it is {state})")]
     NotServing {

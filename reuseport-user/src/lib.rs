@@ -87,6 +87,7 @@ pub mod datagram;
 pub mod echo;
 pub mod error;
 pub mod group;
+pub mod layout;
 pub mod maps;
 pub mod metrics;
 pub mod policy;

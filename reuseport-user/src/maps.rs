@@ -11,7 +11,7 @@ use std::{
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering},
         Arc,
     },
 };
@@ -22,8 +22,8 @@ use aya::{
 };
 use memmap2::{MmapMut, MmapOptions};
 use reuseport_common::{
-    counter, group_flag, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord,
-    MAX_WORKERS, TABLE_CAPACITY,
+    counter, group_flag, map, member_kind, worker_state, Config, GroupInfo, State, Table,
+    WorkerRecord, MAX_WORKERS, TABLE_CAPACITY,
 };
 
 use crate::{
@@ -33,7 +33,8 @@ use crate::{
 
 /// The maps that are pinned for other processes (the log ring buffer and
 /// the ticket counter are private to the program).
-pub const PINNED: [&str; 6] = [
+pub const PINNED: [&str; 7] = [
+    map::LAYOUT,
     map::SOCKETS,
     map::STATE,
     map::TABLE,
@@ -100,8 +101,11 @@ pub struct WorkerCounters {
     pub load: AtomicU64,
     /// Connections that waited because the worker was at its limit.
     pub at_limit: AtomicU64,
-    /// Unused (a record is one cache line).
-    pub reserved: AtomicU64,
+    /// The slot's socket's descriptor in process `pid` (other processes'
+    /// members; see `WorkerRecord::fd`).
+    pub fd: AtomicI32,
+    /// A `reuseport_common::member_kind`.
+    pub kind: AtomicU32,
 }
 
 const _: () = assert!(size_of::<WorkerCounters>() == size_of::<WorkerRecord>());
@@ -113,7 +117,7 @@ macro_rules! same_offset {
         );)*
     };
 }
-same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit, reserved);
+same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit, fd, kind);
 const _: () = assert!(align_of::<WorkerCounters>() <= 8);
 
 impl WorkerCounters {
@@ -129,7 +133,8 @@ impl WorkerCounters {
             bytes: self.bytes.load(Ordering::Relaxed),
             load: self.load.load(Ordering::Relaxed),
             at_limit: self.at_limit.load(Ordering::Relaxed),
-            reserved: 0,
+            fd: self.fd.load(Ordering::Relaxed),
+            kind: self.kind.load(Ordering::Relaxed),
         }
     }
 
@@ -153,7 +158,17 @@ impl WorkerCounters {
         }
         self.cpu.store(cpu, Ordering::Relaxed);
         self.pid.store(std::process::id(), Ordering::Relaxed);
+        self.fd.store(-1, Ordering::Relaxed);
+        self.kind.store(member_kind::OWNER, Ordering::Relaxed);
         self.state.store(worker_state::SERVING, Ordering::Release);
+    }
+
+    /// Records that the slot's socket is descriptor `fd` of this record's
+    /// process, a member of `kind` (a `reuseport_common::member_kind`),
+    /// so that a takeover can carry it into the new generation.
+    pub fn set_member(&self, kind: u32, fd: i32) {
+        self.fd.store(fd, Ordering::Relaxed);
+        self.kind.store(kind, Ordering::Release);
     }
 }
 
@@ -263,7 +278,21 @@ impl std::fmt::Debug for Maps {
 
 impl Maps {
     /// Takes the maps out of a loaded object, pinning them in `pin_dir`.
+    /// The layout record is written and pinned first, so that no opener
+    /// ever sees the other pins without it.
     pub fn from_ebpf(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut layout = ebpf
+            .take_map(map::LAYOUT)
+            .ok_or_else(|| not_found(map::LAYOUT))?;
+        crate::layout::write(&mut layout)?;
+        if let Some(dir) = pin_dir {
+            layout.pin(dir.join(map::LAYOUT)).map_err(|e| {
+                Error::bpf(
+                    format!("pinning map {} in {}", map::LAYOUT, dir.display()),
+                    e,
+                )
+            })?;
+        }
         let mut take = |name: &str| -> Result<Map> {
             let m = ebpf.take_map(name).ok_or_else(|| not_found(name))?;
             if let Some(dir) = pin_dir {
@@ -276,8 +305,10 @@ impl Maps {
         Self::assemble(&mut take, pin_dir)
     }
 
-    /// Opens the maps pinned in `dir`.
+    /// Opens the maps pinned in `dir`, after checking that they are of
+    /// this build's layout ([`crate::layout::check`]).
     pub fn from_pins(dir: &Path) -> Result<Self> {
+        crate::layout::check(dir)?;
         let mut open = |name: &str| -> Result<Map> {
             let path = dir.join(name);
             let data = MapData::from_pin(&path)
