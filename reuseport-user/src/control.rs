@@ -292,6 +292,11 @@ impl Control {
         &self.maps
     }
 
+    /// The group's maps, for writing.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
     /// The slots whose worker serves now, with their CPUs.
     pub fn live_slots(&self) -> Vec<LiveSlot> {
         live_slots(&self.maps.workers().snapshot())
@@ -472,8 +477,10 @@ impl Control {
             let rec = self.maps.workers().slot(slot);
             rec.reset(cpu);
             // Its worker is another program: the record is ours to keep,
-            // with that program's pid, so the owner notices when it exits.
+            // with that program's pid, so the owner notices when it exits,
+            // and its descriptor there, so a takeover can carry it.
             rec.pid.store(pid, Ordering::Release);
+            rec.set_member(reuseport_common::member_kind::ADOPTED, fd);
             self.maps
                 .update(|current, live| Ok(policy::rebuild(current, live)?))
         });
@@ -493,7 +500,7 @@ impl Control {
 /// Checks that `socket` (descriptor `fd` of `pid`) can serve the group at
 /// `addr`/`proto`: a socket, of the protocol, bound to the address with
 /// `SO_REUSEPORT`, listening (TCP), and of this user.
-fn check_adoptable(
+pub(crate) fn check_adoptable(
     socket: &std::os::fd::OwnedFd,
     pid: u32,
     fd: i32,

@@ -23,6 +23,8 @@ use log::{info, warn};
 use reuseport_common::{group_flag, program, worker_state, GroupInfo, MAX_WORKERS};
 use socket2::Socket;
 
+mod takeover;
+
 use crate::{
     control,
     error::{Error, Result},
@@ -150,12 +152,48 @@ fn steered(steering: &Mutex<Steering>) -> Result<bool> {
 
 /// Removes a group's pins when dropped: on a clean close, and also when
 /// building fails half-way or the group is dropped without `close`.
+///
+/// Once its maps are pinned it knows them by the `GROUP` map's id, and
+/// removes the directory that holds them wherever it is now: a successor
+/// swaps its own pin directory with ours at a takeover, and ours must not
+/// remove the successor's.
 #[derive(Debug)]
-struct Pins(PathBuf);
+struct Pins(PathBuf, Option<u32>);
+
+impl Pins {
+    /// Records the id of the `GROUP` map pinned in the directory now.
+    fn remember_maps(&mut self) {
+        self.1 = pinned_group_id(&self.0);
+    }
+
+    /// The directory that holds our maps now, if any.
+    fn locate(&self) -> Option<PathBuf> {
+        let Some(id) = self.1 else {
+            return Some(self.0.clone());
+        };
+        if pinned_group_id(&self.0) == Some(id) {
+            return Some(self.0.clone());
+        }
+        let siblings = std::fs::read_dir(self.0.parent()?).ok()?;
+        siblings
+            .flatten()
+            .map(|e| e.path())
+            .find(|d| pinned_group_id(d) == Some(id))
+    }
+}
+
+fn pinned_group_id(dir: &Path) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(dir.join(reuseport_common::map::GROUP))
+        .ok()
+        .map(|i| i.id())
+}
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        if let Err(e) = control::release(&self.0) {
+        let Some(dir) = self.locate() else {
+            return;
+        };
+        if let Err(e) = control::release(&dir) {
             warn!("{e}");
         }
     }
@@ -427,6 +465,13 @@ impl Group {
             }
         }
         self.workers.slot(slot).reset(cpu as u32);
+        if self.role == Role::Joined {
+            // Where a successor finds the socket to carry it over.
+            use std::os::fd::AsRawFd;
+            self.workers
+                .slot(slot)
+                .set_member(reuseport_common::member_kind::JOINED, socket.as_raw_fd());
+        }
         self.members.push(Member { slot, cpu, socket });
         self.members.sort_by_key(|m| m.slot);
         self.rebalance()?;
@@ -528,19 +573,27 @@ impl Group {
             std::thread::sleep(Duration::from_millis(50));
         }
         let final_dir = control::group_dir(&old_name);
-        if final_dir.exists() {
-            control::release(&final_dir)?;
-        }
-        if let Some(pins) = self.pins.take() {
+        let aside = control::group_dir(&format!("{old_name}-next-{}", std::process::id()));
+        let exchanged = self.pins.as_ref().is_some_and(|p| p.0 == final_dir);
+        if exchanged {
+            // The previous owner's pins, swapped aside at the takeover; it
+            // removes them itself as it exits, unless it was killed.
+            if aside.exists() && pinned_group_id(&aside) != self.pins.as_ref().and_then(|p| p.1) {
+                control::release(&aside)?;
+            }
+        } else if let Some(mut pins) = self.pins.take() {
+            // The exchange failed at the takeover: take the name now.
+            if final_dir.exists() {
+                control::release(&final_dir)?;
+            }
             std::fs::rename(&pins.0, &final_dir).map_err(|e| {
                 Error::io(
                     format!("renaming {} to {}", pins.0.display(), final_dir.display()),
                     e,
                 )
             })?;
-            // Renamed: the guard of the old path must not remove it.
-            std::mem::forget(pins);
-            self.pins = Some(Pins(final_dir.clone()));
+            pins.0 = final_dir.clone();
+            self.pins = Some(pins);
             self.dir = Some(final_dir.clone());
             if let Some(s) = &self.steering {
                 lock(s).maps_mut().set_pin_dir(&final_dir);
@@ -720,12 +773,6 @@ impl GroupBuilder {
                 max: MAX_WORKERS,
             });
         }
-        let placement: Vec<LiveSlot> = (0..n)
-            .map(|i| LiveSlot {
-                slot: i as u32,
-                cpu: cpus[i % cpus.len()] as u32,
-            })
-            .collect();
         if let Some(name) = &self.name {
             control::validate_name(name)?;
         }
@@ -741,10 +788,44 @@ impl GroupBuilder {
         if let Some(info) = &old_info {
             (self.addr, self.proto) = control::addr_of(info);
         }
+        let with_program = self.policy.kind != PolicyKind::Kernel;
+        // Members of other processes keep their slots (and weights) in the
+        // new generation; ours take the first slots they leave free.
+        let carried = match (&old, &old_info) {
+            (Some(old), Some(info)) if with_program => takeover::collect(old, info)?,
+            _ => Vec::new(),
+        };
+        let taken: Vec<u32> = carried.iter().map(|c| c.slot).collect();
+        let placement: Vec<LiveSlot> = (0..MAX_WORKERS)
+            .filter(|s| !taken.contains(s))
+            .take(n)
+            .enumerate()
+            .map(|(i, slot)| LiveSlot {
+                slot,
+                cpu: cpus[i % cpus.len()] as u32,
+            })
+            .collect();
+        if placement.len() < n {
+            return Err(Error::NoFreeSlot { max: MAX_WORKERS });
+        }
+        let mut live = placement.clone();
+        for c in &carried {
+            live.push(LiveSlot {
+                slot: c.slot,
+                cpu: c.record.cpu,
+            });
+            let at = c.slot as usize;
+            if self.policy.weights.len() <= at {
+                self.policy.weights.resize(at + 1, 0);
+            }
+            if self.policy.weights[at] == 0 {
+                self.policy.weights[at] = c.weight.max(1);
+            }
+        }
+        live.sort_by_key(|l| l.slot);
         check_key(&self.policy, self.proto)?;
         // Plan first: a bad policy setting fails before anything is bound.
-        let plan = policy::plan(&self.policy, &placement)?;
-        let with_program = self.policy.kind != PolicyKind::Kernel;
+        let plan = policy::plan(&self.policy, &live)?;
         if with_program {
             sys::check_kernel("the steering program")?;
             sys::check_bpf_privilege("loading the steering program")?;
@@ -781,7 +862,7 @@ impl GroupBuilder {
             (None, None) => control::default_group_name(self.proto, addr),
         };
         let pins = match (self.pin && may_bpf, self.pin) {
-            (true, _) => Some(Pins(control::claim(&name)?)),
+            (true, _) => Some(Pins(control::claim(&name)?, None)),
             (false, true) => {
                 warn!("without CAP_BPF the group's counters are not pinned: `reuseport ctl` and `stats` will not see it");
                 None
@@ -797,6 +878,10 @@ impl GroupBuilder {
         } else {
             None
         };
+        let mut pins = pins;
+        if let Some(p) = pins.as_mut() {
+            p.remember_maps();
+        }
         let workers = match &steering {
             Some(s) => s.maps().workers().clone(),
             None => Arc::new(WorkerRegion::anonymous()?),
@@ -846,6 +931,9 @@ impl GroupBuilder {
                     for m in &members {
                         s.maps_mut().set_slot(m.slot, &m.socket)?;
                     }
+                    if let Some(old) = old.as_mut() {
+                        takeover::place(old, s.maps_mut(), &carried)?;
+                    }
                     s.maps_mut().apply(&plan)?;
                     if !attach_now {
                         // The whole group switches to our program (and so
@@ -857,8 +945,26 @@ impl GroupBuilder {
             }
             None => None,
         };
+        drop(carried);
+        let mut name = name;
         let role = match (old.as_mut(), old_info, &self.takeover) {
             (Some(old), Some(info), Some(old_name)) => {
+                // The group's name now means the new generation.
+                if let Some(p) = pins.as_mut() {
+                    let final_dir = control::group_dir(old_name);
+                    match takeover::exchange(&p.0, &final_dir) {
+                        Ok(()) => {
+                            p.0 = final_dir;
+                            name = old_name.clone();
+                            if let Some(s) = &steering {
+                                lock(s).maps_mut().set_pin_dir(&p.0);
+                            }
+                        }
+                        Err(e) => warn!(
+                            "{e}: the group's name moves to the new generation once the previous owner has exited"
+                        ),
+                    }
+                }
                 retire(old, &info)?;
                 Role::Successor {
                     old_pid: info.owner_pid,

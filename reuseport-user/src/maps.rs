@@ -228,6 +228,40 @@ impl WorkerRegion {
         unsafe { &*(self.mmap.as_ptr().add(offset) as *const WorkerCounters) }
     }
 
+    /// Makes this mapping show the `WORKERS` map `fd` (of a group's next
+    /// generation, after a takeover) instead of the map it was made from,
+    /// at the same address: every reference into it, such as the running
+    /// workers' [`WorkerStats`], then reads and counts in that map.
+    /// `mmap(2)` with `MAP_FIXED` replaces the old pages in one step under
+    /// the process's mmap lock, so a concurrent access sees one map or the
+    /// other, never a hole. Hand-written: memmap2 cannot map over an
+    /// existing mapping.
+    pub fn remap(&self, fd: BorrowedFd<'_>) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let addr = self.mmap.as_ptr() as *mut libc::c_void;
+        // SAFETY: the range is this mapping's own (page-aligned, LEN
+        // bytes); it stays mapped throughout, now backed by a map of the
+        // same layout (checked when the map was opened), whose every bit
+        // pattern is valid for the atomics that read it.
+        let r = unsafe {
+            libc::mmap(
+                addr,
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(Error::io(
+                format!("mapping the next generation's {} map", map::WORKERS),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Every slot's record.
     pub fn snapshot(&self) -> Vec<WorkerRecord> {
         (0..MAX_WORKERS).map(|s| self.slot(s).snapshot()).collect()
@@ -260,6 +294,8 @@ pub struct Maps {
     sockets: ReusePortSockArray<MapData>,
     /// The socket map's descriptor, to hand out more handles on it.
     sockets_fd: std::os::fd::OwnedFd,
+    /// The `WORKERS` map's descriptor (see [`WorkerRegion::remap`]).
+    workers_fd: std::os::fd::OwnedFd,
     state: MmapMut,
     table: MmapMut,
     counters: PerCpuArray<MapData, u64>,
@@ -319,12 +355,22 @@ impl Maps {
     }
 
     fn assemble(get: &mut dyn FnMut(&str) -> Result<Map>, pin_dir: Option<&Path>) -> Result<Self> {
-        let mut mapped = |name: &str, len: usize| -> Result<MmapMut> {
-            match get(name)? {
-                Map::Array(data) => map_array(data.fd().as_fd(), len, name),
-                _ => Err(wrong_type(name)),
-            }
-        };
+        let mut workers_fd = None;
+        let mut mapped =
+            |name: &str, len: usize| -> Result<MmapMut> {
+                match get(name)? {
+                    Map::Array(data) => {
+                        if name == map::WORKERS {
+                            workers_fd =
+                                Some(data.fd().as_fd().try_clone_to_owned().map_err(|e| {
+                                    Error::io(format!("duplicating map {name}"), e)
+                                })?);
+                        }
+                        map_array(data.fd().as_fd(), len, name)
+                    }
+                    _ => Err(wrong_type(name)),
+                }
+            };
         let workers = WorkerRegion {
             mmap: mapped(map::WORKERS, WorkerRegion::LEN)?,
         };
@@ -342,6 +388,7 @@ impl Maps {
         Ok(Maps {
             sockets: typed(sockets, map::SOCKETS)?,
             sockets_fd,
+            workers_fd: workers_fd.ok_or_else(|| not_found(map::WORKERS))?,
             state,
             table,
             counters: typed(get(map::COUNTERS)?, map::COUNTERS)?,
@@ -471,6 +518,11 @@ impl Maps {
     /// The workers' records.
     pub fn workers(&self) -> &Arc<WorkerRegion> {
         &self.workers
+    }
+
+    /// The `WORKERS` map's descriptor.
+    pub fn workers_fd(&self) -> BorrowedFd<'_> {
+        self.workers_fd.as_fd()
     }
 
     /// Puts `socket` into `slot` of the socket map. The socket must already

@@ -198,6 +198,7 @@ impl Server {
             workers: BTreeMap::new(),
             restarts: BTreeMap::new(),
             given_up: Vec::new(),
+            rejoin_failures: 0,
         };
         let slots: Vec<u32> = supervisor.group.members().iter().map(|m| m.slot).collect();
         for slot in slots {
@@ -328,6 +329,9 @@ struct Supervisor {
     restarts: BTreeMap<u32, Vec<Instant>>,
     /// Slots whose worker died too often to be restarted.
     given_up: Vec<u32>,
+    /// Failed attempts to re-join a group's new generation (a joined
+    /// process whose group was taken over).
+    rejoin_failures: u32,
 }
 
 impl Supervisor {
@@ -422,6 +426,16 @@ impl Supervisor {
     /// if this process has no more work.
     fn supervise(&mut self) -> Result<Option<String>> {
         let me = std::process::id();
+        if *self.group.role() == Role::Joined && self.group.retired() {
+            // A successor took the group over: move into its generation.
+            if let Err(e) = self.group.rejoin() {
+                self.rejoin_failures += 1;
+                // Every 5 s at most: it is tried again each tick.
+                if self.rejoin_failures % 50 == 1 {
+                    warn!("re-joining the group's new generation: {e} (trying again)");
+                }
+            }
+        }
         let owner = matches!(self.group.role(), Role::Owner | Role::Successor { .. });
         let retired = owner && self.group.retired();
         let region = self.group.worker_region();
