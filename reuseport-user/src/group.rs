@@ -8,8 +8,9 @@
 //! - **joined**: it added sockets of its own to a running group (`join`),
 //!   using the owner's program and maps;
 //! - **successor**: it took the group over (`run --takeover`) with a program
-//!   and maps of its own; once the old owner has drained and exited it is
-//!   the owner.
+//!   and maps of its own, carrying the other processes' members into them
+//!   and taking the group's name at once (see `takeover`); once the old
+//!   owner has drained and exited it is the owner.
 
 use std::{
     net::SocketAddr,
