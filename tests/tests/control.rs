@@ -104,7 +104,7 @@ fn pins_are_private_and_removed_on_clean_exit() {
     names.sort();
     assert_eq!(
         names,
-        ["COUNTERS", "GROUP", "SOCKETS", "STATE", "TABLE", "WORKERS"]
+        ["COUNTERS", "GROUP", "LAYOUT", "SOCKETS", "STATE", "TABLE", "WORKERS"]
     );
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
