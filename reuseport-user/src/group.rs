@@ -792,11 +792,11 @@ impl GroupBuilder {
         let with_program = self.policy.kind != PolicyKind::Kernel;
         // Members of other processes keep their slots (and weights) in the
         // new generation; ours take the first slots they leave free.
-        let carried = match (&old, &old_info) {
+        let (carried, starting) = match (&old, &old_info) {
             (Some(old), Some(info)) if with_program => takeover::collect(old, info)?,
-            _ => Vec::new(),
+            _ => (Vec::new(), Vec::new()),
         };
-        let taken: Vec<u32> = carried.iter().map(|c| c.slot).collect();
+        let taken: Vec<u32> = carried.iter().map(|c| c.slot).chain(starting).collect();
         let placement: Vec<LiveSlot> = (0..MAX_WORKERS)
             .filter(|s| !taken.contains(s))
             .take(n)

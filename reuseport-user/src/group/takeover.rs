@@ -34,7 +34,7 @@ use std::{
     sync::atomic::Ordering,
 };
 
-use log::{info, warn};
+use log::info;
 use reuseport_common::{group_flag, member_kind, worker_state, GroupInfo, WorkerRecord};
 
 use super::{lock, Group, Role};
@@ -70,11 +70,14 @@ fn kind_name(kind: u32) -> &'static str {
 
 /// Step 1: duplicates the socket of every serving member of another
 /// process than the old owner. Fails, before anything changes, if one of
-/// them cannot be carried.
-pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<Vec<Carried>> {
+/// them cannot be carried. Also returns the slots of members that were
+/// still starting: the new generation leaves them free, for their process
+/// to place its socket there when it re-joins.
+pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<(Vec<Carried>, Vec<u32>)> {
     let (addr, proto) = control::addr_of(info);
     let config = old.maps().config()?;
     let mut carried = Vec::new();
+    let mut starting = Vec::new();
     for (slot, r) in old.maps().workers().snapshot().into_iter().enumerate() {
         let slot = slot as u32;
         let foreign = r.pid != info.owner_pid && r.pid != 0;
@@ -82,10 +85,11 @@ pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<Vec<Carried>> {
             continue;
         }
         if r.state == worker_state::STARTING {
-            warn!(
-                "worker {slot} of process {} was still starting: it stays with the old generation",
+            info!(
+                "worker {slot} of process {} is still starting: its slot is kept free for it",
                 r.pid
             );
+            starting.push(slot);
             continue;
         }
         if r.state != worker_state::SERVING {
@@ -115,7 +119,7 @@ pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<Vec<Carried>> {
             socket,
         });
     }
-    Ok(carried)
+    Ok((carried, starting))
 }
 
 /// Step 2: moves the carried sockets from the old socket map to the same
