@@ -535,3 +535,60 @@ fn a_group_of_a_newer_layout_is_refused_by_ctl_join_and_takeover() {
     let (status, _) = server.stop();
     assert!(status.success());
 }
+
+/// Under `weighted`, a joined member keeps its weight across a takeover,
+/// also when the new generation's `--weights` name only its own workers.
+#[test]
+fn a_joined_member_keeps_its_weight_across_a_takeover() {
+    netns();
+    let first = Server::start(&["--policy", "weighted", "--weights", "1,1", "--workers", "2"]);
+    let group = first.group.clone();
+    let mut join = Command::new(binary());
+    join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
+    let joined = Server::spawn(&mut join).expect("join starts");
+    first.switch(&["weighted", "--weights", "1,1,2"]);
+    let next = Server::try_start(&[
+        "--takeover",
+        &group,
+        "--workers",
+        "2",
+        "--policy",
+        "weighted",
+        "--weights",
+        "1,1",
+    ])
+    .unwrap_or_else(|f| panic!("the takeover failed: {}", f.stderr));
+    assert!(
+        next.banner
+            .iter()
+            .any(|l| l == "policy weighted (weights 1,1,2)"),
+        "{:?}",
+        next.banner
+    );
+    let (status, stderr) = first.wait(Duration::from_secs(30));
+    assert!(status.success(), "{stderr}");
+    assert!(
+        reuseport_tests::eventually(Duration::from_secs(5), || joined
+            .stderr()
+            .contains("re-joined its new generation")),
+        "{}",
+        joined.stderr()
+    );
+    // The weighted table is deterministic: of 100 connections in a row,
+    // 25, 25 and 50 (the joined process's weight 2).
+    let before = (next.metrics(), joined_accepted(&joined, 2));
+    for i in 0..100 {
+        let p = format!("w {i}").into_bytes();
+        assert_eq!(echo(next.addr, &p), p);
+    }
+    let after = (next.metrics(), joined_accepted(&joined, 2));
+    let counted: Vec<u64> = (0..3)
+        .map(|slot| selected(&after.0, slot) - selected(&before.0, slot))
+        .collect();
+    assert_eq!(counted, [25, 25, 50]);
+    assert_eq!(after.1 - before.1, 50, "the joined process served them");
+    let (status, stderr) = joined.stop();
+    assert!(status.success(), "{stderr}");
+    let (status, _) = next.stop();
+    assert!(status.success());
+}
