@@ -935,12 +935,20 @@ impl GroupBuilder {
                     if let Some(old) = old.as_mut() {
                         takeover::place(old, s.maps_mut(), &carried)?;
                     }
-                    s.maps_mut().apply(&plan)?;
-                    if !attach_now {
+                    let switched = s.maps_mut().apply(&plan).and_then(|()| {
+                        if attach_now {
+                            return Ok(());
+                        }
                         // The whole group switches to our program (and so
                         // to our sockets) with this one setsockopt.
-                        s.attach(members[0].socket.as_fd())?;
+                        s.attach(members[0].socket.as_fd())
+                    });
+                    if let (Err(e), Some(old)) = (&switched, old.as_mut()) {
+                        // The old generation keeps its members.
+                        warn!("the takeover failed ({e}): the other processes' members go back to the old generation");
+                        takeover::unplace(old, s.maps_mut(), &carried);
                     }
+                    switched?;
                 }
                 Some(Arc::new(Mutex::new(s)))
             }
@@ -966,7 +974,20 @@ impl GroupBuilder {
                         ),
                     }
                 }
-                retire(old, &info)?;
+                if let Err(e) = retire(old, &info) {
+                    // Give the name back to the old generation.
+                    if let Some(p) = pins
+                        .as_mut()
+                        .filter(|p| p.0 == control::group_dir(old_name))
+                    {
+                        let aside =
+                            control::group_dir(&format!("{old_name}-next-{}", std::process::id()));
+                        if takeover::exchange(&aside, &p.0).is_ok() {
+                            p.0 = aside;
+                        }
+                    }
+                    return Err(e);
+                }
                 Role::Successor {
                     old_pid: info.owner_pid,
                     old_name: old_name.clone(),

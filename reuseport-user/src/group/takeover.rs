@@ -155,6 +155,21 @@ pub(super) fn place(old: &mut Control, new: &mut Maps, carried: &[Carried]) -> R
     Ok(())
 }
 
+/// Undoes [`place`] after a takeover that failed before it switched the
+/// group: each carried socket goes back to its slot of the old map.
+pub(super) fn unplace(old: &mut Control, new: &mut Maps, carried: &[Carried]) {
+    for c in carried {
+        let _ = new.clear_slot(c.slot);
+        if let Err(e) = old.maps_mut().set_slot(c.slot, &c.socket) {
+            log::warn!(
+                "worker {} of process {} could not go back to the old generation's socket map: {e}",
+                c.slot,
+                c.record.pid
+            );
+        }
+    }
+}
+
 /// Counts that only grow: the record's are at least `from`'s.
 fn copy_counts(rec: &WorkerCounters, from: &WorkerRecord) {
     rec.accepted.fetch_max(from.accepted, Ordering::Relaxed);
