@@ -285,7 +285,10 @@ fn a_takeover_carries_joined_and_adopted_members_and_keeps_the_policy() {
         "the joined process accepts connections after the takeover: {served}"
     );
     assert_eq!(after.0.fallback(), 0, "the program chose every connection");
-    check_clean(load.stop(), "a takeover with joined and adopted members");
+    let ok = check_clean(load.stop(), "a takeover with joined and adopted members");
+    println!(
+        "takeover with a joined and an adopted member: {ok} connections, none failed; {runs} lookups of the name, all to a live owner; after it, per second: {moved:?} selections of slots 0-3"
+    );
 
     // Round robin over four live slots: each member answers exactly a
     // quarter of 100 sequential connections, the adopted socket and the
