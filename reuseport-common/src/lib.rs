@@ -302,9 +302,12 @@ pub struct WorkerRecord {
     pub load: u64,
     /// Connections that waited because the worker was at its connection limit.
     pub at_limit: u64,
-    /// Unused: makes a record one 64-byte cache line, so that workers
-    /// counting on different CPUs do not share one.
-    pub reserved: u64,
+    /// Start time of the process in `pid` (clock ticks after boot, as
+    /// `/proc/PID/stat` field 22 gives it; 0: unknown), so that a later
+    /// process given the same pid is not taken for it. It also makes a
+    /// record one 64-byte cache line, so that workers counting on different
+    /// CPUs do not share one.
+    pub pid_start: u64,
 }
 
 /// Bits of [`GroupInfo::flags`].

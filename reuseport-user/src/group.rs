@@ -28,6 +28,7 @@ use crate::{
     error::{Error, Result},
     maps::{BpfCounters, WorkerRegion, WorkerStats},
     policy::{self, HashKey, LiveSlot, Policy, PolicyError, PolicyKind},
+    signals,
     socket::{self, Proto},
     steering::Steering,
     sys,
@@ -149,14 +150,19 @@ fn steered(steering: &Mutex<Steering>) -> Result<bool> {
 }
 
 /// Removes a group's pins when dropped: on a clean close, and also when
-/// building fails half-way or the group is dropped without `close`.
+/// building fails half-way or the group is dropped without `close`. Holds
+/// the owner's lock (see [`pins`](crate::pins)) until then: while it is
+/// held, the group is alive.
 #[derive(Debug)]
-struct Pins(PathBuf);
+struct Pins(PathBuf, Option<crate::pins::OwnerLock>);
 
 impl Drop for Pins {
     fn drop(&mut self) {
         if let Err(e) = control::release(&self.0) {
             warn!("{e}");
+        }
+        if let Some(ns) = self.0.parent() {
+            crate::pins::remove_namespace_dir_if_empty(ns);
         }
     }
 }
@@ -226,12 +232,13 @@ impl Group {
         cpus: Option<Vec<usize>>,
         backlog: i32,
     ) -> Result<Group> {
-        control::validate_name(name)?;
-        let dir = control::group_dir(name);
-        control::check_exists(name, &dir)?;
+        let dir = control::existing_dir(name)?;
         sys::check_bpf_privilege("joining a group")?;
         let steering = Steering::from_pins(&dir).map_err(|e| control::explain_open(name, e))?;
         let info = steering.maps().group_info()?;
+        control::check_alive(name, &dir, &info)?;
+        // The owner checks on this process's workers by its pid.
+        control::check_pid_namespace(name, &info)?;
         let (addr, proto) = control::addr_of(&info);
         let cpus = match cpus {
             Some(c) if !c.is_empty() => c,
@@ -499,7 +506,8 @@ impl Group {
                 r.state,
                 worker_state::SERVING | worker_state::DRAINING | worker_state::STARTING
             );
-            if busy && r.pid != me && r.pid != 0 && control::process_start_time(r.pid).is_none() {
+            let rec = self.workers.slot(slot);
+            if busy && r.pid != me && r.pid != 0 && !rec.process_alive() {
                 if let Some(s) = &self.steering {
                     let _ = lock(s).maps_mut().clear_slot(slot);
                 }
@@ -520,27 +528,28 @@ impl Group {
             return Ok(());
         };
         let deadline = Instant::now() + timeout;
-        while control::process_start_time(old_pid).is_some() {
+        while control::owner_running(&old_name) {
             if Instant::now() > deadline {
                 warn!("the previous owner (pid {old_pid}) has not exited after {timeout:?}; taking its group's name anyway");
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let final_dir = control::group_dir(&old_name);
+        let final_dir = control::group_dir(&old_name)?;
         if final_dir.exists() {
             control::release(&final_dir)?;
         }
-        if let Some(pins) = self.pins.take() {
-            std::fs::rename(&pins.0, &final_dir).map_err(|e| {
-                Error::io(
-                    format!("renaming {} to {}", pins.0.display(), final_dir.display()),
-                    e,
-                )
-            })?;
-            // Renamed: the guard of the old path must not remove it.
+        if let Some(mut pins) = self.pins.take() {
+            if let Err(e) = std::fs::rename(&pins.0, &final_dir) {
+                let what = format!("renaming {} to {}", pins.0.display(), final_dir.display());
+                self.pins = Some(pins);
+                return Err(Error::io(what, e));
+            }
+            // Renamed: the guard of the old path must not remove it; the
+            // owner's lock moves with the directory.
+            let owner = pins.1.take();
             std::mem::forget(pins);
-            self.pins = Some(Pins(final_dir.clone()));
+            self.pins = Some(Pins(final_dir.clone(), owner));
             self.dir = Some(final_dir.clone());
             if let Some(s) = &self.steering {
                 lock(s).maps_mut().set_pin_dir(&final_dir);
@@ -749,8 +758,23 @@ impl GroupBuilder {
             sys::check_kernel("the steering program")?;
             sys::check_bpf_privilege("loading the steering program")?;
         }
+        // The maps: with a program always; under the kernel policy only if
+        // we may create them (they carry the counters `stats` reads).
+        let may_bpf = with_program || sys::has_bpf_privilege();
+        let pinned = self.pin && may_bpf;
+        // Held until our sockets are visible (listening) and our pins are
+        // claimed: a start on the same address in this namespace waits
+        // for it, then sees our sockets and refuses, so of two starts at
+        // once exactly one succeeds.
+        let start_lock = if pinned {
+            Some(crate::pins::lock_namespace()?)
+        } else {
+            None
+        };
+        signals::checkpoint("locked")?;
 
         let first = socket::bind_member(self.addr, self.proto)?;
+        signals::checkpoint("bound")?;
         // Our bind succeeded, so any other socket on this address is a
         // reuseport socket of this user: a group we would silently join,
         // replacing its program. Refuse, unless taking it over is the point.
@@ -771,23 +795,24 @@ impl GroupBuilder {
             .and_then(|a| a.as_socket())
             .ok_or_else(|| Error::io("getsockname", std::io::Error::other("no address")))?;
 
-        // The maps: with a program always; under the kernel policy only if
-        // we may create them (they carry the counters `stats` reads).
-        let may_bpf = with_program || sys::has_bpf_privilege();
         let name = match (&self.takeover, &self.name) {
             // Pinned aside until the old owner has gone with its pins.
             (Some(old_name), _) => format!("{old_name}-next-{}", std::process::id()),
             (None, Some(name)) => name.clone(),
             (None, None) => control::default_group_name(self.proto, addr),
         };
-        let pins = match (self.pin && may_bpf, self.pin) {
-            (true, _) => Some(Pins(control::claim(&name)?)),
-            (false, true) => {
+        let pins = match (&start_lock, self.pin) {
+            (Some(lock), _) => {
+                let (dir, owner) = control::claim(lock, &name, addr, self.proto)?;
+                Some(Pins(dir, Some(owner)))
+            }
+            (None, true) => {
                 warn!("without CAP_BPF the group's counters are not pinned: `reuseport ctl` and `stats` will not see it");
                 None
             }
-            (false, false) => None,
+            (None, false) => None,
         };
+        signals::checkpoint("pinned")?;
         let steering = if may_bpf {
             let program = with_program.then_some(self.program.as_str());
             Some(Steering::load(
@@ -801,6 +826,7 @@ impl GroupBuilder {
             Some(s) => s.maps().workers().clone(),
             None => Arc::new(WorkerRegion::anonymous()?),
         };
+        signals::checkpoint("loaded")?;
 
         // Attached before any member listens, so no TCP connection is ever
         // steered by the kernel's hash instead of the policy. A UDP socket
@@ -830,13 +856,21 @@ impl GroupBuilder {
                 socket::listen(&m.socket, self.backlog)?;
             }
         }
+        // Our sockets are visible now: another start may look.
+        drop(start_lock);
+        signals::checkpoint("listening")?;
         for m in &members {
             workers.slot(m.slot).reset(m.cpu as u32);
         }
         let mut migrate_req_saved = old_info.map_or(0, |i| i.migrate_req_saved);
+        // Puts the sysctl back if the start-up stops before the group
+        // record (which `close` restores it from) is written.
+        let mut migrate_guard = MigrateReqGuard(0);
         if !with_program && self.proto == Proto::Tcp && migrate_req_saved == 0 {
             migrate_req_saved = enable_migrate_req();
+            migrate_guard.0 = migrate_req_saved;
         }
+        signals::checkpoint("configured")?;
         let steering = match steering {
             Some(mut s) => {
                 let mut info = control::group_info(addr, self.proto, n as u32, s.has_program());
@@ -857,6 +891,7 @@ impl GroupBuilder {
             }
             None => None,
         };
+        signals::checkpoint("steering")?;
         let role = match (old.as_mut(), old_info, &self.takeover) {
             (Some(old), Some(info), Some(old_name)) => {
                 retire(old, &info)?;
@@ -867,6 +902,8 @@ impl GroupBuilder {
             }
             _ => Role::Owner,
         };
+        // From here the group's `close` restores the sysctl.
+        migrate_guard.0 = 0;
         Ok(Group {
             name: pins.as_ref().map(|_| name),
             dir: pins.as_ref().map(|p| p.0.clone()),
@@ -903,6 +940,22 @@ fn retire(old: &mut control::Control, info: &GroupInfo) -> Result<()> {
         info.owner_pid
     );
     Ok(())
+}
+
+/// Restores `net.ipv4.tcp_migrate_req` when dropped, from its old value
+/// plus one (0: nothing to restore), as [`enable_migrate_req`] returns it.
+struct MigrateReqGuard(u32);
+
+impl Drop for MigrateReqGuard {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            let before = self.0 - 1;
+            match std::fs::write(MIGRATE_REQ, before.to_string()) {
+                Ok(()) => info!("restored net.ipv4.tcp_migrate_req to {before}"),
+                Err(e) => warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}"),
+            }
+        }
+    }
 }
 
 /// Sets `net.ipv4.tcp_migrate_req` to 1 (for a group without a program:

@@ -11,7 +11,10 @@
 //! - [`steering`]: loading, attaching and configuring the program
 //! - [`worker`]: the thread-per-core workers; [`echo`]: the echo service
 //! - [`maps`]: the program's maps; [`control`]: a running group seen
-//!   from any process through its pinned maps (`reuseport ctl`, `stats`)
+//!   from any process through its pinned maps (`reuseport ctl`, `stats`);
+//!   [`pins`]: where those pins live (per network namespace) and whether
+//!   their owner runs
+//! - [`signals`]: SIGINT/SIGTERM during start-up undo what was made
 //! - [`metrics`]: Prometheus metrics; [`server`]: serving a group with a
 //!   handler, supervised (`reuseport run` serves the [`echo`] handler)
 //! - [`bench`](mod@bench): `reuseport bench`
@@ -89,8 +92,10 @@ pub mod error;
 pub mod group;
 pub mod maps;
 pub mod metrics;
+pub mod pins;
 pub mod policy;
 pub mod server;
+pub mod signals;
 pub mod socket;
 pub mod stats;
 pub mod steering;

@@ -100,8 +100,8 @@ pub struct WorkerCounters {
     pub load: AtomicU64,
     /// Connections that waited because the worker was at its limit.
     pub at_limit: AtomicU64,
-    /// Unused (a record is one cache line).
-    pub reserved: AtomicU64,
+    /// Start time of the process in `pid` (see `WorkerRecord::pid_start`).
+    pub pid_start: AtomicU64,
 }
 
 const _: () = assert!(size_of::<WorkerCounters>() == size_of::<WorkerRecord>());
@@ -113,7 +113,7 @@ macro_rules! same_offset {
         );)*
     };
 }
-same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit, reserved);
+same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit, pid_start);
 const _: () = assert!(align_of::<WorkerCounters>() <= 8);
 
 impl WorkerCounters {
@@ -129,7 +129,7 @@ impl WorkerCounters {
             bytes: self.bytes.load(Ordering::Relaxed),
             load: self.load.load(Ordering::Relaxed),
             at_limit: self.at_limit.load(Ordering::Relaxed),
-            reserved: 0,
+            pid_start: self.pid_start.load(Ordering::Relaxed),
         }
     }
 
@@ -152,8 +152,30 @@ impl WorkerCounters {
             c.store(0, Ordering::Relaxed);
         }
         self.cpu.store(cpu, Ordering::Relaxed);
-        self.pid.store(std::process::id(), Ordering::Relaxed);
+        self.set_process(std::process::id());
         self.state.store(worker_state::SERVING, Ordering::Release);
+    }
+
+    /// Records that the slot's worker runs in process `pid`, with its start
+    /// time, so that liveness checks cannot mistake a later process with
+    /// the same pid for it.
+    pub fn set_process(&self, pid: u32) {
+        let start = if pid == std::process::id() {
+            crate::pins::own_start_time()
+        } else {
+            crate::pins::process_start_time(pid).unwrap_or(0)
+        };
+        self.pid.store(pid, Ordering::Relaxed);
+        self.pid_start.store(start, Ordering::Relaxed);
+    }
+
+    /// Whether the process the record names still runs (by pid and start
+    /// time).
+    pub fn process_alive(&self) -> bool {
+        crate::pins::process_alive(
+            self.pid.load(Ordering::Relaxed),
+            self.pid_start.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -350,7 +372,7 @@ impl Maps {
         self.give_weight(slot, weight)?;
         let rec = self.workers.slot(slot);
         rec.cpu.store(cpu, Ordering::Relaxed);
-        rec.pid.store(pid, Ordering::Relaxed);
+        rec.set_process(pid);
         rec.state.store(worker_state::STARTING, Ordering::Release);
         Ok(())
     }
@@ -372,7 +394,7 @@ impl Maps {
         self.give_weight(slot, weight)?;
         let rec = self.workers.slot(slot);
         rec.cpu.store(cpu, Ordering::Relaxed);
-        rec.pid.store(pid, Ordering::Relaxed);
+        rec.set_process(pid);
         rec.state.store(worker_state::STARTING, Ordering::Release);
         Ok(slot)
     }
@@ -641,6 +663,19 @@ impl Maps {
         c.migrated = read(counter::MIGRATED)?;
         Ok(c)
     }
+}
+
+/// The group record of the group pinned in `dir`, read without opening its
+/// other maps (to tell whose pins they are, and whether that owner runs).
+pub fn group_info_at(dir: &Path) -> Result<GroupInfo> {
+    let path = dir.join(map::GROUP);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
+    let map = Map::from_map_data(data).map_err(|e| Error::bpf(format!("map {}", map::GROUP), e))?;
+    let group: Array<MapData, GroupInfo> = typed(map, map::GROUP)?;
+    group
+        .get(&0, 0)
+        .map_err(|e| Error::bpf("reading the group record", e))
 }
 
 /// A handle on a group's socket map (see [`Maps::socket_map_handle`]).

@@ -164,6 +164,10 @@ impl Server {
     }
 
     fn start(group: Group, starter: Starter, options: ServeOptions) -> Result<Server> {
+        if let Err(e) = crate::signals::checkpoint("built") {
+            let _ = group.close();
+            return Err(e);
+        }
         let metrics_listener = options.metrics_addr.map(metrics::bind).transpose()?;
         let limit = crate::sys::raise_fd_limit();
         let needed = (options.limits.max_connections * group.members().len()) as u64 + 64;
@@ -206,6 +210,10 @@ impl Server {
                 let _ = supervisor.shut_down(format!("worker {slot} did not start"), &stop);
                 return Err(e);
             }
+        }
+        if let Err(e) = crate::signals::checkpoint("workers") {
+            let _ = supervisor.shut_down(e.to_string(), &stop);
+            return Err(e);
         }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s, f) = (stop.clone(), finished.clone());
@@ -512,8 +520,8 @@ impl Supervisor {
                 Err(e) => warn!("checking other processes' workers: {e} (trying again)"),
             }
         }
-        if let Role::Successor { old_pid, .. } = self.group.role().clone() {
-            if crate::control::process_start_time(old_pid).is_none() {
+        if let Role::Successor { old_name, .. } = self.group.role().clone() {
+            if !crate::control::owner_running(&old_name) {
                 if let Err(e) = self.group.finish_takeover(Duration::ZERO) {
                     warn!("finishing the takeover: {e} (trying again)");
                 }
@@ -594,6 +602,8 @@ impl Supervisor {
 /// Serves until SIGINT or SIGTERM, or until serving ends on its own (a
 /// successor took the group over), then shuts down in order. `ready` runs
 /// once the signal handlers are in place: a signal sent after it is seen.
+/// A signal caught earlier by [`catch_stop_signals`](crate::signals::catch_stop_signals)
+/// shuts down at once, without `ready`.
 pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -605,13 +615,23 @@ pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()>
             .map_err(|e| Error::io("installing a SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt())
             .map_err(|e| Error::io("installing a SIGINT handler", e))?;
+        if let Some(name) = crate::signals::stop_signal() {
+            return Ok(Some(name));
+        }
         ready();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok::<_, Error>(Some("SIGTERM")),
                 _ = int.recv() => return Ok(Some("SIGINT")),
-                _ = tick.tick() => if server.finished() { return Ok(None) },
+                _ = tick.tick() => {
+                    if server.finished() {
+                        return Ok(None);
+                    }
+                    if let Some(name) = crate::signals::stop_signal() {
+                        return Ok(Some(name));
+                    }
+                }
             }
         }
     })?;
