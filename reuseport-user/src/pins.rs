@@ -225,12 +225,14 @@ pub fn lock_namespace() -> Result<StartLock> {
                 file = back;
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err((_, Errno::EWOULDBLOCK)) => return Err(Error::io(
-                format!("locking {}", dir.display()),
-                io::Error::other(format!(
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(Error::io(
+                    format!("locking {}", dir.display()),
+                    io::Error::other(format!(
                     "another start in this network namespace has held it for over {START_WAIT:?}"
                 )),
-            )),
+                ))
+            }
             Err((_, e)) => return Err(Error::io(format!("locking {}", dir.display()), e.into())),
         }
     }
