@@ -134,6 +134,7 @@ pub fn claim(
     proto: Proto,
 ) -> Result<(PathBuf, pins::OwnerLock)> {
     validate_name(name)?;
+    start.make_dir()?;
     for other in pins::names_in(start.dir()) {
         let dir = start.dir().join(&other);
         if other == name {
@@ -230,6 +231,8 @@ pub fn cleanup(name: Option<&str>) -> Result<Vec<Removed>> {
             }
         }
     }
+    // Fails (ENOTEMPTY) while a group is left: fine.
+    let _ = fs::remove_dir(start.dir());
     Ok(removed)
 }
 

@@ -185,73 +185,80 @@ pub fn hold_owner(dir: &Path) -> Result<OwnerLock> {
 /// The lock that serialises starts in one network namespace: a start holds
 /// it from before its first socket is bound until its sockets are visible
 /// (listening) and its pins are claimed, so of two starts on one address
-/// the second sees the first's sockets and refuses.
+/// the second sees the first's sockets and refuses, and of two claims of
+/// one name the second sees the first's pins.
+///
+/// It is an abstract unix socket bound to [`START_LOCK_NAME`]: abstract
+/// names belong to the network namespace (`unix_find_abstract()` in
+/// `net/unix/af_unix.c` looks them up in the caller's), binding one that is
+/// taken fails with `EADDRINUSE`, no file permission applies (a start by
+/// another user, which the kernel will refuse the port anyway, gets that
+/// error rather than one about bpffs), and the name is free again the
+/// moment the socket closes, however the process ended.
 #[derive(Debug)]
 pub struct StartLock {
     dir: PathBuf,
-    _lock: Flock<File>,
+    _socket: std::os::unix::net::UnixDatagram,
 }
 
+/// The abstract socket name of the [`StartLock`].
+pub const START_LOCK_NAME: &[u8] = b"reuseport/start";
+
 impl StartLock {
-    /// The namespace's directory.
+    /// The namespace's pin directory (it may not exist yet).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Creates the namespace's pin directory (and mounts bpffs) if needed.
+    pub fn make_dir(&self) -> Result<()> {
+        ensure_bpffs()?;
+        make_private_dir(Path::new(PIN_ROOT))?;
+        make_private_dir(&self.dir)
+    }
 }
 
-/// Takes the calling thread's network namespace's [`StartLock`], creating
-/// its directory (and mounting bpffs) if needed.
+fn try_start_lock() -> io::Result<Option<std::os::unix::net::UnixDatagram>> {
+    use std::os::{linux::net::SocketAddrExt, unix::net};
+    let addr = net::SocketAddr::from_abstract_name(START_LOCK_NAME)?;
+    match net::UnixDatagram::bind_addr(&addr) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the calling thread's network namespace's [`StartLock`], waiting
+/// (at most 30 s) for another start to finish.
 pub fn lock_namespace() -> Result<StartLock> {
-    ensure_bpffs()?;
-    make_private_dir(Path::new(PIN_ROOT))?;
     let dir = namespace_dir()?;
-    make_private_dir(&dir)?;
-    let mut file =
-        File::open(&dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
     let deadline = Instant::now() + START_WAIT;
     loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            // The last group of the namespace to close removes the
-            // directory (under this lock): if that happened while we
-            // waited, ours is gone, so make it again.
-            Ok(lock) if !same_inode(&lock, &dir) => {
-                drop(lock);
-                make_private_dir(&dir)?;
-                file = File::open(&dir)
-                    .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        match try_start_lock() {
+            Ok(Some(socket)) => {
+                return Ok(StartLock {
+                    dir,
+                    _socket: socket,
+                })
             }
-            Ok(lock) => return Ok(StartLock { dir, _lock: lock }),
-            Err((back, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                file = back;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((_, Errno::EWOULDBLOCK)) => {
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
                 return Err(Error::io(
-                    format!("locking {}", dir.display()),
+                    "waiting for another start in this network namespace",
                     io::Error::other(format!(
-                    "another start in this network namespace has held it for over {START_WAIT:?}"
-                )),
+                        "it has held the start lock (abstract socket @reuseport/start) for over {START_WAIT:?}"
+                    )),
                 ))
             }
-            Err((_, e)) => return Err(Error::io(format!("locking {}", dir.display()), e.into())),
+            Err(e) => return Err(Error::io("binding the start lock's abstract socket", e)),
         }
     }
 }
 
-fn same_inode(file: &File, path: &Path) -> bool {
-    match (file.metadata(), fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-        _ => false,
-    }
-}
-
 /// Removes namespace directory `dir` if no group is left in it and no
-/// start is under way (one would hold its lock).
+/// start is under way (one would hold the start lock).
 pub fn remove_namespace_dir_if_empty(dir: &Path) {
-    let Ok(file) = File::open(dir) else {
-        return;
-    };
-    if let Ok(_lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+    if let Ok(Some(_lock)) = try_start_lock() {
         // Fails (ENOTEMPTY) while a group is pinned in it: fine.
         let _ = fs::remove_dir(dir);
     }
@@ -280,15 +287,16 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-/// Creates `dir` with mode 0700 (the owner only) if it does not exist.
+/// Creates `dir` with mode 0700 (the owner only) if it does not exist
+/// (the umask cannot widen it: the mode is set again). An existing
+/// directory is left as it is.
 pub fn make_private_dir(dir: &Path) -> Result<()> {
     match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("chmod 0700 {}", dir.display()), e)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(Error::io(format!("creating {}", dir.display()), e)),
-    }?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io(format!("chmod 0700 {}", dir.display()), e))
+    }
 }
 
 /// Removes a group's pins, its `owner` directory and its directory.

@@ -360,6 +360,10 @@ pub fn remove_pins(group: &str) {
         }
     }
     let _ = std::fs::remove_dir(&dir);
+    // And the namespace's directory, if that was its last group.
+    if let Some(ns) = dir.parent() {
+        let _ = std::fs::remove_dir(ns);
+    }
 }
 
 /// One scrape of `/metrics`: series (`name{labels}`) to value.
