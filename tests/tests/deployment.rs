@@ -514,3 +514,65 @@ fn of_several_runs_started_at_once_on_one_address_exactly_one_serves() {
         assert!(status.success(), "{err}");
     }
 }
+
+/// Runs the binary in a new pid namespace with its own /proc (as in a
+/// container that shares the host's network namespace and bpffs, but not
+/// its pids): (code, stdout, stderr).
+fn in_new_pid_namespace(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running unshare (util-linux)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_owner_is_alive_from_another_pid_namespace_and_pid_bound_commands_say_where_to_run() {
+    netns();
+    let server = start(&["--workers", "1", "--policy", "round-robin"]).expect("run");
+    // There, the owner's pid names no process (or another one): liveness
+    // by pid alone would call the group dead. Its lock says it runs.
+    let (code, out, err) = in_new_pid_namespace(&["ctl", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!("group {NAME}: tcp {ADDR}, pid {},", server.pid())),
+        "{out}"
+    );
+    let (code, out, err) = in_new_pid_namespace(&["ctl", "policy", "hash"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("group {NAME}: policy hash (key src-ip, seed 0)")
+    );
+    // Commands that name processes by pid refuse, saying why.
+    let want = format!(
+        "error: group {NAME}'s owner (pid {} in its own pid namespace) is not visible from this pid namespace: join, adopt and add-worker must run in the owner's pid namespace",
+        server.pid()
+    );
+    for args in [&["join", "--group", NAME][..], &["ctl", "add-worker"]] {
+        let (code, _, err) = in_new_pid_namespace(args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.trim(), want, "{args:?}");
+    }
+    // Still one worker serving, steered by the program.
+    let p = pattern(64, 7);
+    assert_eq!(echo(server.addr, &p), p);
+    assert_eq!(server.metrics().selected(0), 1);
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    // Once it is gone, the other pid namespace sees it gone too.
+    let (code, _, err) = in_new_pid_namespace(&["ctl", "status"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("error: no reuseport group is running in this network namespace"),
+        "{err}"
+    );
+}
