@@ -214,7 +214,8 @@ pub struct RunArgs {
     pub weights: Option<Weights>,
 
     /// Name of the group, for `reuseport ctl` and `stats` (its maps are
-    /// pinned in /sys/fs/bpf/reuseport/NAME) [default: PROTO-ADDRESS-PORT].
+    /// pinned in /sys/fs/bpf/reuseport/netns-INODE/NAME, INODE being the
+    /// network namespace's) [default: PROTO-ADDRESS-PORT].
     #[arg(long)]
     pub group: Option<String>,
 

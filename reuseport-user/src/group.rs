@@ -687,7 +687,9 @@ impl GroupBuilder {
     }
 
     /// The group's name: its maps are pinned in
-    /// `/sys/fs/bpf/reuseport/<name>/`. Default: `<proto>-<address>-<port>`.
+    /// `/sys/fs/bpf/reuseport/netns-<INODE>/<name>/` (INODE: the network
+    /// namespace's, see [`pins`](crate::pins)). Default:
+    /// `<proto>-<address>-<port>`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
