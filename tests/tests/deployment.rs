@@ -576,3 +576,52 @@ fn the_owner_is_alive_from_another_pid_namespace_and_pid_bound_commands_say_wher
         "{err}"
     );
 }
+
+#[test]
+fn policy_switches_at_once_keep_each_others_settings() {
+    // `ctl policy round-robin` keeps the seed in force. It used to read
+    // that seed before taking the group's lock, so a `ctl policy hash
+    // --seed 7` written in between was undone: round-robin went in with the
+    // old seed, and a later `ctl policy hash` brought seed 0 back. Under
+    // the lock, either order ends with seed 7.
+    netns();
+    let server = Server::start(&["--policy", "hash", "--workers", "2"]);
+    let group = server.group.clone();
+    let ctl = |args: &[&str]| {
+        let mut full = vec!["ctl", "--group", group.as_str(), "policy"];
+        full.extend(args);
+        let (code, out, err) = reuseport(&full);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        out
+    };
+    for round in 0..30 {
+        ctl(&["hash", "--seed", "0"]);
+        let go = Arc::new(AtomicUsize::new(0));
+        let switches: Vec<_> = [&["round-robin"][..], &["hash", "--seed", "7"]]
+            .into_iter()
+            .map(|args| {
+                let go = go.clone();
+                let group = group.clone();
+                let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+                thread::spawn(move || {
+                    rendezvous(&go, 2);
+                    let mut full = vec!["ctl", "--group", group.as_str(), "policy"];
+                    full.extend(args.iter().map(String::as_str));
+                    reuseport(&full)
+                })
+            })
+            .collect();
+        for s in switches {
+            let (code, _, err) = s.join().expect("a switch panicked");
+            assert_eq!(code, 0, "{err}");
+        }
+        let out = ctl(&["hash"]);
+        assert_eq!(
+            out.trim(),
+            format!("group {group}: policy hash (key src-ip, seed 7)"),
+            "round {round}: a concurrent switch undid the seed"
+        );
+    }
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+}
