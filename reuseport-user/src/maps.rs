@@ -8,10 +8,11 @@
 use std::{
     fs::File,
     io,
+    mem::MaybeUninit,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering},
         Arc,
     },
 };
@@ -20,7 +21,7 @@ use aya::{
     maps::{Array, Map, MapData, PerCpuArray, ReusePortSockArray},
     Ebpf,
 };
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
 use reuseport_common::{
     counter, group_flag, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord,
     MAX_WORKERS, TABLE_CAPACITY,
@@ -183,22 +184,96 @@ impl WorkerCounters {
 /// without BPF, plain anonymous memory of the same shape).
 #[derive(Debug)]
 pub struct WorkerRegion {
-    mmap: MmapMut,
+    mmap: MmapRaw,
 }
 
 /// Maps `len` bytes of the memory-mappable array map whose descriptor is
 /// `fd` (its elements back to back, each `value_size` rounded up to 8).
-fn map_array(fd: BorrowedFd<'_>, len: usize, name: &str) -> Result<MmapMut> {
+///
+/// The mapping is shared with the program and with every process that
+/// maps the same pinned map, any of which may write it at any moment, so
+/// it is an [`MmapRaw`]: it hands out raw pointers only, and this module
+/// reaches the memory through atomics ([`Shared`], [`WorkerCounters`]),
+/// never through a reference to its bytes.
+fn map_array(fd: BorrowedFd<'_>, len: usize, name: &str) -> Result<MmapRaw> {
     let owned = fd
         .try_clone_to_owned()
         .map_err(|e| Error::io(format!("duplicating the {name} map descriptor"), e))?;
     let file = File::from(owned);
-    // SAFETY: the map was created with BPF_F_MMAPABLE and holds at least
-    // `len` bytes; the mapping stays valid after the descriptor closes. The
-    // memory is shared with the program, so it is only accessed through
-    // atomics or volatile reads and writes.
-    unsafe { MmapOptions::new().len(len).map_mut(&file) }
+    // The map was created with BPF_F_MMAPABLE and holds at least `len`
+    // bytes; the mapping stays valid after the descriptor closes.
+    MmapOptions::new()
+        .len(len)
+        .map_raw(&file)
         .map_err(|e| Error::io(format!("mapping the {name} map"), e))
+}
+
+/// Types copied in and out of a [`Shared`] mapping word by word.
+///
+/// # Safety
+///
+/// `#[repr(C)]`, a size that is a multiple of 4 bytes, an alignment of at
+/// least 4, no padding, and valid for any bit pattern (integers and arrays
+/// of them only).
+unsafe trait Words: Copy {}
+// SAFETY: u32 fields and a byte array whose length is a multiple of 4.
+unsafe impl Words for Config {}
+const _: () = assert!(size_of::<Config>().is_multiple_of(4) && align_of::<Config>() >= 4);
+
+/// A mapping of a memory-mappable array map that the program and other
+/// processes read and write too: reached only through atomic loads and
+/// stores of its words and bytes.
+#[derive(Debug)]
+struct Shared(MmapRaw);
+
+impl Shared {
+    /// The 4-byte word at `offset`.
+    ///
+    /// # Panics
+    ///
+    /// If `offset` is out of bounds or not a multiple of 4: offsets come
+    /// from `offset_of!` and `size_of!` of the contract's types, so such an
+    /// offset is a bug of ours.
+    fn word(&self, offset: usize) -> &AtomicU32 {
+        assert!(
+            offset.is_multiple_of(4) && offset + 4 <= self.0.len(),
+            "offset {offset}"
+        );
+        // SAFETY: in bounds and aligned (the base is page-aligned), valid
+        // for as long as `self`; an atomic may be accessed concurrently
+        // from other threads, processes and the program.
+        unsafe { AtomicU32::from_ptr(self.0.as_mut_ptr().add(offset).cast()) }
+    }
+
+    /// The byte at `offset`.
+    fn byte(&self, offset: usize) -> &AtomicU8 {
+        assert!(offset < self.0.len(), "offset {offset}");
+        // SAFETY: as for `word`; a byte has no alignment to keep.
+        unsafe { AtomicU8::from_ptr(self.0.as_mut_ptr().add(offset)) }
+    }
+
+    /// Copies a `T` out of the mapping at `offset`, word by word.
+    fn load<T: Words>(&self, offset: usize) -> T {
+        let mut out = MaybeUninit::<T>::uninit();
+        let dst = out.as_mut_ptr().cast::<u32>();
+        for i in 0..size_of::<T>() / 4 {
+            let w = self.word(offset + 4 * i).load(Ordering::Relaxed);
+            // SAFETY: word `i` of `out`, aligned as `T` is (at least 4).
+            unsafe { dst.add(i).write(w) };
+        }
+        // SAFETY: every word written, and any bit pattern is a valid `T`.
+        unsafe { out.assume_init() }
+    }
+
+    /// Copies `value` into the mapping at `offset`, word by word.
+    fn store<T: Words>(&self, offset: usize, value: &T) {
+        let src = (value as *const T).cast::<u32>();
+        for i in 0..size_of::<T>() / 4 {
+            // SAFETY: word `i` of `value`, which has no padding.
+            let w = unsafe { src.add(i).read() };
+            self.word(offset + 4 * i).store(w, Ordering::Relaxed);
+        }
+    }
 }
 
 impl WorkerRegion {
@@ -213,9 +288,11 @@ impl WorkerRegion {
 
     /// Records in private memory, for a group that runs without BPF.
     pub fn anonymous() -> Result<Self> {
-        let mmap =
-            MmapMut::map_anon(Self::LEN).map_err(|e| Error::io("allocating worker records", e))?;
-        Ok(WorkerRegion { mmap })
+        let mmap = MmapOptions::new()
+            .len(Self::LEN)
+            .map_anon()
+            .map_err(|e| Error::io("allocating worker records", e))?;
+        Ok(WorkerRegion { mmap: mmap.into() })
     }
 
     /// The record of `slot`.
@@ -228,10 +305,12 @@ impl WorkerRegion {
     pub fn slot(&self, slot: u32) -> &WorkerCounters {
         assert!(slot < MAX_WORKERS, "slot {slot} out of range");
         let offset = slot as usize * size_of::<WorkerCounters>();
+        assert!(offset + size_of::<WorkerCounters>() <= self.mmap.len());
         // SAFETY: in bounds (checked above), 8-byte aligned (page-aligned
-        // base, 64-byte records), and the type is atomics only, valid for
+        // base, 64-byte records), and the type is atomics only: valid for
         // any bit pattern and for concurrent access from other processes
-        // and the program.
+        // and the program (a reference to an atomic is not a claim that
+        // nobody else writes it).
         unsafe { &*(self.mmap.as_ptr().add(offset) as *const WorkerCounters) }
     }
 
@@ -267,8 +346,8 @@ pub struct Maps {
     sockets: ReusePortSockArray<MapData>,
     /// The socket map's descriptor, to hand out more handles on it.
     sockets_fd: std::os::fd::OwnedFd,
-    state: MmapMut,
-    table: MmapMut,
+    state: Shared,
+    table: Shared,
     counters: PerCpuArray<MapData, u64>,
     group: Array<MapData, GroupInfo>,
     workers: Arc<WorkerRegion>,
@@ -310,7 +389,7 @@ impl Maps {
     }
 
     fn assemble(get: &mut dyn FnMut(&str) -> Result<Map>, pin_dir: Option<&Path>) -> Result<Self> {
-        let mut mapped = |name: &str, len: usize| -> Result<MmapMut> {
+        let mut mapped = |name: &str, len: usize| -> Result<MmapRaw> {
             match get(name)? {
                 Map::Array(data) => map_array(data.fd().as_fd(), len, name),
                 _ => Err(wrong_type(name)),
@@ -319,8 +398,8 @@ impl Maps {
         let workers = WorkerRegion {
             mmap: mapped(map::WORKERS, WorkerRegion::LEN)?,
         };
-        let state = mapped(map::STATE, size_of::<State>())?;
-        let table = mapped(map::TABLE, 2 * size_of::<Table>())?;
+        let state = Shared(mapped(map::STATE, size_of::<State>())?);
+        let table = Shared(mapped(map::TABLE, 2 * size_of::<Table>())?);
         let sockets = get(map::SOCKETS)?;
         let sockets_fd = match &sockets {
             Map::ReusePortSockArray(data) => data
@@ -493,16 +572,19 @@ impl Maps {
         Ok(SocketMapHandle(typed(map, map::SOCKETS)?))
     }
 
-    fn state(&self) -> *mut State {
-        self.state.as_ptr() as *mut State
+    /// `State::active`: the generation in force (the program only reads it).
+    fn active(&self) -> &AtomicU32 {
+        self.state.word(std::mem::offset_of!(State, active))
+    }
+
+    /// Where generation `g` of the configuration is in the STATE mapping.
+    fn config_offset(g: u32) -> usize {
+        std::mem::offset_of!(State, config) + g as usize * size_of::<Config>()
     }
 
     /// The generation in force.
     fn generation(&self) -> u32 {
-        // SAFETY: `active` is the first, 4-byte aligned field of the mapped
-        // State; the program only reads it.
-        let active = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.state()).active)) };
-        active.load(Ordering::Acquire) & 1
+        self.active().load(Ordering::Acquire) & 1
     }
 
     /// Puts a plan in force: writes the generation not in use, then makes it
@@ -542,29 +624,23 @@ impl Maps {
                 io::Error::other("table larger than TABLE_CAPACITY"),
             ));
         }
-        let table = self.table_ptr(next);
+        // Generation `next`, which the program does not read until
+        // `active` flips: its table, then its configuration.
+        let base = Self::table_offset(next);
         for (i, &slot) in plan.table.iter().enumerate() {
-            // SAFETY: in bounds (checked above) of generation `next`'s
-            // table, which the program does not read until `active` flips.
-            unsafe { std::ptr::write_volatile(table.add(i), slot as u8) };
+            self.table
+                .byte(base + i)
+                .store(slot as u8, Ordering::Relaxed);
         }
-        // SAFETY: as above, for generation `next` of the configuration.
-        unsafe {
-            std::ptr::write_volatile(
-                std::ptr::addr_of_mut!((*self.state()).config[next as usize]),
-                plan.config,
-            )
-        };
-        // SAFETY: see `generation`.
-        let active = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.state()).active)) };
+        self.state.store(Self::config_offset(next), &plan.config);
         // Release: the writes above are visible before the flip.
-        active.store(next, Ordering::Release);
+        self.active().store(next, Ordering::Release);
         Ok(())
     }
 
-    fn table_ptr(&self, generation: u32) -> *mut u8 {
-        // SAFETY: generation is 0 or 1, and the mapping holds two tables.
-        unsafe { (self.table.as_ptr() as *mut u8).add(generation as usize * size_of::<Table>()) }
+    /// Where generation `g`'s table is in the TABLE mapping.
+    fn table_offset(g: u32) -> usize {
+        g as usize * size_of::<Table>()
     }
 
     /// An exclusive lock on the group's pin directory (flock(2)), held by
@@ -607,23 +683,20 @@ impl Maps {
         }
     }
 
-    /// The configuration in force.
+    /// The configuration in force. (A writer rewrites a generation only
+    /// after another was put in force; under the group's lock, as in
+    /// [`Maps::update`], no writer runs meanwhile.)
     pub fn config(&self) -> Result<Config> {
-        let g = self.generation();
-        // SAFETY: generation `g` is not written while it is in force.
-        Ok(unsafe {
-            std::ptr::read_volatile(std::ptr::addr_of!((*self.state()).config[g as usize]))
-        })
+        Ok(self.state.load(Self::config_offset(self.generation())))
     }
 
     /// The plan in force: the configuration and its table.
     pub fn current_plan(&self) -> Result<Plan> {
         let g = self.generation();
-        let config = self.config()?;
-        let table = self.table_ptr(g);
+        let config: Config = self.state.load(Self::config_offset(g));
+        let base = Self::table_offset(g);
         let table = (0..config.table_len.min(TABLE_CAPACITY) as usize)
-            // SAFETY: in bounds of generation `g`'s table.
-            .map(|i| u32::from(unsafe { std::ptr::read_volatile(table.add(i)) }))
+            .map(|i| u32::from(self.table.byte(base + i).load(Ordering::Relaxed)))
             .collect();
         Ok(Plan { config, table })
     }
