@@ -19,17 +19,20 @@ use std::{
 };
 
 use log::warn;
-use reuseport_common::{group_flag, key, worker_state, Config, GroupInfo, WorkerRecord};
+use reuseport_common::{group_flag, GroupInfo, WorkerRecord};
 
 use crate::{
     error::{Error, Result},
     maps::{self, BpfCounters, Maps},
     pins::{self, Owner},
     policy::{self, HashKey, LiveSlot, Policy, PolicyKind},
+    slots,
     socket::Proto,
 };
 
 pub use crate::pins::{ensure_bpffs, process_start_time, release, BPFFS, PIN_ROOT};
+pub use crate::policy::policy_of;
+pub use crate::slots::{live_slots, name as state_name};
 
 /// The default name of a group: protocol, address and port, with the
 /// address's dots and colons written as `_` (bpffs reserves dots in names).
@@ -256,30 +259,6 @@ pub fn group_info(addr: SocketAddr, proto: Proto, workers: u32, program: bool) -
     }
 }
 
-/// The policy a configuration record describes.
-pub fn policy_of(config: &Config) -> Policy {
-    let kind = PolicyKind::from_id(config.policy).unwrap_or(PolicyKind::Kernel);
-    let key = match config.key {
-        key::FOUR_TUPLE => HashKey::FourTuple,
-        key::PAYLOAD => HashKey::Payload {
-            offset: config.payload_offset as u16,
-            len: config.payload_len as u8,
-        },
-        _ => HashKey::SrcIp,
-    };
-    let used = config
-        .weights
-        .iter()
-        .rposition(|&w| w != 0)
-        .map_or(0, |i| i + 1);
-    Policy {
-        kind,
-        key,
-        seed: config.seed,
-        weights: config.weights[..used].to_vec(),
-    }
-}
-
 /// A slot as `ctl status` and `stats` show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotStatus {
@@ -381,7 +360,7 @@ impl Control {
         let slots = records
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.state != worker_state::EMPTY || r.accepted > 0)
+            .filter(|(_, r)| r.state != slots::EMPTY || r.accepted > 0)
             .map(|(slot, r)| SlotStatus {
                 slot: slot as u32,
                 record: *r,
@@ -439,7 +418,7 @@ impl Control {
                 seed: seed.unwrap_or(now.seed),
                 weights: weights.unwrap_or(now.weights),
             };
-            crate::group::check_key(&next, proto)?;
+            policy::check_key(&next, proto)?;
             let plan = policy::replan(&next, live, current)?;
             chosen = Some(next);
             Ok(plan)
@@ -463,7 +442,7 @@ impl Control {
             });
         }
         let (_, proto) = addr_of(&info);
-        crate::group::check_key(policy, proto)?;
+        policy::check_key(policy, proto)?;
         self.maps
             .update(|current, live| Ok(policy::replan(policy, live, current)?))
     }
@@ -501,7 +480,7 @@ impl Control {
                 let busy = |c: usize| {
                     records
                         .iter()
-                        .filter(|r| r.state == worker_state::SERVING && r.cpu as usize == c)
+                        .filter(|r| r.state == slots::SERVING && r.cpu as usize == c)
                         .count()
                 };
                 usable
@@ -518,18 +497,15 @@ impl Control {
         let deadline = Instant::now() + timeout;
         loop {
             match self.maps.workers().slot(slot).state.load(Ordering::Acquire) {
-                worker_state::SERVING => return Ok((slot, cpu)),
-                worker_state::STARTING if Instant::now() < deadline => {
+                slots::SERVING => return Ok((slot, cpu)),
+                slots::STARTING if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
-                worker_state::STARTING => {
+                slots::STARTING => {
                     // Unless the owner set it serving a moment ago.
-                    let _ = self.maps.workers().slot(slot).state.compare_exchange(
-                        worker_state::STARTING,
-                        worker_state::EMPTY,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
+                    if !slots::abandon(&self.maps.workers().slot(slot).state) {
+                        continue;
+                    }
                     return Err(Error::OwnerDidNot {
                         what: format!(
                             "the group's owner (pid {}) did not start worker {slot} within {timeout:?}",
@@ -593,20 +569,19 @@ impl Control {
             None => self.maps.claim_slot(cpu, pid, Some(1))?,
         };
         let placed = self.maps.set_slot(slot, &socket).and_then(|()| {
-            let rec = self.maps.workers().slot(slot);
-            rec.reset(cpu);
             // Its worker is another program: the record is ours to keep,
             // with that program's pid, so the owner notices when it exits.
-            rec.set_process(pid);
+            if !self.maps.workers().slot(slot).start_serving(cpu, pid) {
+                return Err(Error::NotServing {
+                    slot,
+                    state: "taken by another worker",
+                });
+            }
             self.maps
                 .update(|current, live| Ok(policy::rebuild(current, live)?))
         });
         if let Err(e) = placed {
-            self.maps
-                .workers()
-                .slot(slot)
-                .state
-                .store(worker_state::EMPTY, Ordering::Release);
+            slots::release(&self.maps.workers().slot(slot).state);
             let _ = self.maps.clear_slot(slot);
             return Err(e);
         }
@@ -682,29 +657,6 @@ fn check_adoptable(
         )));
     }
     Ok(())
-}
-
-/// A worker state's name.
-pub fn state_name(state: u32) -> &'static str {
-    match state {
-        worker_state::SERVING => "serving",
-        worker_state::DRAINING => "draining",
-        worker_state::STARTING => "starting",
-        _ => "gone",
-    }
-}
-
-/// Slots whose record says serving, in slot order.
-pub fn live_slots(records: &[WorkerRecord]) -> Vec<LiveSlot> {
-    records
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.state == worker_state::SERVING)
-        .map(|(slot, r)| LiveSlot {
-            slot: slot as u32,
-            cpu: r.cpu,
-        })
-        .collect()
 }
 
 /// Fails unless group `name`'s pin directory exists; one this process may
@@ -826,18 +778,5 @@ mod tests {
             let plan = policy::plan(&policy, &live).unwrap();
             assert_eq!(policy_of(&plan.config), policy);
         }
-    }
-
-    #[test]
-    fn live_slots_are_the_serving_records() {
-        let mut records = vec![WorkerRecord::default(); 4];
-        records[0].state = worker_state::SERVING;
-        records[2].state = worker_state::SERVING;
-        records[2].cpu = 1;
-        records[3].state = worker_state::DRAINING;
-        assert_eq!(
-            live_slots(&records),
-            vec![LiveSlot { slot: 0, cpu: 0 }, LiveSlot { slot: 2, cpu: 1 }]
-        );
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{io, net::SocketAddr};
 
-use crate::socket::Proto;
+use crate::proto::Proto;
 
 /// Everything that can go wrong building, steering or running a group.
 #[derive(Debug, thiserror::Error)]

@@ -20,15 +20,15 @@ use std::{
 };
 
 use log::{info, warn};
-use reuseport_common::{group_flag, program, worker_state, GroupInfo, MAX_WORKERS};
+use reuseport_common::{group_flag, program, GroupInfo, MAX_WORKERS};
 use socket2::Socket;
 
 use crate::{
     control,
     error::{Error, Result},
     maps::{BpfCounters, WorkerRegion, WorkerStats},
-    policy::{self, HashKey, LiveSlot, Policy, PolicyError, PolicyKind},
-    signals,
+    policy::{self, LiveSlot, Policy, PolicyError, PolicyKind},
+    signals, slots,
     socket::{self, Proto},
     steering::Steering,
     sys,
@@ -112,7 +112,7 @@ impl GroupHandle {
     /// The policy in force.
     pub fn policy(&self) -> Result<Policy> {
         match &self.steering {
-            Some(s) if steered(s)? => Ok(control::policy_of(&lock(s).maps().config()?)),
+            Some(s) if steered(s)? => Ok(policy::policy_of(&lock(s).maps().config()?)),
             _ => Ok(Policy::new(PolicyKind::Kernel)),
         }
     }
@@ -120,7 +120,7 @@ impl GroupHandle {
     /// Puts another policy in force. Open connections are not touched; new
     /// ones follow the new policy from the switch on.
     pub fn set_policy(&self, policy: &Policy) -> Result<()> {
-        check_key(policy, self.proto)?;
+        policy::check_key(policy, self.proto)?;
         let steering = self.steering.as_ref().ok_or(PolicyError::Kernel)?;
         if !steered(steering)? {
             return Err(PolicyError::Kernel.into());
@@ -268,11 +268,7 @@ impl Group {
             let cpu = cpus[i % cpus.len()];
             let slot = group.claim_slot(cpu)?;
             if let Err(e) = group.add_member(slot, cpu) {
-                group
-                    .workers
-                    .slot(slot)
-                    .state
-                    .store(worker_state::EMPTY, Ordering::Release);
+                slots::release(&group.workers.slot(slot).state);
                 let _ = group.close();
                 return Err(e);
             }
@@ -433,7 +429,15 @@ impl Group {
                 lock(s).maps_mut().set_slot(slot, &socket)?;
             }
         }
-        self.workers.slot(slot).reset(cpu as u32);
+        if !self.workers.slot(slot).reset(cpu as u32) {
+            if let Some(s) = &self.steering {
+                let _ = lock(s).maps_mut().clear_slot(slot);
+            }
+            return Err(Error::NotServing {
+                slot,
+                state: "given up or taken by another worker while it started",
+            });
+        }
         self.members.push(Member { slot, cpu, socket });
         self.members.sort_by_key(|m| m.slot);
         self.rebalance()?;
@@ -456,10 +460,8 @@ impl Group {
     /// policy for all.
     pub fn retire_slots(&self, slots: &[u32]) -> Result<()> {
         for &slot in slots {
-            let rec = self.workers.slot(slot);
-            if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
-                rec.state.store(worker_state::DRAINING, Ordering::Release);
-            }
+            // Only a serving slot drains; one starting or gone stays so.
+            crate::slots::drain(&self.workers.slot(slot).state);
         }
         if self.retired() {
             return Ok(());
@@ -491,7 +493,7 @@ impl Group {
         let rec = self.workers.slot(slot);
         rec.active.store(0, Ordering::Relaxed);
         rec.load.store(0, Ordering::Relaxed);
-        rec.state.store(worker_state::EMPTY, Ordering::Release);
+        slots::release(&rec.state);
     }
 
     /// Slots whose worker belongs to another process that no longer runs:
@@ -502,10 +504,7 @@ impl Group {
         for (slot, r) in self.workers.snapshot().iter().enumerate() {
             let slot = slot as u32;
             // Starting too: a `join` or `adopt` that died while claiming.
-            let busy = matches!(
-                r.state,
-                worker_state::SERVING | worker_state::DRAINING | worker_state::STARTING
-            );
+            let busy = slots::held(r.state);
             let rec = self.workers.slot(slot);
             if busy && r.pid != me && r.pid != 0 && !rec.process_alive() {
                 if let Some(s) = &self.steering {
@@ -752,7 +751,7 @@ impl GroupBuilder {
         if let Some(info) = &old_info {
             (self.addr, self.proto) = control::addr_of(info);
         }
-        check_key(&self.policy, self.proto)?;
+        policy::check_key(&self.policy, self.proto)?;
         // Plan first: a bad policy setting fails before anything is bound.
         let plan = policy::plan(&self.policy, &placement)?;
         let with_program = self.policy.kind != PolicyKind::Kernel;
@@ -862,7 +861,13 @@ impl GroupBuilder {
         drop(start_lock);
         signals::checkpoint("listening")?;
         for m in &members {
-            workers.slot(m.slot).reset(m.cpu as u32);
+            // A new group's own maps: nobody else has a slot in them.
+            if !workers.slot(m.slot).reset(m.cpu as u32) {
+                return Err(Error::NotServing {
+                    slot: m.slot,
+                    state: "taken in a group that was just made",
+                });
+            }
         }
         let mut migrate_req_saved = old_info.map_or(0, |i| i.migrate_req_saved);
         // Puts the sysctl back if the start-up stops before the group
@@ -929,11 +934,8 @@ fn retire(old: &mut control::Control, info: &GroupInfo) -> Result<()> {
     flagged.flags |= group_flag::RETIRED;
     let region = old.maps().workers().clone();
     for (slot, r) in region.snapshot().iter().enumerate() {
-        if r.state == worker_state::SERVING && r.pid == info.owner_pid {
-            region
-                .slot(slot as u32)
-                .state
-                .store(worker_state::DRAINING, Ordering::Release);
+        if r.pid == info.owner_pid {
+            slots::drain(&region.slot(slot as u32).state);
         }
     }
     old.set_group_info(&flagged)?;
@@ -982,14 +984,6 @@ fn enable_migrate_req() -> u32 {
             warn!("could not set net.ipv4.tcp_migrate_req (connections queued on a closing listener will be reset): {e}");
             0
         }
-    }
-}
-
-/// Refuses a payload key on a TCP group.
-pub(crate) fn check_key(policy: &Policy, proto: Proto) -> Result<(), PolicyError> {
-    match (policy.kind.hashes(), policy.key, proto) {
-        (true, key @ HashKey::Payload { .. }, Proto::Tcp) => Err(PolicyError::PayloadKeyOnTcp(key)),
-        _ => Ok(()),
     }
 }
 

@@ -23,13 +23,14 @@ use aya::{
 };
 use memmap2::{MmapOptions, MmapRaw};
 use reuseport_common::{
-    counter, group_flag, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord,
-    MAX_WORKERS, TABLE_CAPACITY,
+    counter, group_flag, map, Config, GroupInfo, State, Table, WorkerRecord, MAX_WORKERS,
+    TABLE_CAPACITY,
 };
 
 use crate::{
     error::{Error, Result},
     policy::{self, LiveSlot, Plan},
+    slots,
 };
 
 /// The maps that are pinned for other processes (the log ring buffer and
@@ -141,8 +142,18 @@ impl WorkerCounters {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
     }
 
-    /// Makes the record that of a new worker on `cpu` in this process.
-    pub fn reset(&self, cpu: u32) {
+    /// Makes the record that of a new worker on `cpu` in this process and
+    /// marks it serving ([`slots::serve`]); false if the slot was given up
+    /// or taken meanwhile.
+    #[must_use]
+    pub fn reset(&self, cpu: u32) -> bool {
+        self.start_serving(cpu, std::process::id())
+    }
+
+    /// Makes the record that of a new worker on `cpu` in process `pid` and
+    /// marks it serving; false if the slot was given up or taken meanwhile.
+    #[must_use]
+    pub fn start_serving(&self, cpu: u32, pid: u32) -> bool {
         for c in [
             &self.accepted,
             &self.active,
@@ -153,8 +164,8 @@ impl WorkerCounters {
             c.store(0, Ordering::Relaxed);
         }
         self.cpu.store(cpu, Ordering::Relaxed);
-        self.set_process(std::process::id());
-        self.state.store(worker_state::SERVING, Ordering::Release);
+        self.set_process(pid);
+        slots::serve(&self.state)
     }
 
     /// Records that the slot's worker runs in process `pid`, with its start
@@ -441,19 +452,17 @@ impl Maps {
         weight: Option<u32>,
     ) -> Result<()> {
         let _lock = self.lock()?;
-        let rec = self.workers.slot(slot);
-        if rec.state.load(Ordering::Acquire) != worker_state::EMPTY {
-            return Err(Error::NotServing {
-                slot,
-                state: "taken by another worker",
-            });
+        let taken = || Error::NotServing {
+            slot,
+            state: "taken by another worker",
+        };
+        if self.workers.slot(slot).state.load(Ordering::Acquire) != slots::EMPTY {
+            return Err(taken());
         }
         self.give_weight(slot, weight)?;
-        let rec = self.workers.slot(slot);
-        rec.cpu.store(cpu, Ordering::Relaxed);
-        rec.set_process(pid);
-        rec.state.store(worker_state::STARTING, Ordering::Release);
-        Ok(())
+        self.mark_claimed(slot, cpu, pid)
+            .then_some(())
+            .ok_or_else(taken)
     }
 
     /// Takes a free slot (its record empty) for a worker of process `pid`
@@ -465,17 +474,27 @@ impl Maps {
     /// whoever rebuilds the policy next sees both.
     pub fn claim_slot(&mut self, cpu: u32, pid: u32, weight: Option<u32>) -> Result<u32> {
         let _lock = self.lock()?;
-        let slot = (0..MAX_WORKERS)
-            .find(|&slot| {
-                self.workers.slot(slot).state.load(Ordering::Acquire) == worker_state::EMPTY
-            })
-            .ok_or(Error::NoFreeSlot { max: MAX_WORKERS })?;
-        self.give_weight(slot, weight)?;
+        loop {
+            let slot = (0..MAX_WORKERS)
+                .find(|&slot| self.workers.slot(slot).state.load(Ordering::Acquire) == slots::EMPTY)
+                .ok_or(Error::NoFreeSlot { max: MAX_WORKERS })?;
+            self.give_weight(slot, weight)?;
+            if self.mark_claimed(slot, cpu, pid) {
+                return Ok(slot);
+            }
+            // A new group's member took it (EMPTY -> SERVING) meanwhile.
+        }
+    }
+
+    /// Writes who claims `slot` (CPU, process) and then claims it
+    /// ([`slots::claim`]), in that order: whoever sees it starting sees
+    /// whose it is. Claimers hold the group's lock, so none writes over
+    /// another's record.
+    fn mark_claimed(&self, slot: u32, cpu: u32, pid: u32) -> bool {
         let rec = self.workers.slot(slot);
         rec.cpu.store(cpu, Ordering::Relaxed);
         rec.set_process(pid);
-        rec.state.store(worker_state::STARTING, Ordering::Release);
-        Ok(slot)
+        slots::claim(&rec.state)
     }
 
     /// Under the group's lock: gives `slot` its `weight` in the policy in
@@ -512,13 +531,13 @@ impl Maps {
                 state: "out of range",
             });
         };
-        if rec.state != worker_state::SERVING {
+        if rec.state != slots::SERVING {
             return Err(Error::NotServing {
                 slot,
-                state: crate::control::state_name(rec.state),
+                state: slots::name(rec.state),
             });
         }
-        let live: Vec<LiveSlot> = crate::control::live_slots(&records)
+        let live: Vec<LiveSlot> = slots::live_slots(&records)
             .into_iter()
             .filter(|l| l.slot != slot)
             .collect();
@@ -531,10 +550,14 @@ impl Maps {
             self.write(&plan)?;
             self.clear_slot(slot)?;
         }
-        self.workers
-            .slot(slot)
-            .state
-            .store(worker_state::DRAINING, Ordering::Release);
+        let state = &self.workers.slot(slot).state;
+        if !slots::drain(state) {
+            // Its worker went meanwhile: the plan is already without it.
+            return Err(Error::NotServing {
+                slot,
+                state: slots::name(state.load(Ordering::Acquire)),
+            });
+        }
         Ok(())
     }
 
@@ -602,7 +625,7 @@ impl Maps {
     /// when the plan does not change.
     pub fn update(&mut self, next: impl FnOnce(&Plan, &[LiveSlot]) -> Result<Plan>) -> Result<()> {
         let _lock = self.lock()?;
-        let live = crate::control::live_slots(&self.workers.snapshot());
+        let live = slots::live_slots(&self.workers.snapshot());
         let current = self.current_plan()?;
         let plan = next(&current, &live)?;
         if plan == current {
