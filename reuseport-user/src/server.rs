@@ -415,8 +415,15 @@ impl Supervisor {
             let mut tick = tokio::time::interval(SUPERVISE_EVERY);
             loop {
                 tokio::select! {
+                    // Checked first: once asked to stop, the workers end
+                    // (their tokens are children of this one), and a tick
+                    // would take them for dead and restart them.
+                    biased;
                     _ = self.shutdown.cancelled() => return Ok("asked to stop".to_string()),
                     _ = tick.tick() => {
+                        if self.shutdown.is_cancelled() {
+                            return Ok("asked to stop".to_string());
+                        }
                         if let Some(reason) = self.supervise()? {
                             return Ok(reason);
                         }
@@ -436,9 +443,7 @@ impl Supervisor {
         if retired {
             for &slot in self.workers.keys() {
                 let rec = region.slot(slot);
-                if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
-                    rec.state.store(worker_state::DRAINING, Ordering::Release);
-                }
+                crate::slots::drain(&rec.state);
             }
         }
         let records = region.snapshot();
@@ -461,6 +466,11 @@ impl Supervisor {
             .map(|(s, _)| *s)
             .collect();
         for slot in finished {
+            // Asked to stop while this tick ran: the workers end because of
+            // that, not dead; shutting down takes it from here.
+            if self.shutdown.is_cancelled() {
+                return Ok(Some("asked to stop".to_string()));
+            }
             let Some(run) = self.workers.remove(&slot) else {
                 continue;
             };
