@@ -1,6 +1,6 @@
 //! Control of a running group from any process: its maps are pinned under
 //! `/sys/fs/bpf/reuseport/netns-<INODE>/<group>/` (one directory per network
-//! namespace: see [`pins`](crate::pins)).
+//! namespace: see [`pins`]).
 //!
 //! Why pinned maps: all of a group's policy state already lives in the
 //! program's maps, so pinning them makes the group controllable by any
