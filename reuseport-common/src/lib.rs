@@ -71,8 +71,10 @@ pub mod map {
 /// opens a group created by another one refuses it with a clear error
 /// (see [`Layout`]). Groups created before layouts were recorded (up to
 /// layout 2: the WORKERS records became 64 bytes there) have no
-/// [`map::LAYOUT`] map at all.
-pub const LAYOUT_VERSION: u32 = 3;
+/// [`map::LAYOUT`] map at all. Layout 3 gave the WORKERS records a member
+/// kind and socket descriptor (64 bytes); layout 4 added the worker
+/// process's start time, which made them 128 bytes.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Marks a [`Layout`] record as one of ours.
 pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"RPLY");
@@ -358,14 +360,21 @@ pub struct WorkerRecord {
     pub load: u64,
     /// Connections that waited because the worker was at its connection limit.
     pub at_limit: u64,
+    /// Start time of the process in `pid` (clock ticks after boot, as
+    /// `/proc/PID/stat` field 22 gives it; 0: unknown), so that a later
+    /// process given the same pid is not taken for it.
+    pub pid_start: u64,
     /// The slot's socket's descriptor number in process `pid`, for a
     /// member of another process ([`member_kind::JOINED`] or
     /// [`member_kind::ADOPTED`]): a takeover duplicates it from there
     /// (`pidfd_getfd`) into the new generation's socket map.
     pub fd: i32,
-    /// A [`member_kind`]. With `fd`, makes a record one 64-byte cache
-    /// line, so that workers counting on different CPUs do not share one.
+    /// A [`member_kind`].
     pub kind: u32,
+    /// Unused: makes a record two whole 64-byte cache lines, so that
+    /// workers counting on different CPUs do not share one, and leaves
+    /// room for later fields.
+    pub reserved: [u64; 7],
 }
 
 /// Who serves a slot ([`WorkerRecord::kind`]).
@@ -439,7 +448,7 @@ mod tests {
             core::mem::size_of::<Config>(),
             4 * (8 + 2 * MAX_WORKERS as usize) + CPU_TABLE_LEN as usize
         );
-        assert_eq!(core::mem::size_of::<WorkerRecord>(), 64);
+        assert_eq!(core::mem::size_of::<WorkerRecord>(), 128);
         assert_eq!(
             core::mem::size_of::<State>(),
             128 + 2 * core::mem::size_of::<Config>()
@@ -468,7 +477,7 @@ mod tests {
                 l.max_workers,
                 l.counters
             ),
-            (3, 1728, 8192, 64, 56, 64, 72)
+            (4, 1728, 8192, 128, 56, 64, 72)
         );
     }
 

@@ -44,6 +44,9 @@ pub enum Command {
     Adopt(AdoptArgs),
     /// Print per-worker counters and the balance of a running group.
     Stats(StatsArgs),
+    /// Remove the pins of dead groups of this network namespace (their
+    /// owner was killed or crashed); a running group is left alone.
+    Cleanup(CleanupArgs),
     /// Measure every policy and the classic server designs side by side.
     Bench(BenchArgs),
     /// The benchmark's client process for idle connections (internal).
@@ -211,7 +214,8 @@ pub struct RunArgs {
     pub weights: Option<Weights>,
 
     /// Name of the group, for `reuseport ctl` and `stats` (its maps are
-    /// pinned in /sys/fs/bpf/reuseport/NAME) [default: PROTO-ADDRESS-PORT].
+    /// pinned in /sys/fs/bpf/reuseport/netns-INODE/NAME, INODE being the
+    /// network namespace's) [default: PROTO-ADDRESS-PORT].
     #[arg(long)]
     pub group: Option<String>,
 
@@ -330,13 +334,41 @@ pub struct StatsArgs {
     pub watch: Option<f64>,
 }
 
+/// Options of `reuseport cleanup`.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Only this group (it must be dead) [default: every dead group].
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(args) => run_group(args),
+        Command::Run(args) => {
+            crate::signals::catch_stop_signals()?;
+            run_group(args)
+        }
         Command::Join(args) => {
+            crate::signals::catch_stop_signals()?;
             let group = Group::join(&args.group, args.workers, None, args.serve.backlog)?;
             serve(group, args.serve.options())
+        }
+        Command::Cleanup(args) => {
+            let removed = crate::control::cleanup(args.group.as_deref())?;
+            if removed.is_empty() {
+                println!("no dead group in this network namespace");
+            }
+            for r in removed {
+                match r.owner_pid {
+                    Some(pid) => println!(
+                        "removed dead group {} (its owner, pid {pid}, is gone)",
+                        r.name
+                    ),
+                    None => println!("removed dead group {} (its record was unreadable)", r.name),
+                }
+            }
+            Ok(())
         }
         Command::Ctl(args) => ctl(args),
         Command::Adopt(args) => {
@@ -397,28 +429,7 @@ fn ctl(args: CtlArgs) -> Result<()> {
             hash_key,
             seed,
         } => {
-            let current = control.status()?.policy;
-            if policy == PolicyKind::Weighted
-                && weights.is_none()
-                && current.kind != PolicyKind::Weighted
-            {
-                // The weights kept from an earlier `weighted` may not cover
-                // workers that came since.
-                if let Some(l) = control
-                    .live_slots()
-                    .iter()
-                    .find(|l| current.weights.get(l.slot as usize).copied().unwrap_or(0) == 0)
-                {
-                    return Err(crate::policy::PolicyError::NoWeight { slot: l.slot }.into());
-                }
-            }
-            let next = Policy {
-                kind: policy,
-                key: hash_key.unwrap_or(current.key),
-                seed: seed.unwrap_or(current.seed),
-                weights: weights.map(|w| w.0).unwrap_or(current.weights),
-            };
-            control.set_policy(&next)?;
+            let next = control.switch_policy(policy, hash_key, seed, weights.map(|w| w.0))?;
             println!("group {}: policy {next}", control.name());
             Ok(())
         }

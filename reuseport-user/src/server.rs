@@ -16,7 +16,6 @@ use std::{
 };
 
 use log::{error, info, warn};
-use reuseport_common::worker_state;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -164,6 +163,10 @@ impl Server {
     }
 
     fn start(group: Group, starter: Starter, options: ServeOptions) -> Result<Server> {
+        if let Err(e) = crate::signals::checkpoint("built") {
+            let _ = group.close();
+            return Err(e);
+        }
         let metrics_listener = options.metrics_addr.map(metrics::bind).transpose()?;
         let limit = crate::sys::raise_fd_limit();
         let needed = (options.limits.max_connections * group.members().len()) as u64 + 64;
@@ -207,6 +210,10 @@ impl Server {
                 let _ = supervisor.shut_down(format!("worker {slot} did not start"), &stop);
                 return Err(e);
             }
+        }
+        if let Err(e) = crate::signals::checkpoint("workers") {
+            let _ = supervisor.shut_down(e.to_string(), &stop);
+            return Err(e);
         }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s, f) = (stop.clone(), finished.clone());
@@ -411,8 +418,15 @@ impl Supervisor {
             let mut tick = tokio::time::interval(SUPERVISE_EVERY);
             loop {
                 tokio::select! {
+                    // Checked first: once asked to stop, the workers end
+                    // (their tokens are children of this one), and a tick
+                    // would take them for dead and restart them.
+                    biased;
                     _ = self.shutdown.cancelled() => return Ok("asked to stop".to_string()),
                     _ = tick.tick() => {
+                        if self.shutdown.is_cancelled() {
+                            return Ok("asked to stop".to_string());
+                        }
                         if let Some(reason) = self.supervise()? {
                             return Ok(reason);
                         }
@@ -442,9 +456,7 @@ impl Supervisor {
         if retired {
             for &slot in self.workers.keys() {
                 let rec = region.slot(slot);
-                if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
-                    rec.state.store(worker_state::DRAINING, Ordering::Release);
-                }
+                crate::slots::drain(&rec.state);
             }
         }
         let records = region.snapshot();
@@ -452,7 +464,7 @@ impl Supervisor {
         // accepting and close the listener, whose queue then moves to the
         // live members; open connections finish.
         for (slot, run) in self.workers.iter_mut() {
-            if records[*slot as usize].state == worker_state::DRAINING && !run.draining {
+            if records[*slot as usize].state == crate::slots::DRAINING && !run.draining {
                 run.draining = true;
                 run.stop.cancel();
                 self.group.remove_member(*slot);
@@ -467,6 +479,11 @@ impl Supervisor {
             .map(|(s, _)| *s)
             .collect();
         for slot in finished {
+            // Asked to stop while this tick ran: the workers end because of
+            // that, not dead; shutting down takes it from here.
+            if self.shutdown.is_cancelled() {
+                return Ok(Some("asked to stop".to_string()));
+            }
             let Some(run) = self.workers.remove(&slot) else {
                 continue;
             };
@@ -497,7 +514,7 @@ impl Supervisor {
             // Workers `ctl add-worker` asked this process for.
             for (slot, r) in records.iter().enumerate() {
                 let slot = slot as u32;
-                if r.state == worker_state::STARTING
+                if r.state == crate::slots::STARTING
                     && r.pid == me
                     && !self.workers.contains_key(&slot)
                 {
@@ -526,8 +543,8 @@ impl Supervisor {
                 Err(e) => warn!("checking other processes' workers: {e} (trying again)"),
             }
         }
-        if let Role::Successor { old_pid, .. } = self.group.role().clone() {
-            if crate::control::process_start_time(old_pid).is_none() {
+        if let Role::Successor { .. } = self.group.role() {
+            if !self.group.previous_owner_running() {
                 if let Err(e) = self.group.finish_takeover(Duration::ZERO) {
                     warn!("finishing the takeover: {e} (trying again)");
                 }
@@ -608,6 +625,8 @@ impl Supervisor {
 /// Serves until SIGINT or SIGTERM, or until serving ends on its own (a
 /// successor took the group over), then shuts down in order. `ready` runs
 /// once the signal handlers are in place: a signal sent after it is seen.
+/// A signal caught earlier by [`catch_stop_signals`](crate::signals::catch_stop_signals)
+/// shuts down at once, without `ready`.
 pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -619,13 +638,23 @@ pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()>
             .map_err(|e| Error::io("installing a SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt())
             .map_err(|e| Error::io("installing a SIGINT handler", e))?;
+        if let Some(name) = crate::signals::stop_signal() {
+            return Ok(Some(name));
+        }
         ready();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok::<_, Error>(Some("SIGTERM")),
                 _ = int.recv() => return Ok(Some("SIGINT")),
-                _ = tick.tick() => if server.finished() { return Ok(None) },
+                _ = tick.tick() => {
+                    if server.finished() {
+                        return Ok(None);
+                    }
+                    if let Some(name) = crate::signals::stop_signal() {
+                        return Ok(Some(name));
+                    }
+                }
             }
         }
     })?;

@@ -81,9 +81,24 @@ pub fn unique_group() -> String {
     format!("test-{}-{n}", std::process::id())
 }
 
-/// Where a group's maps are pinned.
+/// The calling thread's network namespace: the inode number of its nsfs
+/// file, as the binary names the namespace's pin directory.
+pub fn netns_inode() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .expect("reading /proc/thread-self/ns/net")
+        .ino()
+}
+
+/// Where the groups of the calling thread's network namespace are pinned.
+pub fn namespace_pin_dir() -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/reuseport/netns-{}", netns_inode()))
+}
+
+/// Where a group of the calling thread's network namespace has its maps
+/// pinned.
 pub fn pin_dir(group: &str) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/reuseport").join(group)
+    namespace_pin_dir().join(group)
 }
 
 /// Runs `reuseport ARGS` to completion: (exit code, stdout, stderr).
@@ -339,10 +354,16 @@ pub fn remove_pins(group: &str) {
     let dir = pin_dir(group);
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
+            // The maps, and the owner's lock directory.
             let _ = std::fs::remove_file(e.path());
+            let _ = std::fs::remove_dir(e.path());
         }
     }
     let _ = std::fs::remove_dir(&dir);
+    // And the namespace's directory, if that was its last group.
+    if let Some(ns) = dir.parent() {
+        let _ = std::fs::remove_dir(ns);
+    }
 }
 
 /// One scrape of `/metrics`: series (`name{labels}`) to value.

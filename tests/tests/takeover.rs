@@ -348,8 +348,14 @@ fn old_binary() -> PathBuf {
     path
 }
 
-fn pinned_files(group: &str) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(pin_dir(group))
+/// Where the old build pins group `group`: right under the pin root, not
+/// in a directory of the network namespace.
+fn old_pin_dir(group: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/reuseport").join(group)
+}
+
+fn pinned_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
@@ -381,7 +387,8 @@ fn a_takeover_of_a_group_with_an_older_layout_is_refused_before_anything_changes
     ]);
     let old = Server::spawn(&mut cmd).expect("the old build starts");
     let addr: SocketAddr = old.addr;
-    let pins = pinned_files(&group);
+    let pins = pinned_files(&old_pin_dir(&group));
+    assert!(pins.contains(&"GROUP".to_string()), "{pins:?}");
     let load = Load::start(addr, 3);
     thread::sleep(Duration::from_millis(300));
 
@@ -404,7 +411,12 @@ fn a_takeover_of_a_group_with_an_older_layout_is_refused_before_anything_changes
 
     // The old group goes on untouched: its pins, its program's steering
     // (round robin over its own two workers), every connection served.
-    assert_eq!(pinned_files(&group), pins, "its pins are as they were");
+    assert_eq!(
+        pinned_files(&old_pin_dir(&group)),
+        pins,
+        "its pins are as they were"
+    );
+    assert!(!pin_dir(&group).exists(), "nothing pinned for it here");
     let before = old.metrics();
     thread::sleep(Duration::from_millis(500));
     let after = old.metrics();

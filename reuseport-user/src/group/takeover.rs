@@ -34,14 +34,16 @@ use std::{
     sync::atomic::Ordering,
 };
 
-use log::info;
-use reuseport_common::{group_flag, member_kind, worker_state, GroupInfo, WorkerRecord};
+use log::{info, warn};
+use reuseport_common::{group_flag, member_kind, GroupInfo, WorkerRecord};
 
 use super::{lock, Group, Role};
 use crate::{
     control::{self, Control},
     error::{Error, Result},
-    maps::{Maps, WorkerCounters},
+    maps::Maps,
+    pins::{self, Owner},
+    slots,
     steering::Steering,
     sys,
 };
@@ -84,7 +86,12 @@ pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<(Vec<Carried>, 
         if !foreign {
             continue;
         }
-        if r.state == worker_state::STARTING {
+        if !pins::process_alive(r.pid, r.pid_start) {
+            // Gone with its process: the old owner reaps its slot; nothing
+            // to carry.
+            continue;
+        }
+        if r.state == slots::STARTING {
             info!(
                 "worker {slot} of process {} is still starting: its slot is kept free for it",
                 r.pid
@@ -92,7 +99,7 @@ pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<(Vec<Carried>, 
             starting.push(slot);
             continue;
         }
-        if r.state != worker_state::SERVING {
+        if r.state != slots::SERVING {
             continue;
         }
         if !matches!(r.kind, member_kind::JOINED | member_kind::ADOPTED) || r.fd < 0 {
@@ -138,13 +145,17 @@ pub(super) fn place(old: &mut Control, new: &mut Maps, carried: &[Carried]) -> R
             }
             return Err(e);
         }
-        let rec = new.workers().slot(c.slot);
-        copy_counts(rec, &c.record);
-        rec.active.store(c.record.active, Ordering::Relaxed);
-        rec.cpu.store(c.record.cpu, Ordering::Relaxed);
-        rec.pid.store(c.record.pid, Ordering::Relaxed);
-        rec.set_member(c.record.kind, c.record.fd);
-        rec.state.store(worker_state::SERVING, Ordering::Release);
+        // The new maps are ours alone until we attach: the slot is free.
+        if !new.workers().slot(c.slot).carry(&c.record) {
+            for back in &carried[..=i] {
+                let _ = new.clear_slot(back.slot);
+                let _ = old.maps_mut().set_slot(back.slot, &back.socket);
+            }
+            return Err(Error::NotServing {
+                slot: c.slot,
+                state: "taken in the new generation's maps",
+            });
+        }
         info!(
             "carried the {} worker {} of process {} into the new generation",
             kind_name(c.record.kind),
@@ -168,13 +179,6 @@ pub(super) fn unplace(old: &mut Control, new: &mut Maps, carried: &[Carried]) {
             );
         }
     }
-}
-
-/// Counts that only grow: the record's are at least `from`'s.
-fn copy_counts(rec: &WorkerCounters, from: &WorkerRecord) {
-    rec.accepted.fetch_max(from.accepted, Ordering::Relaxed);
-    rec.bytes.fetch_max(from.bytes, Ordering::Relaxed);
-    rec.at_limit.fetch_max(from.at_limit, Ordering::Relaxed);
 }
 
 /// Step 3: swaps the directories `aside` (the new generation's pins) and
@@ -229,11 +233,15 @@ impl Group {
         if same || info.flags & group_flag::RETIRED != 0 {
             return Ok(false);
         }
+        if pins::owner(&dir, Some((info.owner_pid, info.owner_start))) == Owner::Gone {
+            // The successor died: nothing to join (the old owner drains).
+            return Ok(false);
+        }
         let me = std::process::id();
         let mut placed = Vec::new();
         for m in &self.members {
             let r = next.maps().workers().slot(m.slot).snapshot();
-            if r.state == worker_state::SERVING && r.pid == me {
+            if r.state == slots::SERVING && r.pid == me {
                 continue; // carried by the successor
             }
             // Not carried (the successor could not reach this process's
@@ -260,13 +268,14 @@ impl Group {
         self.workers.remap(next.maps().workers_fd())?;
         for (slot, r, fd) in before {
             let rec = self.workers.slot(slot);
-            copy_counts(rec, &r);
+            rec.add_counts(&r);
             rec.active.store(r.active, Ordering::Relaxed);
             rec.set_member(member_kind::JOINED, fd);
-            if placed.contains(&slot) {
-                rec.cpu.store(r.cpu, Ordering::Relaxed);
-                rec.pid.store(me, Ordering::Relaxed);
-                rec.state.store(worker_state::SERVING, Ordering::Release);
+            // Claimed above (its CPU and process written then): it serves.
+            if placed.contains(&slot) && !slots::serve(&rec.state) {
+                warn!(
+                    "worker {slot}: its slot of the new generation was given up while it re-joined"
+                );
             }
         }
         *lock(&old) = next;
