@@ -200,7 +200,7 @@ impl Server {
             .spawn()
             .expect("spawning the reuseport binary");
         let stderr = Arc::new(Mutex::new(String::new()));
-        {
+        let stderr_reader = {
             let mut pipe = child.stderr.take().expect("stderr");
             let stderr = stderr.clone();
             thread::spawn(move || {
@@ -214,8 +214,17 @@ impl Server {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-            });
-        }
+            })
+        };
+        // Once the process has exited: all it wrote on stderr (the reader
+        // sees the end of the pipe), waiting at most 10 s on a busy machine.
+        let all_stderr = |reader: thread::JoinHandle<()>| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !reader.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            stderr.lock().unwrap().clone()
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
         thread::spawn(move || {
@@ -239,11 +248,9 @@ impl Server {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     if let Some(status) = child.try_wait().expect("try_wait") {
-                        // Let the stderr reader finish.
-                        thread::sleep(Duration::from_millis(100));
                         return Err(Failed {
                             status,
-                            stderr: stderr.lock().unwrap().clone(),
+                            stderr: all_stderr(stderr_reader),
                             stdout: banner.join("\n"),
                         });
                     }
@@ -254,10 +261,9 @@ impl Server {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     let status = child.wait().expect("wait");
-                    thread::sleep(Duration::from_millis(100));
                     return Err(Failed {
                         status,
-                        stderr: stderr.lock().unwrap().clone(),
+                        stderr: all_stderr(stderr_reader),
                         stdout: banner.join("\n"),
                     });
                 }
