@@ -243,6 +243,26 @@ fn a_takeover_carries_joined_and_adopted_members_and_keeps_the_policy() {
     );
     assert_eq!(next.metrics().policy(), "round-robin");
 
+    // While the old owner drains (the held connection keeps it), its pins
+    // are under NAME-next-PID with its lock held: one group, alive, found
+    // without --group, and not dead for `cleanup`.
+    let aside = pin_dir(&format!("{group}-next-{}", next.pid()));
+    assert!(
+        aside.join("GROUP").exists(),
+        "the old owner's pins, swapped aside"
+    );
+    let (code, out, err) = reuseport(&["ctl", "status"]);
+    assert_eq!(code, 0, "ctl without --group during the drain: {err}");
+    assert!(
+        out.starts_with(&format!("group {group}: "))
+            && out.contains(&format!("pid {}", next.pid())),
+        "{out}"
+    );
+    let (code, out, err) = reuseport(&["cleanup"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "no dead group in this network namespace");
+    assert!(aside.join("GROUP").exists(), "a draining owner is alive");
+
     // The held connection still echoes after the takeover, then ends, so
     // the old owner can finish draining.
     held.write_all(b"after!").unwrap();
@@ -253,6 +273,7 @@ fn a_takeover_carries_joined_and_adopted_members_and_keeps_the_policy() {
     held.read_to_end(&mut rest).unwrap();
     let (status, stderr) = first.wait(Duration::from_secs(30));
     assert!(status.success(), "the old owner exits 0: {stderr}");
+    assert!(!aside.exists(), "the old owner removed its pins as it left");
     thread::sleep(Duration::from_millis(300));
     watching.store(true, Ordering::Relaxed);
     let (runs, failures) = watcher.join().unwrap();
@@ -329,6 +350,144 @@ fn a_takeover_carries_joined_and_adopted_members_and_keeps_the_policy() {
     assert!(out.contains(&format!("pid {}", next.pid())), "{out}");
     let (status, _) = next.stop();
     assert!(status.success());
+}
+
+/// The old owner killed while it drains after a takeover: its pins, swapped
+/// aside, are dead; the new owner removes them, and the group is one live
+/// group throughout (by name, without --group, and for `cleanup`).
+#[test]
+fn an_old_owner_killed_during_its_drain_leaves_one_live_group() {
+    netns();
+    let first = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let group = first.group.clone();
+    let addr = first.addr;
+    // Keeps the old owner draining after the takeover.
+    let mut held = TcpStream::connect(addr).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    held.read_exact(&mut buf).unwrap();
+
+    let next = Server::try_start(&["--takeover", &group, "--workers", "2"])
+        .unwrap_or_else(|f| panic!("the takeover failed: {}", f.stderr));
+    let aside = pin_dir(&format!("{group}-next-{}", next.pid()));
+    assert!(aside.join("GROUP").exists(), "the old owner drains");
+    let old_pid = first.pid();
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    let (status, _) = first.wait(Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(
+        reuseport_tests::eventually(Duration::from_secs(10), || !aside.exists()),
+        "the new owner removes the dead old owner's pins"
+    );
+    assert!(
+        next.stderr()
+            .contains(&format!("took over group {group} from pid {old_pid}")),
+        "{}",
+        next.stderr()
+    );
+    for args in [
+        &["ctl", "--group", &group, "status"][..],
+        &["ctl", "status"],
+    ] {
+        let (code, out, err) = reuseport(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains(&format!("pid {}", next.pid())), "{out}");
+    }
+    let (code, out, err) = reuseport(&["cleanup"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "no dead group in this network namespace");
+    for i in 0..20 {
+        let p = format!("after {i}").into_bytes();
+        assert_eq!(echo(addr, &p), p);
+    }
+    assert_eq!(next.metrics().fallback(), 0);
+    let (status, stderr) = next.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(!pin_dir(&group).exists());
+}
+
+/// SIGTERM to a takeover at its last step before it switches the group:
+/// it exits 0 having undone everything, and the old owner, with its
+/// joined member, serves on under its name as if nothing had happened.
+#[test]
+fn a_takeover_stopped_before_its_switch_leaves_the_old_group_as_it_was() {
+    netns();
+    let first = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let group = first.group.clone();
+    let addr = first.addr;
+    let mut join = Command::new(binary());
+    join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
+    let joined = Server::spawn(&mut join).expect("join starts");
+
+    let mut cmd = Command::new(binary());
+    cmd.args([
+        "run",
+        "--takeover",
+        &group,
+        "--workers",
+        "2",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .env("REUSEPORT_TEST_PAUSE_AT", "switching")
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut next = cmd.spawn().unwrap();
+    let pid = next.id();
+    let mut lines = BufReader::new(next.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    // Bounded by the pause's own limit (10 s): then the line or EOF comes.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("paused at switching") {
+            break;
+        }
+    }
+    assert!(seen.contains("paused at switching"), "{seen}");
+    let aside = pin_dir(&format!("{group}-next-{pid}"));
+    assert!(aside.join("GROUP").exists(), "its pins, aside");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = next.wait().unwrap();
+    let all = format!("{seen}{}", rest.join("\n"));
+    assert_eq!(status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("stopped by SIGTERM during start-up (switching); removed what it had set up"),
+        "{all}"
+    );
+    assert!(!aside.exists(), "its pins are gone");
+
+    // The old generation: its name, its owner, its three members.
+    let (code, out, err) = reuseport(&["ctl", "--group", &group, "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("pid {}", first.pid())), "{out}");
+    let before = first.metrics();
+    for i in 0..30 {
+        let p = format!("on {i}").into_bytes();
+        assert_eq!(echo(addr, &p), p);
+    }
+    let after = first.metrics();
+    assert_eq!(
+        selected_delta(&before, &after, 3),
+        [10, 10, 10],
+        "round robin over the owner's two workers and the joined one"
+    );
+    assert_eq!(after.fallback(), 0);
+    assert!(!first.stderr().contains("taken over"), "{}", first.stderr());
+    let (status, _) = joined.stop();
+    assert!(status.success());
+    let (status, stderr) = first.stop();
+    assert!(status.success(), "{stderr}");
 }
 
 /// The binary built from the last commit without a layout version, which
