@@ -490,6 +490,48 @@ fn a_takeover_stopped_before_its_switch_leaves_the_old_group_as_it_was() {
     assert!(status.success(), "{stderr}");
 }
 
+/// A takeover from another pid namespace than the owner's, of a group with
+/// a joined member: the records name that member by a pid that means
+/// another process (or none) there, so the takeover refuses before it
+/// changes anything, and the group serves on.
+#[test]
+fn a_takeover_from_another_pid_namespace_does_not_carry_members_by_foreign_pids() {
+    netns();
+    let first = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let group = first.group.clone();
+    let mut join = Command::new(binary());
+    join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
+    let joined = Server::spawn(&mut join).expect("join starts");
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(binary())
+        .args(["run", "--takeover", &group, "--workers", "2"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: cannot carry the members of other processes from another pid namespace than the owner's (pid {} there): run the takeover in the owner's pid namespace; nothing was changed",
+            first.pid()
+        )
+    );
+    let before = first.metrics();
+    for i in 0..30 {
+        let p = format!("on {i}").into_bytes();
+        assert_eq!(echo(first.addr, &p), p);
+    }
+    let after = first.metrics();
+    assert_eq!(selected_delta(&before, &after, 3), [10, 10, 10]);
+    assert!(!first.stderr().contains("taken over"), "{}", first.stderr());
+    let (status, _) = joined.stop();
+    assert!(status.success());
+    let (status, stderr) = first.stop();
+    assert!(status.success(), "{stderr}");
+}
+
 /// The binary built from the last commit without a layout version, which
 /// `cargo xtask test` builds once (xtask/src/old_build.rs).
 fn old_binary() -> PathBuf {

@@ -78,9 +78,24 @@ fn kind_name(kind: u32) -> &'static str {
 pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<(Vec<Carried>, Vec<u32>)> {
     let (addr, proto) = control::addr_of(info);
     let config = old.maps().config()?;
+    let records = old.maps().workers().snapshot();
+    let others = records
+        .iter()
+        .any(|r| slots::held(r.state) && r.pid != info.owner_pid && r.pid != 0);
+    if others && !pins::process_alive(info.owner_pid, info.owner_start) {
+        // The records name those processes by pid, and the old owner's own
+        // pid is not its pid here: another pid namespace, where the same
+        // numbers mean other processes (or none).
+        return Err(Error::Adopt {
+            what: format!(
+                "cannot carry the members of other processes from another pid namespace than the owner's (pid {} there): run the takeover in the owner's pid namespace; nothing was changed",
+                info.owner_pid
+            ),
+        });
+    }
     let mut carried = Vec::new();
     let mut starting = Vec::new();
-    for (slot, r) in old.maps().workers().snapshot().into_iter().enumerate() {
+    for (slot, r) in records.into_iter().enumerate() {
         let slot = slot as u32;
         let foreign = r.pid != info.owner_pid && r.pid != 0;
         if !foreign {
