@@ -260,8 +260,13 @@ struct Starting {
 
 impl Starting {
     fn spawn(args: &[&str], pause_at: Option<&str>) -> Starting {
+        Starting::command("run", args, pause_at)
+    }
+
+    /// `reuseport SUBCOMMAND ARGS` (`run` or `join`).
+    fn command(subcommand: &str, args: &[&str], pause_at: Option<&str>) -> Starting {
         let mut cmd = Command::new(binary());
-        cmd.arg("run")
+        cmd.arg(subcommand)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -434,6 +439,32 @@ fn a_stop_signal_at_any_moment_of_start_up_exits_in_order_and_leaves_nothing() {
         );
         assert!(!pin_dir(&group).exists(), "pins left ({delay_ms} ms)");
     }
+    // A `join` stopped before it serves leaves the group as it was: its
+    // slot taken back, the owner's worker alone in the policy.
+    let owner = Server::start(&["--policy", "round-robin", "--workers", "1"]);
+    for step in ["built", "workers"] {
+        let join = Starting::command("join", &["--group", &owner.group], Some(step));
+        join.wait_for_line(&format!("paused at {step}"));
+        join.signal(Signal::SIGTERM);
+        let (status, out, err) = join.wait();
+        assert_eq!(status.code(), Some(0), "join stopped at {step}: {err}");
+        assert!(!out.contains("ready"), "{out}");
+        let (code, out, err) = owner.ctl(&["status"]);
+        assert_eq!(code, 0, "{err}");
+        let serving = out.lines().filter(|l| l.contains(" serving ")).count();
+        assert_eq!(serving, 1, "after a join stopped at {step}:\n{out}");
+    }
+    let before = owner.metrics().selected(0);
+    let p = pattern(16, 3);
+    assert_eq!(echo(owner.addr, &p), p);
+    assert_eq!(
+        owner.metrics().selected(0),
+        before + 1,
+        "the owner's worker takes it"
+    );
+    let (status, err) = owner.stop();
+    assert!(status.success(), "{err}");
+
     let leftovers: Vec<_> = std::fs::read_dir(namespace_pin_dir())
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
