@@ -460,6 +460,9 @@ fn watch_stats(args: StatsArgs) -> Result<()> {
     let every = Duration::from_secs_f64(every.max(0.1));
     loop {
         std::thread::sleep(every);
+        // The pins outlive a killed owner: stop rather than print its last
+        // counters for ever.
+        control.check_owner()?;
         let now = (control.status()?, Instant::now());
         let secs = now.1.duration_since(previous.1).as_secs_f64();
         println!("{}", stats::render(&now.0, Some((&previous.0, secs))));

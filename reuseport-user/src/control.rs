@@ -341,6 +341,15 @@ impl Control {
         &self.name
     }
 
+    /// Fails with [`Error::OwnerGone`] once the group's owner is gone (for
+    /// a handle held a while, as `stats --watch` holds it).
+    pub fn check_owner(&self) -> Result<()> {
+        match self.maps.pin_dir() {
+            Some(dir) => check_alive(&self.name, dir, &self.maps.group_info()?),
+            None => Ok(()),
+        }
+    }
+
     /// The group's maps.
     pub fn maps(&self) -> &Maps {
         &self.maps

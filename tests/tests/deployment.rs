@@ -168,8 +168,32 @@ fn kill9(server: Server) -> u32 {
 fn a_killed_owner_is_named_with_the_cure_and_the_next_run_replaces_it() {
     netns();
     let first = start(&["--workers", "1", "--policy", "round-robin"]).expect("first run");
+    // A `stats --watch` that runs when the owner dies stops too.
+    let watch = Command::new(binary())
+        .args(["stats", "--watch", "0.2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning stats --watch");
+    thread::sleep(Duration::from_millis(500));
     let pid = kill9(first);
     assert!(pin_dir(NAME).exists(), "SIGKILL leaves the pins");
+    let mut watch = watch;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while watch.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("stats --watch went on after its group's owner was killed");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let watch = watch.wait_with_output().expect("stats --watch");
+    assert_eq!(watch.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&watch.stderr).trim(),
+        dead_line(NAME, pid)
+    );
 
     // Every command that acts on the group fails, non-zero, on one line
     // that names the dead owner and the cure. `ctl policy hash` used to
