@@ -568,6 +568,47 @@ fn of_several_runs_started_at_once_on_one_address_exactly_one_serves() {
         let (status, err) = server.stop();
         assert!(status.success(), "{err}");
     }
+    // Without privilege (`nobody`, policy `kernel`: no program, no pins)
+    // the start lock holds as well: it is an abstract socket, not a file.
+    for round in 0..5 {
+        let go = Arc::new(AtomicUsize::new(0));
+        let runs: Vec<_> = (0..3)
+            .map(|_| {
+                let go = go.clone();
+                thread::spawn(move || {
+                    let mut cmd = Command::new("setpriv");
+                    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                        .arg(binary())
+                        .args([
+                            "run",
+                            "--addr",
+                            ADDR,
+                            "--policy",
+                            "kernel",
+                            "--workers",
+                            "1",
+                        ]);
+                    rendezvous(&go, 3);
+                    Server::spawn(&mut cmd)
+                })
+            })
+            .collect();
+        let results: Vec<Result<Server, Failed>> = runs
+            .into_iter()
+            .map(|t| t.join().expect("a starting thread panicked"))
+            .collect();
+        let served = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(served, 1, "unprivileged round {round}: {served} of 3 serve");
+        for f in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                f.stderr.contains(&format!(
+                    "tcp {ADDR} is already served by another reuseport group of this user"
+                )),
+                "{}",
+                f.stderr
+            );
+        }
+    }
 }
 
 /// Runs the binary in a new pid namespace with its own /proc (as in a
