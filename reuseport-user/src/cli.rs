@@ -515,7 +515,8 @@ fn serve(group: Group, options: ServeOptions) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "policy {}", group.policy()?);
     if let (Some(name), Some(dir)) = (group.name(), group.pin_dir()) {
-        let _ = writeln!(out, "group {name} (maps pinned in {})", dir.display());
+        let shown = crate::pins::shown(dir);
+        let _ = writeln!(out, "group {name} (maps pinned in {})", shown.display());
     }
     for m in group.members() {
         let _ = writeln!(out, "worker {}: slot {}, cpu {}", m.slot, m.slot, m.cpu);

@@ -625,7 +625,7 @@ impl Group {
         if let Some(pins) = self.pins.take() {
             let dir = pins.0.clone();
             drop(pins);
-            info!("removed the pins in {}", dir.display());
+            info!("removed the pins in {}", crate::pins::shown(&dir).display());
         }
         Ok(())
     }

@@ -721,3 +721,109 @@ fn policy_switches_at_once_keep_each_others_settings() {
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }
+
+/// A named network namespace (`ip netns add`), deleted when dropped.
+struct NamedNetns(String);
+
+impl NamedNetns {
+    fn new() -> NamedNetns {
+        let name = format!("reuseport-{}", unique_group());
+        let ok = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("running ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        ok(&["netns", "add", &name]);
+        let ns = NamedNetns(name);
+        ok(&["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip netns exec NAME reuseport ARGS`.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0])
+            .arg(binary())
+            .args(args)
+            .env("RUST_LOG", "info");
+        cmd
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn commands_under_ip_netns_exec_see_the_group_another_one_started() {
+    // `ip netns exec` gives each command a mount namespace with a fresh
+    // sysfs on /sys, which hides /sys/fs/bpf: each command used to mount a
+    // bpffs of its own, so `ctl` never found the group `run` had made.
+    let ns = NamedNetns::new();
+    let server = Server::spawn(&mut ns.command(&[
+        "run",
+        "--addr",
+        ADDR,
+        "--workers",
+        "1",
+        "--policy",
+        "round-robin",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]))
+    .unwrap_or_else(|f| panic!("run under ip netns exec: {}", f.stderr));
+    // The pins are in the host's bpffs, under the namespace's inode.
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", ns.0))
+            .unwrap()
+            .ino()
+    };
+    let dir = PathBuf::from(format!("/sys/fs/bpf/reuseport/netns-{ino}/{NAME}"));
+    assert!(dir.exists(), "{} missing", dir.display());
+    assert!(
+        server
+            .banner
+            .iter()
+            .any(|l| l.contains(&dir.display().to_string())),
+        "{:?}",
+        server.banner
+    );
+    for args in [&["ctl", "status"][..], &["stats"]] {
+        let out = ns.command(args).output().expect("ip netns exec");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stdout.starts_with(&format!("group {NAME}: tcp {ADDR}, pid {},", server.pid())),
+            "{args:?}: {stdout}"
+        );
+    }
+    // Clients in that namespace reach it, through the program.
+    nix::sched::setns(
+        std::fs::File::open(format!("/run/netns/{}", ns.0)).unwrap(),
+        nix::sched::CloneFlags::CLONE_NEWNET,
+    )
+    .expect("setns");
+    for i in 0..3 {
+        let p = pattern(40, i);
+        assert_eq!(echo(server.addr, &p), p);
+    }
+    assert_eq!(server.metrics().selected(0), 3);
+    let out = ns
+        .command(&["ctl", "policy", "hash"])
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.metrics().policy(), "hash");
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    assert!(!dir.exists(), "pins left at {}", dir.display());
+}
