@@ -460,6 +460,9 @@ fn watch_stats(args: StatsArgs) -> Result<()> {
     let every = Duration::from_secs_f64(every.max(0.1));
     loop {
         std::thread::sleep(every);
+        // The pins outlive a killed owner: stop rather than print its last
+        // counters for ever.
+        control.check_owner()?;
         let now = (control.status()?, Instant::now());
         let secs = now.1.duration_since(previous.1).as_secs_f64();
         println!("{}", stats::render(&now.0, Some((&previous.0, secs))));
@@ -512,7 +515,8 @@ fn serve(group: Group, options: ServeOptions) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "policy {}", group.policy()?);
     if let (Some(name), Some(dir)) = (group.name(), group.pin_dir()) {
-        let _ = writeln!(out, "group {name} (maps pinned in {})", dir.display());
+        let shown = crate::pins::shown(dir);
+        let _ = writeln!(out, "group {name} (maps pinned in {})", shown.display());
     }
     for m in group.members() {
         let _ = writeln!(out, "worker {}: slot {}, cpu {}", m.slot, m.slot, m.cpu);

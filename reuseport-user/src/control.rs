@@ -324,7 +324,11 @@ impl Control {
                     .partition(|n| owner_of(&ns.join(n)).0 == Owner::Alive);
                 match (live.as_slice(), dead.as_slice()) {
                     ([one], _) => one.clone(),
-                    ([], []) => return Err(Error::NoGroups { dir: ns }),
+                    ([], []) => {
+                        return Err(Error::NoGroups {
+                            dir: pins::shown(&ns),
+                        })
+                    }
                     // Opening it says whose it was and what to do.
                     ([], [one]) => one.clone(),
                     ([], _) => {
@@ -350,6 +354,15 @@ impl Control {
     /// The group's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Fails with [`Error::OwnerGone`] once the group's owner is gone (for
+    /// a handle held a while, as `stats --watch` holds it).
+    pub fn check_owner(&self) -> Result<()> {
+        match self.maps.pin_dir() {
+            Some(dir) => check_alive(&self.name, dir, &self.maps.group_info()?),
+            None => Ok(()),
+        }
     }
 
     /// The group's maps.
@@ -690,11 +703,11 @@ pub fn check_exists(name: &str, dir: &Path) -> Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Error::NotOwner {
             name: name.to_string(),
-            owner: fs::metadata(PIN_ROOT).map(|m| m.uid()).unwrap_or(0),
+            owner: fs::metadata(pins::pin_root()).map(|m| m.uid()).unwrap_or(0),
         }),
         Err(_) => Err(Error::NoSuchGroup {
             name: name.to_string(),
-            dir: dir.to_path_buf(),
+            dir: pins::shown(dir),
         }),
     }
 }

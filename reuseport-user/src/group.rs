@@ -719,7 +719,7 @@ impl Group {
         if let Some(pins) = self.pins.take() {
             let dir = pins.locate().unwrap_or_else(|| pins.dir.clone());
             drop(pins);
-            info!("removed the pins in {}", dir.display());
+            info!("removed the pins in {}", crate::pins::shown(&dir).display());
         }
         Ok(())
     }
@@ -888,8 +888,10 @@ impl GroupBuilder {
         // Held until our sockets are visible (listening) and our pins are
         // claimed: a start on the same address in this namespace waits
         // for it, then sees our sockets and refuses, so of two starts at
-        // once exactly one succeeds.
-        let start_lock = if pinned {
+        // once exactly one succeeds. (It needs no privilege: a group
+        // without pins on a fixed port takes it too. On port 0 every start
+        // gets a port of its own.)
+        let start_lock = if pinned || self.addr.port() != 0 {
             Some(crate::pins::lock_namespace()?)
         } else {
             None
@@ -924,8 +926,8 @@ impl GroupBuilder {
             (None, Some(name)) => name.clone(),
             (None, None) => control::default_group_name(self.proto, addr),
         };
-        let pins = match (&start_lock, self.pin) {
-            (Some(lock), _) => {
+        let pins = match (&start_lock, pinned, self.pin) {
+            (Some(lock), true, _) => {
                 let (dir, owner) = control::claim(lock, &name, addr, self.proto)?;
                 Some(Pins {
                     dir,
@@ -933,11 +935,11 @@ impl GroupBuilder {
                     _owner: Some(owner),
                 })
             }
-            (None, true) => {
+            (_, false, true) => {
                 warn!("without CAP_BPF the group's counters are not pinned: `reuseport ctl` and `stats` will not see it");
                 None
             }
-            (None, false) => None,
+            _ => None,
         };
         signals::checkpoint("pinned")?;
         let steering = if may_bpf {

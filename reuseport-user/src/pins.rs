@@ -66,7 +66,7 @@ pub fn netns() -> Result<u64> {
 
 /// The directory of the calling thread's network namespace's groups.
 pub fn namespace_dir() -> Result<PathBuf> {
-    Ok(Path::new(PIN_ROOT).join(format!("netns-{}", netns()?)))
+    Ok(pin_root().join(format!("netns-{}", netns()?)))
 }
 
 /// The pin directory of group `name` of the calling thread's network
@@ -94,7 +94,7 @@ pub fn is_aside(name: &str) -> Option<&str> {
 
 /// Where a build without per-namespace directories pinned group `name`.
 pub fn legacy_dir(name: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(name)
+    pin_root().join(name)
 }
 
 /// Whether `dir` holds the pins of a group made by a build without
@@ -230,7 +230,7 @@ impl StartLock {
     /// Creates the namespace's pin directory (and mounts bpffs) if needed.
     pub fn make_dir(&self) -> Result<()> {
         ensure_bpffs()?;
-        make_private_dir(Path::new(PIN_ROOT))?;
+        make_private_dir(pin_root())?;
         make_private_dir(&self.dir)
     }
 }
@@ -281,14 +281,98 @@ pub fn remove_namespace_dir_if_empty(dir: &Path) {
     }
 }
 
-/// Mounts bpffs at [`BPFFS`] if nothing is mounted there (some systems do
-/// not mount it at boot).
-pub fn ensure_bpffs() -> Result<()> {
-    let is_bpffs = |p: &str| {
-        nix::sys::statfs::statfs(p)
-            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+fn is_bpffs(path: &str) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// The directory of every namespace's groups as this process reaches it:
+/// [`PIN_ROOT`], unless this mount namespace hides the host's bpffs.
+///
+/// `ip netns exec` is the common case: it enters a new mount namespace and
+/// mounts a fresh sysfs over `/sys` (`netns_switch()` in iproute2's
+/// `lib/namespace.c`), which hides `/sys/fs/bpf`. A bpffs mounted there
+/// anew would be an empty instance of its own, so `ctl` in one `ip netns
+/// exec` would not see the group that `run` in another made; and the
+/// kernel refuses to bind-mount the host's from another mount namespace
+/// (`EINVAL`). Its files can still be reached through
+/// `/proc/PID/root` of a process in the mount namespace that has it: the
+/// nearest ancestor in another mount namespace, or init. This process opens
+/// that directory once and keeps the descriptor, and reaches the pins as
+/// `/proc/self/fd/N/reuseport` (which stays valid when that ancestor
+/// exits). A container's own processes and its init share its mount
+/// namespace, so nothing outside a container is reached this way.
+pub fn pin_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        if is_bpffs(BPFFS) {
+            return PathBuf::from(PIN_ROOT);
+        }
+        match host_bpffs() {
+            Some((pid, dir)) => {
+                use std::os::fd::IntoRawFd;
+                // Kept open for the life of the process (close-on-exec).
+                let fd = dir.into_raw_fd();
+                log::debug!(
+                    "this mount namespace hides {BPFFS}: using the one process {pid} sees (through descriptor {fd})"
+                );
+                PathBuf::from(format!("/proc/self/fd/{fd}/reuseport"))
+            }
+            None => PathBuf::from(PIN_ROOT),
+        }
+    })
+}
+
+/// `path` as an operator finds it: under [`PIN_ROOT`] (it may be reached
+/// another way, see [`pin_root`]).
+pub fn shown(path: &Path) -> PathBuf {
+    match path.strip_prefix(pin_root()) {
+        Ok(rest) => Path::new(PIN_ROOT).join(rest),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+/// The bpffs of the nearest ancestor (or of init) in another mount
+/// namespace, opened, with that process's pid.
+fn host_bpffs() -> Option<(u32, File)> {
+    let mine = fs::metadata("/proc/self/ns/mnt").ok()?.ino();
+    let parent = |pid: u32| -> Option<u32> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()
     };
-    if is_bpffs(BPFFS) {
+    let mut candidates = Vec::new();
+    let mut pid = std::process::id();
+    // Bounded: a process tree is not this deep.
+    for _ in 0..64 {
+        match parent(pid) {
+            Some(p) if p > 0 => {
+                candidates.push(p);
+                pid = p;
+            }
+            _ => break,
+        }
+    }
+    candidates.push(1);
+    candidates.into_iter().find_map(|p| {
+        let ns = fs::metadata(format!("/proc/{p}/ns/mnt")).ok()?.ino();
+        let path = format!("/proc/{p}/root{BPFFS}");
+        if ns == mine || !is_bpffs(&path) {
+            return None;
+        }
+        File::open(&path).ok().map(|f| (p, f))
+    })
+}
+
+/// Mounts bpffs at [`BPFFS`] if nothing is mounted there (some systems do
+/// not mount it at boot) and no host's bpffs is reached otherwise (see
+/// [`pin_root`]).
+pub fn ensure_bpffs() -> Result<()> {
+    if is_bpffs(BPFFS) || pin_root() != Path::new(PIN_ROOT) {
         return Ok(());
     }
     fs::create_dir_all(BPFFS).map_err(|e| Error::io(format!("creating {BPFFS}"), e))?;
@@ -403,9 +487,6 @@ mod tests {
     fn the_namespace_is_in_the_path() {
         let ns = netns().unwrap();
         let dir = group_dir("g").unwrap();
-        assert_eq!(
-            dir,
-            Path::new(PIN_ROOT).join(format!("netns-{ns}")).join("g")
-        );
+        assert_eq!(dir, pin_root().join(format!("netns-{ns}")).join("g"));
     }
 }

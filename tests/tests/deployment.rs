@@ -168,8 +168,32 @@ fn kill9(server: Server) -> u32 {
 fn a_killed_owner_is_named_with_the_cure_and_the_next_run_replaces_it() {
     netns();
     let first = start(&["--workers", "1", "--policy", "round-robin"]).expect("first run");
+    // A `stats --watch` that runs when the owner dies stops too.
+    let watch = Command::new(binary())
+        .args(["stats", "--watch", "0.2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning stats --watch");
+    thread::sleep(Duration::from_millis(500));
     let pid = kill9(first);
     assert!(pin_dir(NAME).exists(), "SIGKILL leaves the pins");
+    let mut watch = watch;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while watch.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("stats --watch went on after its group's owner was killed");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let watch = watch.wait_with_output().expect("stats --watch");
+    assert_eq!(watch.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&watch.stderr).trim(),
+        dead_line(NAME, pid)
+    );
 
     // Every command that acts on the group fails, non-zero, on one line
     // that names the dead owner and the cure. `ctl policy hash` used to
@@ -260,8 +284,13 @@ struct Starting {
 
 impl Starting {
     fn spawn(args: &[&str], pause_at: Option<&str>) -> Starting {
+        Starting::command("run", args, pause_at)
+    }
+
+    /// `reuseport SUBCOMMAND ARGS` (`run` or `join`).
+    fn command(subcommand: &str, args: &[&str], pause_at: Option<&str>) -> Starting {
         let mut cmd = Command::new(binary());
-        cmd.arg("run")
+        cmd.arg(subcommand)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -434,6 +463,32 @@ fn a_stop_signal_at_any_moment_of_start_up_exits_in_order_and_leaves_nothing() {
         );
         assert!(!pin_dir(&group).exists(), "pins left ({delay_ms} ms)");
     }
+    // A `join` stopped before it serves leaves the group as it was: its
+    // slot taken back, the owner's worker alone in the policy.
+    let owner = Server::start(&["--policy", "round-robin", "--workers", "1"]);
+    for step in ["built", "workers"] {
+        let join = Starting::command("join", &["--group", &owner.group], Some(step));
+        join.wait_for_line(&format!("paused at {step}"));
+        join.signal(Signal::SIGTERM);
+        let (status, out, err) = join.wait();
+        assert_eq!(status.code(), Some(0), "join stopped at {step}: {err}");
+        assert!(!out.contains("ready"), "{out}");
+        let (code, out, err) = owner.ctl(&["status"]);
+        assert_eq!(code, 0, "{err}");
+        let serving = out.lines().filter(|l| l.contains(" serving ")).count();
+        assert_eq!(serving, 1, "after a join stopped at {step}:\n{out}");
+    }
+    let before = owner.metrics().selected(0);
+    let p = pattern(16, 3);
+    assert_eq!(echo(owner.addr, &p), p);
+    assert_eq!(
+        owner.metrics().selected(0),
+        before + 1,
+        "the owner's worker takes it"
+    );
+    let (status, err) = owner.stop();
+    assert!(status.success(), "{err}");
+
     let leftovers: Vec<_> = std::fs::read_dir(namespace_pin_dir())
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
@@ -512,6 +567,47 @@ fn of_several_runs_started_at_once_on_one_address_exactly_one_serves() {
         assert_eq!(echo(server.addr, &p), p);
         let (status, err) = server.stop();
         assert!(status.success(), "{err}");
+    }
+    // Without privilege (`nobody`, policy `kernel`: no program, no pins)
+    // the start lock holds as well: it is an abstract socket, not a file.
+    for round in 0..5 {
+        let go = Arc::new(AtomicUsize::new(0));
+        let runs: Vec<_> = (0..3)
+            .map(|_| {
+                let go = go.clone();
+                thread::spawn(move || {
+                    let mut cmd = Command::new("setpriv");
+                    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                        .arg(binary())
+                        .args([
+                            "run",
+                            "--addr",
+                            ADDR,
+                            "--policy",
+                            "kernel",
+                            "--workers",
+                            "1",
+                        ]);
+                    rendezvous(&go, 3);
+                    Server::spawn(&mut cmd)
+                })
+            })
+            .collect();
+        let results: Vec<Result<Server, Failed>> = runs
+            .into_iter()
+            .map(|t| t.join().expect("a starting thread panicked"))
+            .collect();
+        let served = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(served, 1, "unprivileged round {round}: {served} of 3 serve");
+        for f in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                f.stderr.contains(&format!(
+                    "tcp {ADDR} is already served by another reuseport group of this user"
+                )),
+                "{}",
+                f.stderr
+            );
+        }
     }
 }
 
@@ -624,4 +720,110 @@ fn policy_switches_at_once_keep_each_others_settings() {
     }
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
+}
+
+/// A named network namespace (`ip netns add`), deleted when dropped.
+struct NamedNetns(String);
+
+impl NamedNetns {
+    fn new() -> NamedNetns {
+        let name = format!("reuseport-{}", unique_group());
+        let ok = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("running ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        ok(&["netns", "add", &name]);
+        let ns = NamedNetns(name);
+        ok(&["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip netns exec NAME reuseport ARGS`.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0])
+            .arg(binary())
+            .args(args)
+            .env("RUST_LOG", "info");
+        cmd
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn commands_under_ip_netns_exec_see_the_group_another_one_started() {
+    // `ip netns exec` gives each command a mount namespace with a fresh
+    // sysfs on /sys, which hides /sys/fs/bpf: each command used to mount a
+    // bpffs of its own, so `ctl` never found the group `run` had made.
+    let ns = NamedNetns::new();
+    let server = Server::spawn(&mut ns.command(&[
+        "run",
+        "--addr",
+        ADDR,
+        "--workers",
+        "1",
+        "--policy",
+        "round-robin",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]))
+    .unwrap_or_else(|f| panic!("run under ip netns exec: {}", f.stderr));
+    // The pins are in the host's bpffs, under the namespace's inode.
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", ns.0))
+            .unwrap()
+            .ino()
+    };
+    let dir = PathBuf::from(format!("/sys/fs/bpf/reuseport/netns-{ino}/{NAME}"));
+    assert!(dir.exists(), "{} missing", dir.display());
+    assert!(
+        server
+            .banner
+            .iter()
+            .any(|l| l.contains(&dir.display().to_string())),
+        "{:?}",
+        server.banner
+    );
+    for args in [&["ctl", "status"][..], &["stats"]] {
+        let out = ns.command(args).output().expect("ip netns exec");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stdout.starts_with(&format!("group {NAME}: tcp {ADDR}, pid {},", server.pid())),
+            "{args:?}: {stdout}"
+        );
+    }
+    // Clients in that namespace reach it, through the program.
+    nix::sched::setns(
+        std::fs::File::open(format!("/run/netns/{}", ns.0)).unwrap(),
+        nix::sched::CloneFlags::CLONE_NEWNET,
+    )
+    .expect("setns");
+    for i in 0..3 {
+        let p = pattern(40, i);
+        assert_eq!(echo(server.addr, &p), p);
+    }
+    assert_eq!(server.metrics().selected(0), 3);
+    let out = ns
+        .command(&["ctl", "policy", "hash"])
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.metrics().policy(), "hash");
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    assert!(!dir.exists(), "pins left at {}", dir.display());
 }
