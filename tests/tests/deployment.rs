@@ -280,6 +280,7 @@ struct Starting {
     child: Child,
     stderr_lines: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
+    stderr_reader: thread::JoinHandle<()>,
 }
 
 impl Starting {
@@ -304,7 +305,7 @@ impl Starting {
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().expect("stderr");
         let all = stderr.clone();
-        thread::spawn(move || {
+        let stderr_reader = thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 all.lock().unwrap().push_str(&format!("{line}\n"));
@@ -315,6 +316,7 @@ impl Starting {
             child,
             stderr_lines: rx,
             stderr,
+            stderr_reader,
         }
     }
 
@@ -362,7 +364,12 @@ impl Starting {
             .take()
             .expect("stdout")
             .read_to_string(&mut out);
-        thread::sleep(Duration::from_millis(50));
+        // All it wrote: the reader ends at the end of the pipe (waited for
+        // at most 10 s; a busy machine can take longer than a moment).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.stderr_reader.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
         let err = self.stderr.lock().unwrap().clone();
         (status, out, err)
     }
