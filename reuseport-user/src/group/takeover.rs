@@ -18,7 +18,13 @@
 //!    includes those slots, in force and attaches its program.
 //! 3. It swaps its pin directory with the old one (`renameat2` with
 //!    `RENAME_EXCHANGE`, one step), so the group's name resolves to the
-//!    new generation at once, and then flags the old group retired.
+//!    new generation at once, and then flags the old group retired. Each
+//!    owner's liveness lock (see [`crate::pins`]) is on a directory inside
+//!    its pin directory, so it moves with it: the successor has held its
+//!    own since it claimed `NAME-next-PID` ([`pins::aside_name`]), so the
+//!    name resolves to a live owner before and after the swap, and the old
+//!    owner's lock stays with its pins, now under `NAME-next-PID`, until it
+//!    exits (or is killed, when the successor removes them).
 //! 4. A joined process sees the flag and re-joins: it opens the group's
 //!    pins again (the new generation), and maps the new `WORKERS` map over
 //!    its old mapping, so its running workers go on counting, now in the
