@@ -35,6 +35,13 @@ pub fn check(dir: &Path) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    check_group(dir, &name)
+}
+
+/// [`check`], for the pins of group `name` reached through `dir` (which
+/// may be another path to its directory than one ending in its name).
+pub fn check_group(dir: &Path, name: &str) -> Result<()> {
+    let name = name.to_string();
     let incompatible = |theirs: String| Error::IncompatibleLayout {
         name: name.clone(),
         theirs,

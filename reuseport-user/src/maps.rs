@@ -488,11 +488,24 @@ impl Maps {
     /// Opens the maps pinned in `dir`, after checking that they are of
     /// this build's layout ([`crate::layout::check`]).
     pub fn from_pins(dir: &Path) -> Result<Self> {
-        crate::layout::check(dir)?;
+        // Every map of one generation: the directory is opened once and each
+        // pin is reached through that descriptor (`/proc/self/fd/N/NAME`
+        // follows the directory itself, not its name), so a takeover that
+        // swaps the group's directory meanwhile (`RENAME_EXCHANGE`, see
+        // `group::takeover`) cannot hand us some maps of the old generation
+        // and some of the new.
+        let held =
+            File::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        use std::os::fd::AsRawFd;
+        let through = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
+        let group = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        crate::layout::check_group(&through, &group)?;
         let mut open = |name: &str| -> Result<Map> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
+            let data = MapData::from_pin(through.join(name))
+                .map_err(|e| Error::bpf(format!("opening {}", dir.join(name).display()), e))?;
             Map::from_map_data(data).map_err(|e| Error::bpf(format!("map {name}"), e))
         };
         Self::assemble(&mut open, Some(dir))
