@@ -6,12 +6,38 @@
 //! Workers are OS threads pinned to CPUs, each running its own
 //! current-thread tokio runtime on its own socket.
 //!
+//! The library is a stack; each layer uses only those below it (no module
+//! imports one above it, so there is no import cycle):
+//!
+//! ```text
+//! cli, stats, bench     the binary's front (it uses the public API only)
+//! server                serving a group: supervision, drain, shutdown
+//! metrics               Prometheus metrics of a served group
+//! group                 sockets + program + pins: build, join, close,
+//!   (group::takeover)     takeover with other processes' members
+//! control               a running group seen through its pins
+//! steering              loading and attaching the program
+//! echo                  the echo service
+//! worker                the thread-per-core workers
+//! maps                  typed handles on the pinned maps (the ABI)
+//! layout                the maps' layout version, checked before use
+//! slots, pins, signals, the slot state machine, where pins live and
+//!   socket, sys         whose they are, start-up signals, sockets, the system
+//! error                 the errors a caller tells apart
+//! policy                policies and their plan (Config <-> Policy codec)
+//! proto, balance,       leaves
+//!   datagram
+//! ```
+//!
 //! - [`group`]: the sockets and the program attached to them
 //! - [`policy`]: the policies and what they become in the program's maps
 //! - [`steering`]: loading, attaching and configuring the program
 //! - [`worker`]: the thread-per-core workers; [`echo`]: the echo service
 //! - [`maps`]: the program's maps; [`control`]: a running group seen
-//!   from any process through its pinned maps (`reuseport ctl`, `stats`)
+//!   from any process through its pinned maps (`reuseport ctl`, `stats`);
+//!   [`pins`]: where those pins live (per network namespace) and whether
+//!   their owner runs; [`layout`]: which build's layout they have
+//! - [`signals`]: SIGINT/SIGTERM during start-up undo what was made
 //! - [`metrics`]: Prometheus metrics; [`server`]: serving a group with a
 //!   handler, supervised (`reuseport run` serves the [`echo`] handler)
 //! - [`topology`]: the CPU topology the `cpu` policy plans over
@@ -89,10 +115,15 @@ pub mod echo;
 pub mod error;
 pub mod features;
 pub mod group;
+pub mod layout;
 pub mod maps;
 pub mod metrics;
+pub mod pins;
 pub mod policy;
+pub mod proto;
 pub mod server;
+pub mod signals;
+pub mod slots;
 pub mod socket;
 pub mod stats;
 pub mod steering;

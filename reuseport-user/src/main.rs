@@ -11,6 +11,11 @@ fn main() -> ExitCode {
         .init();
     match reuseport::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // Stopped as asked, and cleaned up: not a failure.
+        Err(e @ Error::Interrupted { .. }) => {
+            log::info!("{e}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             if let Error::Verifier { log, .. } = &e {

@@ -1,0 +1,21 @@
+//! The transport protocol of a group: a leaf that every layer may name.
+
+use std::fmt;
+
+/// Transport protocol of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Proto {
+    /// Stream sockets; the program steers each connection's SYN.
+    Tcp,
+    /// Datagram sockets; the program steers each datagram.
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
