@@ -378,7 +378,7 @@ fn switching_policy_keeps_open_connections_and_steers_new_ones() {
     // from before the switch begins until after it has ended.
     let t = Instant::now();
     server.switch(&["cpu"]);
-    let hold = t.elapsed() * 10 + Duration::from_millis(50);
+    let hold = (t.elapsed() * 10).max(Duration::from_millis(250));
     let threads = 4;
     let load = reuseport_tests::Load::start_holding(addr, threads, hold);
     thread::sleep(hold * 2);
