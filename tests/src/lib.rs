@@ -817,10 +817,18 @@ impl Server {
         let after = self.metrics();
         let delta = accepted_delta(&before, &after, workers);
         assert_eq!(delta.iter().sum::<u64>(), 1, "one accept: {delta:?}");
+        // The program runs for every segment that reaches the listeners'
+        // lookup, not only for SYNs: a late segment of a connection whose
+        // server side is already gone finds no socket of its own and falls
+        // back to it (`__inet_lookup_skb()` -> `__inet_lookup_listener()`).
+        // Seen on 6.1 under emulation (a connection counted 2 or 3 runs).
+        // For a keyed policy such a run picks the same slot, so the proof
+        // is that the accepting worker's slot, and only it, was selected.
+        let selected = selected_delta(&before, &after, workers);
         assert_eq!(
-            selected_delta(&before, &after, workers),
-            delta,
-            "the program placed it"
+            selected.iter().map(|&n| n > 0).collect::<Vec<_>>(),
+            delta.iter().map(|&n| n > 0).collect::<Vec<_>>(),
+            "the program placed it: selected {selected:?}, accepted {delta:?}"
         );
         (delta.iter().position(|&d| d == 1).expect("one worker"), out)
     }

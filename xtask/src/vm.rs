@@ -16,6 +16,9 @@
 //! atomics and listener migration and so proves the loader's "kernel too
 //! old" error on a real kernel. `apt-get download` fetches each once into
 //! `target/vm/debs`; `dpkg-deb -x` unpacks it under `target/vm/kernels`.
+//! The arm64 cell boots bookworm's 6.1 arm64 image under
+//! `qemu-system-aarch64 -M virt` with binaries cross-built for aarch64 and
+//! Debian's arm64 busybox-static.
 //!
 //! KVM is used when `/dev/kvm` boots a guest (a short probe, remembered in
 //! `target/vm/accel`); otherwise QEMU emulates (TCG, `-cpu max`). Each boot
@@ -84,6 +87,14 @@ impl Kernel {
         Ok(out)
     }
 
+    /// The architecture of the kernel and of the binaries its guest runs.
+    fn arch(self) -> Arch {
+        match self {
+            Kernel::Arm64V6_1 => Arch::Aarch64,
+            _ => Arch::X86_64,
+        }
+    }
+
     /// The apt package name pattern (`apt-cache search --names-only`) of
     /// its unsigned cloud image, and the apt sources it lives in.
     fn package(self) -> (&'static str, Option<&'static str>) {
@@ -120,16 +131,6 @@ impl fmt::Display for Kernel {
 
 /// Bookworm's main archive, for a private apt source list of arm64.
 const BOOKWORM: &str = "deb http://deb.debian.org/debian bookworm main";
-
-impl Kernel {
-    /// The architecture of the kernel and of the binaries its guest runs.
-    fn arch(self) -> Arch {
-        match self {
-            Kernel::Arm64V6_1 => Arch::Aarch64,
-            _ => Arch::X86_64,
-        }
-    }
-}
 
 /// A guest architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
