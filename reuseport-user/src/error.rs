@@ -68,7 +68,7 @@ pub enum Error {
     },
 
     /// A worker count outside what the socket map holds.
-    #[error("--workers must be between 1 and {max}, not {requested}")]
+    #[error("a group takes between 1 and {max} workers, not {requested}")]
     WorkerCount {
         /// The count asked for.
         requested: usize,
@@ -77,7 +77,7 @@ pub enum Error {
     },
 
     /// A CPU the group's owner may not run on.
-    #[error("--cpu {cpu}: the group's owner may only run on CPUs {usable}")]
+    #[error("CPU {cpu}: the group's owner may only run on CPUs {usable}")]
     NoSuchCpu {
         /// The CPU asked for.
         cpu: usize,
@@ -93,7 +93,7 @@ pub enum Error {
     },
 
     /// A group of that name is running.
-    #[error("group {name} is already running (pid {pid}); stop it or pick another --group")]
+    #[error("group {name} is already running (pid {pid}); stop it or pick another name")]
     GroupRunning {
         /// The group.
         name: String,
@@ -106,7 +106,7 @@ pub enum Error {
     NoGroups,
 
     /// Several groups run and none was named.
-    #[error("several groups are running ({names}): name one with --group")]
+    #[error("several groups are running ({names}): name one")]
     WhichGroup {
         /// The groups.
         names: String,
@@ -172,13 +172,6 @@ pub enum Error {
     Adopt {
         /// Why, in a sentence.
         what: String,
-    },
-
-    /// A benchmark run with failures, missing figures or kernel drops.
-    #[error("the benchmark run was not clean: {problems}")]
-    BenchNotClean {
-        /// What went wrong.
-        problems: String,
     },
 
     /// A policy that cannot be built from the given settings.

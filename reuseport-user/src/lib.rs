@@ -14,7 +14,9 @@
 //!   from any process through its pinned maps (`reuseport ctl`, `stats`)
 //! - [`metrics`]: Prometheus metrics; [`server`]: serving a group with a
 //!   handler, supervised (`reuseport run` serves the [`echo`] handler)
-//! - [`bench`](mod@bench): `reuseport bench`
+//!
+//! The `reuseport` command line and the `reuseport-bench` benchmark live in
+//! the crate `reuseport-cli`, on top of this library.
 //!
 //! # Serving a steered group with your own handler
 //!
@@ -80,8 +82,6 @@
 #![deny(missing_docs)]
 
 pub mod balance;
-pub mod bench;
-pub mod cli;
 pub mod control;
 pub mod datagram;
 pub mod echo;
@@ -92,14 +92,13 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod socket;
-pub mod stats;
 pub mod steering;
 pub mod sys;
 pub mod worker;
 
 pub use error::{Error, Result};
 pub use group::{Group, GroupBuilder, GroupHandle, Member};
-pub use policy::{HashKey, Policy, PolicyKind};
+pub use policy::{HashKey, ParseError, Policy, PolicyKind};
 pub use server::{ServeOptions, Server};
 pub use socket::Proto;
 pub use worker::{Conn, Limits};

@@ -7,12 +7,25 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::error::{Error, Result};
 
 /// Transport protocol of a group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Proto {
     /// Stream sockets; the program steers each connection's SYN.
     Tcp,
     /// Datagram sockets; the program steers each datagram.
     Udp,
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+
+    /// `tcp` or `udp`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            _ => Err(format!("unknown transport `{s}`: use tcp or udp")),
+        }
+    }
 }
 
 impl fmt::Display for Proto {
@@ -76,7 +89,7 @@ pub const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 /// Sets SO_RCVBUF to `bytes`; if `net.core.rmem_max` caps it lower and the
 /// process has CAP_NET_ADMIN, SO_RCVBUFFORCE goes past the cap. A smaller
 /// buffer is not an error, only logged.
-pub(crate) fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
+pub fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
     let _ = socket.set_recv_buffer_size(bytes);
     // The kernel reports twice what was set (it counts its bookkeeping).
     let got = socket.recv_buffer_size().unwrap_or(0) / 2;

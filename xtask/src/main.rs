@@ -4,8 +4,9 @@
 //! - `build`: build everything (release)
 //! - `run -- ARGS`: build, then `reuseport run ARGS`
 //! - `test`: build, then run every test (unit and integration)
-//! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
-//! - `bench -- ARGS`: build, then `reuseport bench ARGS`
+//! - `lint`: rustfmt and clippy, the eBPF crate in its own pass, and the
+//!   layering check (the library's tree holds no CLI or chart crate)
+//! - `bench -- ARGS`: build, then `reuseport-bench ARGS`
 //!
 //! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
 //! and says what it installs.
@@ -45,12 +46,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// rustfmt check and clippy -D warnings (host crates, then the eBPF crate).
+    /// rustfmt check and clippy -D warnings (host crates, then the eBPF
+    /// crate); the library's dependency tree and the server's linked
+    /// libraries (test `layering`).
     Lint,
-    /// Build (release), then run `reuseport bench` with the arguments after
+    /// Build (release), then run `reuseport-bench` with the arguments after
     /// `--` (e.g. `-- --quick`); results go to target/bench/<time>/.
     Bench {
-        /// Arguments for `reuseport bench`.
+        /// Arguments for `reuseport-bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -74,7 +77,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::ensure()?;
             cargo(&root, &["build", "--release", "--all-targets"])
         }
-        Task::Run { args } => release(&root, "run", &args),
+        Task::Run { args } => release(&root, "reuseport", Some("run"), &args),
         Task::Test { args } => {
             setup::ensure()?;
             setup::ensure_test_tools()?;
@@ -85,9 +88,10 @@ fn run(cli: Cli) -> Result<()> {
                 &[
                     "build",
                     "-p",
+                    "reuseport-cli",
+                    "-p",
                     "reuseport-user",
-                    "--bin",
-                    "reuseport",
+                    "--bins",
                     "--examples",
                 ],
             )?;
@@ -127,7 +131,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("xtask: cargo test --doc");
             status(&mut doctest)
         }
-        Task::Bench { args } => release(&root, "bench", &args),
+        Task::Bench { args } => release(&root, "reuseport-bench", None, &args),
         Task::Lint => {
             setup::ensure()?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
@@ -140,31 +144,37 @@ fn run(cli: Cli) -> Result<()> {
                 .env_remove("RUSTC")
                 .env_remove("RUSTC_WORKSPACE_WRAPPER");
             println!("xtask: clippy of the eBPF crate (nightly, bpfel-unknown-none)");
-            status(&mut cmd)
+            status(&mut cmd)?;
+            // The library's dependency tree and the server's libraries: the
+            // same test CI runs, so both enforce one list.
+            cargo(&root, &["build", "-p", "reuseport-cli", "--bins"])?;
+            cargo(
+                &root,
+                &["test", "-p", "reuseport-tests", "--test", "layering"],
+            )
         }
     }
 }
 
-/// Sets up, builds the release binary, then becomes `reuseport SUBCOMMAND ARGS`.
-fn release(root: &Path, subcommand: &str, args: &[String]) -> Result<()> {
+/// Sets up, builds the release binaries, then becomes `PROGRAM
+/// [SUBCOMMAND] ARGS`.
+fn release(root: &Path, program: &str, subcommand: Option<&str>, args: &[String]) -> Result<()> {
     setup::ensure()?;
     cargo(
         root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "reuseport-user",
-            "--bin",
-            "reuseport",
-        ],
+        &["build", "--release", "-p", "reuseport-cli", "--bins"],
     )?;
-    let bin = root.join("target/release/reuseport");
-    println!("xtask: {} {subcommand} {}", bin.display(), args.join(" "));
+    let bin = root.join("target/release").join(program);
+    println!(
+        "xtask: {} {} {}",
+        bin.display(),
+        subcommand.unwrap_or(""),
+        args.join(" ")
+    );
     exec(
         Command::new(&bin)
             .current_dir(root)
-            .arg(subcommand)
+            .args(subcommand)
             .args(args),
     )
 }

@@ -6,18 +6,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::{Args, Parser, Subcommand};
-
-use crate::{
+use clap::{
+    builder::{PossibleValuesParser, TypedValueParser as _},
+    Args, Parser, Subcommand,
+};
+use reuseport::{
     control::Control,
     error::Result,
     group::{Group, DEFAULT_BACKLOG},
     policy::{HashKey, Policy, PolicyKind},
     server::{self, ServeOptions, Server},
     socket::Proto,
-    stats,
     worker::Limits,
 };
+
+use crate::stats;
 
 /// Kernel-assisted connection balancing: a SO_REUSEPORT group steered by an
 /// eBPF program, served by thread-per-core workers.
@@ -44,45 +47,30 @@ pub enum Command {
     Adopt(AdoptArgs),
     /// Print per-worker counters and the balance of a running group.
     Stats(StatsArgs),
-    /// Measure every policy and the classic server designs side by side.
-    Bench(BenchArgs),
-    /// The benchmark's client process for idle connections (internal).
-    #[command(hide = true)]
-    BenchHold {
-        /// Where to connect.
-        #[arg(long)]
-        addr: SocketAddr,
-        /// How many connections to hold.
-        #[arg(long)]
-        count: usize,
+    /// Measure every policy and the classic server designs side by side:
+    /// runs `reuseport-bench` (installed beside this program) with the
+    /// arguments that follow (`reuseport bench --help` for its own help).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments for `reuseport-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
-/// Options of `reuseport bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// A short run (well under a minute), for CI.
-    #[arg(long)]
-    pub quick: bool,
-    /// Directory for the CSV, JSON and SVG files [default: target/bench/TIME].
-    #[arg(long)]
-    pub out: Option<std::path::PathBuf>,
-    /// Exit non-zero unless the run was clean: every model measured, every
-    /// echo verified, nothing dropped by the kernel.
-    #[arg(long)]
-    pub check: bool,
-    /// Only these models (comma-separated names).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
-    /// Only these workloads (comma-separated: connection-rate, bpf-cost,
-    /// distribution, persistent-echo, open-loop-latency, skewed-mix,
-    /// idle-memory, udp-echo).
-    #[arg(long, value_delimiter = ',')]
-    pub workloads: Vec<String>,
-    /// Instead: steady connection churn for MINUTES, reporting open
-    /// descriptors, memory and every failure (they must stay flat).
-    #[arg(long, value_name = "MINUTES", value_parser = soak_minutes)]
-    pub soak: Option<f64>,
+/// The library's policy names as clap values, so that `--help` and a wrong
+/// name list them.
+fn policy_kind() -> impl clap::builder::TypedValueParser<Value = PolicyKind> {
+    PossibleValuesParser::new(PolicyKind::ALL.map(PolicyKind::name))
+        // Invariant: only the names listed above reach this.
+        .map(|name| name.parse::<PolicyKind>().expect("a listed policy name"))
+}
+
+/// `tcp` or `udp`, likewise.
+fn proto() -> impl clap::builder::TypedValueParser<Value = Proto> {
+    PossibleValuesParser::new(["tcp", "udp"])
+        // Invariant: only the names listed above reach this.
+        .map(|name| name.parse::<Proto>().expect("a listed transport"))
 }
 
 /// A number in `range`, for the options that become durations.
@@ -101,10 +89,6 @@ fn bounded(s: &str, range: std::ops::RangeInclusive<f64>) -> std::result::Result
 
 fn watch_seconds(s: &str) -> std::result::Result<f64, String> {
     bounded(s, 0.1..=86_400.0)
-}
-
-fn soak_minutes(s: &str) -> std::result::Result<f64, String> {
-    bounded(s, 0.05..=10_080.0)
 }
 
 /// Per-worker weights, in slot order: `3,1,1`.
@@ -184,7 +168,7 @@ pub struct RunArgs {
 
     /// Transport: tcp (an echo of each connection) or udp (an echo of each
     /// datagram).
-    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    #[arg(long, value_parser = proto(), default_value_t = Proto::Tcp)]
     pub proto: Proto,
 
     /// Number of workers [default: one per CPU this process may use]. More
@@ -193,7 +177,7 @@ pub struct RunArgs {
     pub workers: Option<usize>,
 
     /// Steering policy [default: cpu; with --takeover, the old group's].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = policy_kind())]
     pub policy: Option<PolicyKind>,
 
     /// What the hash policies (hash, consistent) hash: src-ip (client
@@ -285,7 +269,7 @@ pub enum CtlAction {
     /// Switch the running group to another policy; open connections stay.
     Policy {
         /// The new policy.
-        #[arg(value_enum)]
+        #[arg(value_parser = policy_kind())]
         policy: PolicyKind,
         /// `weighted`: one weight per worker, in slot order [default: the current ones].
         #[arg(long)]
@@ -351,37 +335,25 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Stats(args) => watch_stats(args),
-        Command::Bench(args) => bench(args),
-        Command::BenchHold { addr, count } => crate::bench::load::hold_child(addr, count),
+        Command::Bench { args } => bench(args),
     }
 }
 
-fn bench(args: BenchArgs) -> Result<()> {
-    if let Some(minutes) = args.soak {
-        let every = Duration::from_secs(if minutes < 1.0 { 5 } else { 30 });
-        let soak = crate::bench::soak(minutes, every, args.out)?;
-        println!("{}", crate::bench::report::soak_markdown(&soak));
-        if !soak.flat {
-            return Err(crate::error::Error::BenchNotClean {
-                problems: "descriptors or memory grew, or connections failed".into(),
-            });
-        }
-        return Ok(());
-    }
-    let options = crate::bench::BenchOptions {
-        quick: args.quick,
-        out: args.out,
-        only: args.only,
-        workloads: args.workloads,
-    };
-    let report = crate::bench::run(&options)?;
-    println!("{}", crate::bench::report::markdown(&report));
-    if args.check && !report.clean {
-        return Err(crate::error::Error::BenchNotClean {
-            problems: report.problems.join("; "),
-        });
-    }
-    Ok(())
+/// Becomes `reuseport-bench ARGS`, the benchmark's own program (its
+/// charts need font libraries the server does without).
+fn bench(args: Vec<std::ffi::OsString>) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe()
+        .map_err(|e| reuseport::Error::io("finding this program", e))?
+        .with_file_name("reuseport-bench");
+    let err = std::process::Command::new(&exe).args(args).exec();
+    Err(reuseport::Error::io(
+        format!(
+            "running {} (build it with `cargo build -p reuseport-cli`)",
+            exe.display()
+        ),
+        err,
+    ))
 }
 
 fn ctl(args: CtlArgs) -> Result<()> {
@@ -409,7 +381,7 @@ fn ctl(args: CtlArgs) -> Result<()> {
                     .iter()
                     .find(|l| current.weights.get(l.slot as usize).copied().unwrap_or(0) == 0)
                 {
-                    return Err(crate::policy::PolicyError::NoWeight { slot: l.slot }.into());
+                    return Err(reuseport::policy::PolicyError::NoWeight { slot: l.slot }.into());
                 }
             }
             let next = Policy {

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use reuseport_common::worker_state;
 
-use crate::{
+use reuseport::{
     balance::balance,
     control::{state_name, Status},
 };
@@ -55,7 +55,7 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
     // With a program, count what it steered to each slot: that covers
     // sockets adopted from other programs, whose accepts we do not see.
     // Without one, what each worker accepted.
-    let count = |s: &crate::control::SlotStatus| {
+    let count = |s: &reuseport::control::SlotStatus| {
         if now.steered {
             s.selected
         } else {
