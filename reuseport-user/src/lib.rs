@@ -101,4 +101,4 @@ pub use group::{Group, GroupBuilder, GroupHandle, Member};
 pub use policy::{HashKey, ParseError, Policy, PolicyKind};
 pub use server::{ServeOptions, Server};
 pub use socket::Proto;
-pub use worker::{Conn, Limits};
+pub use worker::{Conn, Limits, WorkerInfo};

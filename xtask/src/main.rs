@@ -7,6 +7,8 @@
 //! - `lint`: rustfmt and clippy, the eBPF crate in its own pass, and the
 //!   layering check (the library's tree holds no CLI or chart crate)
 //! - `bench -- ARGS`: build, then `reuseport-bench ARGS`
+//! - `package`: the library's package (`cargo package`), with the eBPF
+//!   object built from this workspace, so it builds outside it
 //!
 //! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
 //! and says what it installs.
@@ -57,6 +59,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Package the library (`cargo package`, verified by a build outside
+    /// the workspace), carrying the eBPF object built from these sources.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -132,6 +137,7 @@ fn run(cli: Cli) -> Result<()> {
             status(&mut doctest)
         }
         Task::Bench { args } => release(&root, "reuseport-bench", None, &args),
+        Task::Package => package(&root),
         Task::Lint => {
             setup::ensure()?;
             cargo(&root, &["fmt", "--all", "--", "--check"])?;
@@ -176,6 +182,55 @@ fn release(root: &Path, program: &str, subcommand: Option<&str>, args: &[String]
             .current_dir(root)
             .args(subcommand)
             .args(args),
+    )
+}
+
+/// Builds the library (and so its eBPF object, from this workspace's
+/// sources), puts the object where the package carries it, then packages
+/// the library with the contract crate it depends on. `cargo package`
+/// verifies by building the packed crates outside the workspace, where
+/// build.rs takes the carried object.
+fn package(root: &Path) -> Result<()> {
+    setup::ensure()?;
+    println!("xtask: cargo build -p reuseport-user (for its eBPF object)");
+    let out = Command::new(cargo_bin())
+        .current_dir(root)
+        .args(["build", "-p", "reuseport-user", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build -p reuseport-user failed ({})", out.status);
+    }
+    // The build script's OUT_DIR, from cargo's own report of it.
+    let out_dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| {
+            m["reason"] == "build-script-executed"
+                && m["package_id"]
+                    .as_str()
+                    .is_some_and(|id| id.contains("/reuseport-user#"))
+        })
+        .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
+        .context("cargo did not report reuseport-user's build script")?;
+    let object = out_dir.join("reuseport-ebpf");
+    let carried = root.join("reuseport-user/ebpf/reuseport-ebpf.o");
+    std::fs::create_dir_all(carried.parent().expect("a parent"))?;
+    std::fs::copy(&object, &carried)
+        .with_context(|| format!("copying {} to {}", object.display(), carried.display()))?;
+    println!("xtask: {} -> {}", object.display(), carried.display());
+    // --allow-dirty: the object is not tracked (it is built, not written).
+    cargo(
+        root,
+        &[
+            "package",
+            "-p",
+            "reuseport-common",
+            "-p",
+            "reuseport-user",
+            "--allow-dirty",
+        ],
     )
 }
 
