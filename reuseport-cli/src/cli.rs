@@ -18,6 +18,7 @@ use reuseport::{
     server::{self, ServeOptions, Server},
     socket::Proto,
     worker::Limits,
+    EchoOptions,
 };
 
 use crate::stats;
@@ -131,7 +132,7 @@ pub struct ServeArgs {
 
     /// Per-connection buffer in bytes (64 to 16777216): the most data held
     /// before it is echoed.
-    #[arg(long, default_value_t = Limits::default().buffer_size,
+    #[arg(long, default_value_t = EchoOptions::default().buffer_size,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64..=16 << 20))]
     pub buffer_size: usize,
 
@@ -149,12 +150,16 @@ impl ServeArgs {
         ServeOptions {
             limits: Limits {
                 max_connections: self.max_connections,
+                drain_timeout: self.drain_timeout,
+            },
+            echo: EchoOptions {
                 idle_timeout: self.idle_timeout,
                 buffer_size: self.buffer_size,
-                drain_timeout: self.drain_timeout,
             },
             metrics_addr: self.metrics_addr,
             bpf_stats: false,
+            // A server for many connections: the process is ours.
+            raise_fd_limit: true,
         }
     }
 }
@@ -449,7 +454,12 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
         .proto(a.proto)
         .policy(policy)
         .backlog(a.serve.backlog)
-        .program(&a.bpf_program);
+        .program(&a.bpf_program)
+        // The program owns its machine's setup, as a server does: bpffs
+        // for the pins, and queued connections handed on at close under
+        // the kernel policy.
+        .mount_bpffs(true)
+        .tcp_migrate_req(true);
     if let Some(n) = a.workers {
         builder = builder.workers(n);
     }

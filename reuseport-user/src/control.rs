@@ -62,13 +62,28 @@ pub fn group_dir(name: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(name)
 }
 
+fn is_bpffs(path: &str) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// Fails, saying what to do, unless bpffs is mounted at [`BPFFS`].
+fn require_bpffs() -> Result<()> {
+    if is_bpffs(BPFFS) {
+        return Ok(());
+    }
+    Err(Error::io(
+        format!("pinning the group's maps under {BPFFS}"),
+        std::io::Error::other(
+            "bpffs is not mounted there: mount it (mount -t bpf bpf /sys/fs/bpf), let the library do it (GroupBuilder::mount_bpffs), or do not pin (GroupBuilder::pin(false))",
+        ),
+    ))
+}
+
 /// Mounts bpffs at [`BPFFS`] if nothing is mounted there (some systems do
-/// not mount it at boot).
+/// not mount it at boot). A change to the whole system: only when asked
+/// ([`crate::GroupBuilder::mount_bpffs`]).
 pub fn ensure_bpffs() -> Result<()> {
-    let is_bpffs = |p: &str| {
-        nix::sys::statfs::statfs(p)
-            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-    };
     if is_bpffs(BPFFS) {
         return Ok(());
     }
@@ -88,14 +103,11 @@ pub fn ensure_bpffs() -> Result<()> {
 /// The start time of process `pid` (clock ticks after boot), if it is
 /// running (a zombie, dead but not yet reaped, is not).
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces: fields resume after ')'.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
+    let stat = crate::sys::process_stat(pid)?;
+    if stat.state == 'Z' || stat.state == 'X' {
         return None;
     }
-    fields.nth(18)?.parse().ok()
+    Some(stat.starttime)
 }
 
 /// Creates the pin directory of a new group `name` (mode 0700). Pins left
@@ -103,7 +115,7 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 /// owner still runs is an error.
 pub fn claim(name: &str) -> Result<PathBuf> {
     validate_name(name)?;
-    ensure_bpffs()?;
+    require_bpffs()?;
     make_private_dir(Path::new(PIN_ROOT))?;
     let dir = group_dir(name);
     if dir.exists() {

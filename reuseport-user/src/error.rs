@@ -10,7 +10,12 @@ use crate::socket::Proto;
 
 /// Everything that can go wrong building, steering or running a group.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// A group was built without an address.
+    #[error("the group has no address: give one with GroupBuilder::addr")]
+    NoAddress,
+
     /// The process lacks the capabilities to load or steer with BPF.
     #[error("{action} needs CAP_BPF and CAP_NET_ADMIN (or root); this process lacks {missing}")]
     NoPrivilege {

@@ -41,7 +41,7 @@ pub const DEFAULT_BACKLOG: i32 = 4096;
 /// Settings of a group; see [`Group::builder`].
 #[derive(Clone, Debug)]
 pub struct GroupBuilder {
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
     proto: Proto,
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
@@ -51,6 +51,8 @@ pub struct GroupBuilder {
     name: Option<String>,
     pin: bool,
     takeover: Option<String>,
+    mount_bpffs: bool,
+    tcp_migrate_req: bool,
 }
 
 /// One member of the group: the socket of one worker slot.
@@ -204,7 +206,7 @@ impl Group {
     /// CPU, policy `cpu`, maps pinned under the default group name.
     pub fn builder() -> GroupBuilder {
         GroupBuilder {
-            addr: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            addr: None,
             proto: Proto::Tcp,
             workers: None,
             cpus: None,
@@ -214,6 +216,8 @@ impl Group {
             name: None,
             pin: true,
             takeover: None,
+            mount_bpffs: false,
+            tcp_migrate_req: false,
         }
     }
 
@@ -640,9 +644,31 @@ impl Group {
 }
 
 impl GroupBuilder {
-    /// Address and port to serve (port 0: any free port, shared by all members).
+    /// Address and port to serve (port 0: any free port, shared by all
+    /// members). Required (there is no default), except for a takeover,
+    /// which serves the old group's address.
     pub fn addr(mut self, addr: SocketAddr) -> Self {
-        self.addr = addr;
+        self.addr = Some(addr);
+        self
+    }
+
+    /// Whether to mount bpffs at `/sys/fs/bpf` when nothing is mounted
+    /// there and the maps are to be pinned (default no: a mount is a change
+    /// to the whole system, so [`GroupBuilder::build`] then fails and says
+    /// so). The `reuseport` command line turns it on.
+    pub fn mount_bpffs(mut self, mount: bool) -> Self {
+        self.mount_bpffs = mount;
+        self
+    }
+
+    /// Whether a group under the `kernel` policy (no program) may set the
+    /// system-wide sysctl `net.ipv4.tcp_migrate_req` to 1, so that a closing
+    /// listener hands its queued connections to the others rather than
+    /// resetting them; the old value is put back when the group closes.
+    /// Default no. (With a program, its attach type asks for migration
+    /// and no sysctl is changed.) The `reuseport` command line turns it on.
+    pub fn tcp_migrate_req(mut self, set: bool) -> Self {
+        self.tcp_migrate_req = set;
         self
     }
 
@@ -739,8 +765,10 @@ impl GroupBuilder {
             None => None,
         };
         if let Some(info) = &old_info {
-            (self.addr, self.proto) = control::addr_of(info);
+            let (addr, proto) = control::addr_of(info);
+            (self.addr, self.proto) = (Some(addr), proto);
         }
+        let wanted = self.addr.ok_or(Error::NoAddress)?;
         check_key(&self.policy, self.proto)?;
         // Plan first: a bad policy setting fails before anything is bound.
         let plan = policy::plan(&self.policy, &placement)?;
@@ -750,16 +778,16 @@ impl GroupBuilder {
             sys::check_bpf_privilege("loading the steering program")?;
         }
 
-        let first = socket::bind_member(self.addr, self.proto)?;
+        let first = socket::bind_member(wanted, self.proto)?;
         // Our bind succeeded, so any other socket on this address is a
         // reuseport socket of this user: a group we would silently join,
         // replacing its program. Refuse, unless taking it over is the point.
-        if self.addr.port() != 0 && old.is_none() {
+        if wanted.port() != 0 && old.is_none() {
             let ours = usize::from(self.proto == Proto::Udp);
-            let count = socket::existing_members(self.addr, self.proto)?.saturating_sub(ours);
+            let count = socket::existing_members(wanted, self.proto)?.saturating_sub(ours);
             if count > 0 {
                 return Err(Error::GroupExists {
-                    addr: self.addr,
+                    addr: wanted,
                     proto: self.proto,
                     count,
                 });
@@ -781,7 +809,12 @@ impl GroupBuilder {
             (None, None) => control::default_group_name(self.proto, addr),
         };
         let pins = match (self.pin && may_bpf, self.pin) {
-            (true, _) => Some(Pins(control::claim(&name)?)),
+            (true, _) => {
+                if self.mount_bpffs {
+                    control::ensure_bpffs()?;
+                }
+                Some(Pins(control::claim(&name)?))
+            }
             (false, true) => {
                 warn!("without CAP_BPF the group's counters are not pinned: `reuseport ctl` and `stats` will not see it");
                 None
@@ -834,7 +867,11 @@ impl GroupBuilder {
             workers.slot(m.slot).reset(m.cpu as u32);
         }
         let mut migrate_req_saved = old_info.map_or(0, |i| i.migrate_req_saved);
-        if !with_program && self.proto == Proto::Tcp && migrate_req_saved == 0 {
+        if self.tcp_migrate_req
+            && !with_program
+            && self.proto == Proto::Tcp
+            && migrate_req_saved == 0
+        {
             migrate_req_saved = enable_migrate_req();
         }
         let steering = match steering {

@@ -20,34 +20,57 @@
 //!
 //! # Serving a steered group with your own handler
 //!
+//! From inside your own runtime: one handler per worker, made on the
+//! worker's thread (it need not be `Send`), and an orderly shutdown that
+//! does not block the runtime.
+//!
 //! ```no_run
-//! use reuseport::{Conn, Group, Policy, PolicyKind, ServeOptions, Server};
+//! use reuseport::{Conn, Group, Policy, PolicyKind, ServeOptions, Server, WorkerInfo};
 //! use tokio::io::AsyncWriteExt;
 //!
-//! fn main() -> reuseport::Result<()> {
+//! #[tokio::main]
+//! async fn main() -> reuseport::Result<()> {
 //!     // One worker per CPU, each on its own socket of the group; the
 //!     // program sends each connection to the worker of the CPU it came in on.
 //!     let group = Group::builder()
 //!         .addr("0.0.0.0:8080".parse().unwrap())
-//!         .policy(Policy::new(PolicyKind::Cpu))
+//!         .policy(Policy::new("cpu".parse::<PolicyKind>().unwrap()))
 //!         .build()?;
 //!     let handle = group.handle();
-//!     let server = Server::start_tcp(
+//!     let server = Server::start_tcp_with(
 //!         group,
-//!         |mut stream: tokio::net::TcpStream, conn: Conn| async move {
-//!             let hello = format!("hello from worker {}\n", conn.worker.worker);
-//!             stream.write_all(hello.as_bytes()).await
+//!         |me: &WorkerInfo| {
+//!             // This worker's own state, on its own thread.
+//!             let served = std::rc::Rc::new(std::cell::Cell::new(0u64));
+//!             let me = *me;
+//!             move |mut stream: tokio::net::TcpStream, _conn: Conn| {
+//!                 served.set(served.get() + 1);
+//!                 let hello = format!("hello #{} from worker {}\n", served.get(), me.worker);
+//!                 async move { stream.write_all(hello.as_bytes()).await }
+//!             }
 //!         },
 //!         ServeOptions::default(),
 //!     )?;
-//!     // Later, from any thread: another policy, without a restart.
+//!     // Any time, from any thread: another policy, without a restart.
 //!     handle.set_policy(&Policy::new(PolicyKind::RoundRobin))?;
 //!     println!("{:?}", handle.counters()?.selected);
-//!     // Stop accepting, detach, drain, unpin.
-//!     server.shutdown()?;
+//!     // Until SIGINT or SIGTERM; then stop accepting, detach, drain, unpin.
+//!     server
+//!         .run(async {
+//!             let _ = reuseport::server::signalled().await;
+//!         })
+//!         .await?;
 //!     Ok(())
 //! }
 //! ```
+//!
+//! Without a runtime of your own, [`Server::start_tcp`] with one shared
+//! handler, and [`Server::shutdown`] or
+//! [`server::serve_until_signalled`], which block.
+//!
+//! Nothing process- or system-wide changes unless asked: see
+//! [`ServeOptions::raise_fd_limit`], [`GroupBuilder::mount_bpffs`] and
+//! [`GroupBuilder::tcp_migrate_req`].
 //!
 //! # Running your own workers on the group's listeners
 //!
@@ -91,14 +114,17 @@ pub mod maps;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod slot;
 pub mod socket;
 pub mod steering;
 pub mod sys;
 pub mod worker;
 
+pub use echo::EchoOptions;
 pub use error::{Error, Result};
 pub use group::{Group, GroupBuilder, GroupHandle, Member};
 pub use policy::{HashKey, ParseError, Policy, PolicyKind};
 pub use server::{ServeOptions, Server};
+pub use slot::SlotState;
 pub use socket::Proto;
 pub use worker::{Conn, Limits, WorkerInfo};

@@ -124,9 +124,16 @@ pub struct ParseError {
     message: String,
 }
 
+impl ParseError {
+    pub(crate) fn new(message: String) -> Self {
+        ParseError { message }
+    }
+}
+
 /// What the `hash` and `consistent` policies hash
 /// (bytes in `reuseport_common::hash`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum HashKey {
     /// The client's address: every connection of one client reaches one worker.
     SrcIp,

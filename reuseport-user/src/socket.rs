@@ -96,18 +96,8 @@ pub fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
     if got >= bytes {
         return;
     }
-    let value = bytes as libc::c_int;
-    // SAFETY: a c_int option value of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
+    // SO_RCVBUFFORCE: past net.core.rmem_max, with CAP_NET_ADMIN.
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(socket, bytes).is_err() {
         log::debug!(
             "UDP receive buffer is {got} bytes (net.core.rmem_max); bursts beyond it are dropped by the kernel"
         );

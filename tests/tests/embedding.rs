@@ -47,6 +47,7 @@ impl Example {
             }
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("{name} did not become ready: {lines:?}");
     }
 
@@ -127,31 +128,48 @@ reuseport-user = { path = "@LIBRARY@" }
 tokio = { version = "1", features = ["rt-multi-thread", "macros", "net", "io-util", "time"] }
 "#;
 
-/// Its program: a round-robin group of two workers serving a greeting,
-/// started and stopped from inside `#[tokio::main]`, and a client in the
-/// same runtime.
-const CONSUMER_MAIN: &str = r#"use reuseport::{Conn, Group, Policy, PolicyKind, ServeOptions, Server};
+/// Its program, all inside `#[tokio::main]`: a round-robin group of two
+/// workers whose handlers are made per worker, on the worker's thread, and
+/// hold an `Rc` (not `Send`); clients in the same runtime; the async
+/// shutdown; then a second group served by the blocking
+/// `serve_until_signalled`, which must not panic inside the runtime.
+const CONSUMER_MAIN: &str = r#"use std::{cell::Cell, rc::Rc};
+
+use reuseport::{Conn, Group, Policy, PolicyKind, ServeOptions, Server, WorkerInfo};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let group = Group::builder()
-        .addr("127.0.0.1:0".parse()?)
+fn new_group() -> reuseport::Result<Group> {
+    Group::builder()
+        .addr("127.0.0.1:0".parse().unwrap())
         .policy(Policy::new(PolicyKind::RoundRobin))
         .workers(2)
-        .build()?;
+        .build()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let group = new_group()?;
     let handle = group.handle();
-    let server = Server::start_tcp(
+    let server = Server::start_tcp_with(
         group,
-        |mut stream: TcpStream, conn: Conn| async move {
-            let mut buf = [0u8; 64];
-            let n = stream.read(&mut buf).await?;
-            let said = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let answer = format!("worker {} heard {said}", conn.worker.worker);
-            stream.write_all(answer.as_bytes()).await
+        |me: &WorkerInfo| {
+            let worker = me.worker;
+            // This worker's own count, on its own thread.
+            let calls = Rc::new(Cell::new(0u32));
+            move |mut stream: TcpStream, _conn: Conn| {
+                let calls = calls.clone();
+                async move {
+                    calls.set(calls.get() + 1);
+                    let mut buf = [0u8; 64];
+                    let n = stream.read(&mut buf).await?;
+                    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let answer = format!("worker {worker} call {} heard {said}", calls.get());
+                    stream.write_all(answer.as_bytes()).await
+                }
+            }
         },
         ServeOptions::default(),
     )?;
@@ -165,8 +183,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{answer}");
     }
     println!("selected {:?}", &handle.counters()?.selected[..2]);
-    server.shutdown()?;
+    server.stop().await?;
     println!("stopped");
+
+    let server = Server::start_tcp(
+        new_group()?,
+        |mut stream: TcpStream, _conn: Conn| async move { stream.write_all(b"bye").await },
+        ServeOptions::default(),
+    )?;
+    reuseport::server::serve_until_signalled(server, || println!("ready"))?;
+    println!("signalled");
     Ok(())
 }
 "#;
@@ -210,15 +236,45 @@ fn a_crate_outside_the_workspace_serves_a_group_from_tokio_main() {
         "the consumer did not build:\n{}",
         String::from_utf8_lossy(&build.stderr)
     );
-    let run = Command::new(target.join("debug/outside-consumer"))
-        .output()
+    let mut child = Command::new(target.join("debug/outside-consumer"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running the consumer");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stdout}\n{stderr}");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for _ in 0..10 {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        lines.push(line.trim_end().to_string());
+        if line.trim_end() == "ready" {
+            break;
+        }
+    }
+    // Ready: its signal handlers are in place.
+    let ready = lines.last().map(String::as_str) == Some("ready");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let stdout = format!("{}\n{rest}", lines.join("\n"));
+    assert!(ready, "{stdout}\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stdout.lines().collect();
-    // Round robin by the program: the two workers take turns.
+    assert!(status.success(), "{status}: {stdout}\n{stderr}");
+    // Round robin by the program: the two workers take turns, and each
+    // worker's handler counts only its own connections.
     let first: u32 = lines[0]
         .strip_prefix("worker ")
         .and_then(|l| l.split(' ').next())
@@ -226,13 +282,84 @@ fn a_crate_outside_the_workspace_serves_a_group_from_tokio_main() {
         .unwrap_or_else(|| panic!("{stdout}"));
     for (i, line) in lines[..4].iter().enumerate() {
         let worker = (first + i as u32) % 2;
+        let call = i / 2 + 1;
         assert_eq!(
             *line,
-            format!("worker {worker} heard hello {i}"),
+            format!("worker {worker} call {call} heard hello {i}"),
             "{stdout}"
         );
     }
     assert_eq!(lines[4], "selected [2, 2]", "{stdout}");
     assert_eq!(lines[5], "stopped", "{stdout}");
+    assert_eq!(rest.trim_end(), "signalled", "{stdout}\n{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_group_has_no_default_address() {
+    let err = reuseport::Group::builder()
+        .policy(reuseport::Policy::new(reuseport::PolicyKind::RoundRobin))
+        .build()
+        .expect_err("a group without an address");
+    assert!(matches!(err, reuseport::Error::NoAddress), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "the group has no address: give one with GroupBuilder::addr"
+    );
+}
+
+fn soft_fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .0
+}
+
+fn migrate_req() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A TCP group under the kernel policy (no program: the one case where
+/// the library would set `tcp_migrate_req`), not pinned.
+fn kernel_group(migrate: bool) -> reuseport::Group {
+    reuseport::Group::builder()
+        .addr("127.0.0.1:0".parse().unwrap())
+        .workers(1)
+        .policy(reuseport::Policy::new(reuseport::PolicyKind::Kernel))
+        .pin(false)
+        .tcp_migrate_req(migrate)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn process_wide_settings_change_only_when_asked() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use reuseport::{ServeOptions, Server};
+    netns();
+    // A soft open-file limit below the hard one, so that a raise shows.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let low = 512.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+    // tcp_migrate_req is per network namespace: this one's, fresh.
+    assert_eq!(migrate_req(), "0");
+
+    let server = Server::start_echo(kernel_group(false), ServeOptions::default()).unwrap();
+    assert_eq!(soft_fd_limit(), low, "the open-file limit was left alone");
+    assert_eq!(migrate_req(), "0", "the sysctl was left alone");
+    server.shutdown().unwrap();
+
+    let asked = ServeOptions {
+        raise_fd_limit: true,
+        ..ServeOptions::default()
+    };
+    let server = Server::start_echo(kernel_group(true), asked).unwrap();
+    if hard > low {
+        assert!(soft_fd_limit() > low, "raised when asked");
+    }
+    assert_eq!(migrate_req(), "1", "set when asked");
+    server.shutdown().unwrap();
+    assert_eq!(migrate_req(), "0", "put back at close");
 }

@@ -157,7 +157,8 @@ fn run(cli: Cli) -> Result<()> {
             cargo(
                 &root,
                 &["test", "-p", "reuseport-tests", "--test", "layering"],
-            )
+            )?;
+            msrv(&root)
         }
     }
 }
@@ -231,6 +232,42 @@ fn package(root: &Path) -> Result<()> {
             "reuseport-user",
             "--allow-dirty",
         ],
+    )
+}
+
+/// Checks the library with the oldest compiler it declares
+/// (`rust-version`): that toolchain must be installed (`rustup toolchain
+/// list`); rustup will not fetch it here.
+fn msrv(root: &Path) -> Result<()> {
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
+    let version = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .context("no rust-version in the workspace's Cargo.toml")?;
+    // rustup names a release by its full version.
+    let toolchain = match version.matches('.').count() {
+        1 => format!("{version}.0"),
+        _ => version.clone(),
+    };
+    let installed = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup toolchain list")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with(&format!("{toolchain}-")))
+    {
+        bail!("the MSRV is {version}, but toolchain {toolchain} is not installed: `rustup toolchain install {toolchain}`");
+    }
+    println!("xtask: the library with Rust {toolchain} (its rust-version)");
+    status(
+        Command::new("rustup")
+            .current_dir(root)
+            .args(["run", &toolchain, "cargo", "check", "--lib"])
+            .args(["-p", "reuseport-user", "-p", "reuseport-common"])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
     )
 }
 

@@ -300,10 +300,7 @@ fn start_group(
     let limits = Arc::new(Limits::default());
     let mut workers: Vec<WorkerHandle> = Vec::new();
     for m in group.members() {
-        let info = WorkerInfo {
-            worker: m.slot,
-            cpu: m.cpu,
-        };
+        let info = WorkerInfo::new(m.slot, m.cpu);
         let t = tally.clone();
         workers.push(match proto {
             Proto::Tcp => worker::spawn_tcp(
