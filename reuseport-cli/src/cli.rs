@@ -11,14 +11,9 @@ use clap::{
     Args, Parser, Subcommand,
 };
 use reuseport::{
-    control::Control,
-    error::Result,
-    group::{Group, DEFAULT_BACKLOG},
-    policy::{HashKey, Policy, PolicyKind},
     server::{self, ServeOptions, Server},
-    socket::Proto,
-    worker::Limits,
-    EchoOptions,
+    Control, EchoOptions, Group, HashKey, Limits, Policy, PolicyError, PolicyKind, Proto, Result,
+    DEFAULT_BACKLOG,
 };
 
 use crate::stats;
@@ -386,7 +381,7 @@ fn ctl(args: CtlArgs) -> Result<()> {
                     .iter()
                     .find(|l| current.weights.get(l.slot as usize).copied().unwrap_or(0) == 0)
                 {
-                    return Err(reuseport::policy::PolicyError::NoWeight { slot: l.slot }.into());
+                    return Err(PolicyError::NoWeight { slot: l.slot }.into());
                 }
             }
             let next = Policy {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::Cli;
-use reuseport::{policy::PolicyError, Error};
+use reuseport::{Error, PolicyError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -6,14 +6,15 @@
 //! Workers are OS threads pinned to CPUs, each running its own
 //! current-thread tokio runtime on its own socket.
 //!
-//! - [`group`]: the sockets and the program attached to them
-//! - [`policy`]: the policies and what they become in the program's maps
-//! - [`steering`]: loading, attaching and configuring the program
-//! - [`worker`]: the thread-per-core workers; [`echo`]: the echo service
-//! - [`maps`]: the program's maps; [`control`]: a running group seen
-//!   from any process through its pinned maps (`reuseport ctl`, `stats`)
-//! - [`metrics`]: Prometheus metrics; [`server`]: serving a group with a
-//!   handler, supervised (`reuseport run` serves the [`echo`] handler)
+//! The public surface is what this page lists: the types at the crate's
+//! root ([`Group`] and its builder and handle, [`Policy`], [`Server`] and
+//! its options, the handler's [`Conn`] and [`WorkerInfo`], [`Control`] for
+//! a running group seen from another process, [`SlotState`], [`Error`]),
+//! and the modules [`server`] (signals) and [`echo`] (the echo service).
+//! The modules behind them (group, policy, steering, maps, workers,
+//! metrics, system calls) are internal: they are reachable only for the
+//! `reuseport-cli` crate's benchmark and this workspace's tests, hidden
+//! from the documentation, and may change in any release.
 //!
 //! The `reuseport` command line and the `reuseport-bench` benchmark live in
 //! the crate `reuseport-cli`, on top of this library.
@@ -87,7 +88,7 @@
 //!         // A std listener (or `tokio_tcp_listener()` inside a runtime).
 //!         let (listener, cpu) = (member.tcp_listener()?, member.cpu);
 //!         threads.push(std::thread::spawn(move || {
-//!             let _ = reuseport::sys::pin_current_thread(cpu);
+//!             let _ = reuseport::pin_current_thread(cpu);
 //!             listener.set_nonblocking(false).ok();
 //!             for stream in listener.incoming().take(100) {
 //!                 drop(stream);
@@ -104,27 +105,46 @@
 //! ```
 #![deny(missing_docs)]
 
+// Internal: hidden, not part of the API (see the crate documentation).
+#[doc(hidden)]
 pub mod balance;
+#[doc(hidden)]
 pub mod control;
+#[doc(hidden)]
 pub mod datagram;
 pub mod echo;
+#[doc(hidden)]
 pub mod error;
+#[doc(hidden)]
 pub mod group;
+#[doc(hidden)]
 pub mod maps;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod policy;
 pub mod server;
+#[doc(hidden)]
 pub mod slot;
+#[doc(hidden)]
 pub mod socket;
+#[doc(hidden)]
 pub mod steering;
+#[doc(hidden)]
 pub mod sys;
+#[doc(hidden)]
 pub mod worker;
 
+pub use balance::{balance, Balance};
+pub use control::{Control, SlotStatus, Status};
 pub use echo::EchoOptions;
 pub use error::{Error, Result};
-pub use group::{Group, GroupBuilder, GroupHandle, Member};
-pub use policy::{HashKey, ParseError, Policy, PolicyKind};
+pub use group::{Group, GroupBuilder, GroupHandle, Member, Role, DEFAULT_BACKLOG};
+pub use maps::BpfCounters;
+pub use policy::{HashKey, ParseError, Policy, PolicyError, PolicyKind};
+pub use reuseport_common::WorkerRecord;
 pub use server::{ServeOptions, Server};
 pub use slot::SlotState;
 pub use socket::Proto;
-pub use worker::{Conn, Limits, WorkerInfo};
+pub use sys::pin_current_thread;
+pub use worker::{Conn, DatagramHandler, Limits, WorkerInfo};

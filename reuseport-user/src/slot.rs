@@ -65,7 +65,8 @@ impl SlotState {
 
 impl fmt::Display for SlotState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        // pad: honours a width, as in the stats table.
+        f.pad(self.name())
     }
 }
 

@@ -101,3 +101,66 @@ fn the_server_links_no_font_library() {
         bench.display()
     );
 }
+
+/// The library's internal modules: reachable (hidden from the docs) only
+/// for the benchmark and the tests.
+const INTERNAL: [&str; 13] = [
+    "balance", "control", "datagram", "error", "group", "maps", "metrics", "policy", "slot",
+    "socket", "steering", "sys", "worker",
+];
+
+/// The modules named by `reuseport::MODULE::` paths in `text`, also inside
+/// `use reuseport::{...}` groups.
+fn modules_used(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, _) in text.match_indices("reuseport::") {
+        let rest = &text[i + "reuseport::".len()..];
+        let group = match rest.strip_prefix('{') {
+            Some(g) => &g[..g.find("};").unwrap_or(g.len())],
+            None => rest.split([';', ',', ' ', '(', '\n']).next().unwrap_or(""),
+        };
+        for path in group.split([',', '{', '\n']) {
+            if let Some((module, _)) = path.trim().split_once("::") {
+                found.push(module.trim().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_command_line_the_examples_and_the_readme_use_only_the_public_api() {
+    let root = workspace();
+    let mut files: Vec<std::path::PathBuf> = ["main.rs", "cli.rs", "stats.rs"]
+        .iter()
+        .map(|f| root.join("reuseport-cli/src").join(f))
+        .collect();
+    for e in std::fs::read_dir(root.join("reuseport-user/examples")).unwrap() {
+        files.push(e.unwrap().path());
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let embedding = readme
+        .split("## Embedding")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the README's Embedding section");
+    let mut texts: Vec<(String, String)> = files
+        .iter()
+        .map(|f| (f.display().to_string(), std::fs::read_to_string(f).unwrap()))
+        .collect();
+    texts.push(("README.md, Embedding".into(), embedding.to_string()));
+    let mut seen = 0;
+    for (name, text) in &texts {
+        let used = modules_used(text);
+        seen += used.len();
+        for m in used {
+            assert!(
+                !INTERNAL.contains(&m.as_str()),
+                "{name} uses the internal module reuseport::{m}"
+            );
+        }
+    }
+    // The scan found the public modules they do use (server::...).
+    assert!(seen > 0, "no reuseport:: paths found");
+    assert!(modules_used("use reuseport::{sys::x, Group};").contains(&"sys".to_string()));
+}
