@@ -110,8 +110,7 @@
 pub mod balance;
 #[doc(hidden)]
 pub mod control;
-#[doc(hidden)]
-pub mod datagram;
+mod datagram;
 pub mod echo;
 #[doc(hidden)]
 pub mod error;
@@ -124,8 +123,7 @@ pub mod metrics;
 #[doc(hidden)]
 pub mod policy;
 pub mod server;
-#[doc(hidden)]
-pub mod slot;
+mod slot;
 #[doc(hidden)]
 pub mod socket;
 #[doc(hidden)]

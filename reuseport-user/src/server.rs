@@ -63,6 +63,11 @@ type Starter =
     Arc<dyn Fn(&Group, u32, CancellationToken, OnFault) -> Result<WorkerHandle> + Send + Sync>;
 
 /// A group being served.
+///
+/// Dropping a `Server` that still serves shuts it down as
+/// [`Server::shutdown`] does, blocking the dropping thread for up to the
+/// drain timeout; async code awaits [`Server::stop`] (or [`Server::run`])
+/// first.
 pub struct Server {
     stop: CancellationToken,
     thread: Option<thread::JoinHandle<Result<String>>>,
