@@ -12,7 +12,7 @@ use clap::{
 };
 use reuseport::{
     server::{self, ServeOptions, Server},
-    Control, EchoOptions, Group, HashKey, Limits, Policy, PolicyError, PolicyKind, Proto, Result,
+    Control, EchoOptions, Group, HashKey, Limits, Policy, PolicyKind, Proto, Result,
     DEFAULT_BACKLOG,
 };
 
@@ -43,6 +43,9 @@ pub enum Command {
     Adopt(AdoptArgs),
     /// Print per-worker counters and the balance of a running group.
     Stats(StatsArgs),
+    /// Remove the pins of dead groups of this network namespace (their
+    /// owner was killed or crashed); a running group is left alone.
+    Cleanup(CleanupArgs),
     /// Measure every policy and the classic server designs side by side:
     /// runs `reuseport-bench` (installed beside this program) with the
     /// arguments that follow (`reuseport bench --help` for its own help).
@@ -195,7 +198,8 @@ pub struct RunArgs {
     pub weights: Option<Weights>,
 
     /// Name of the group, for `reuseport ctl` and `stats` (its maps are
-    /// pinned in /sys/fs/bpf/reuseport/NAME) [default: PROTO-ADDRESS-PORT].
+    /// pinned in /sys/fs/bpf/reuseport/netns-INODE/NAME, INODE being the
+    /// network namespace's) [default: PROTO-ADDRESS-PORT].
     #[arg(long)]
     pub group: Option<String>,
 
@@ -314,13 +318,41 @@ pub struct StatsArgs {
     pub watch: Option<f64>,
 }
 
+/// Options of `reuseport cleanup`.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Only this group (it must be dead) [default: every dead group].
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(args) => run_group(args),
+        Command::Run(args) => {
+            reuseport::server::catch_stop_signals()?;
+            run_group(args)
+        }
         Command::Join(args) => {
+            reuseport::server::catch_stop_signals()?;
             let group = Group::join(&args.group, args.workers, None, args.serve.backlog)?;
             serve(group, args.serve.options())
+        }
+        Command::Cleanup(args) => {
+            let removed = Control::cleanup(args.group.as_deref())?;
+            if removed.is_empty() {
+                println!("no dead group in this network namespace");
+            }
+            for r in removed {
+                match r.owner_pid {
+                    Some(pid) => println!(
+                        "removed dead group {} (its owner, pid {pid}, is gone)",
+                        r.name
+                    ),
+                    None => println!("removed dead group {} (its record was unreadable)", r.name),
+                }
+            }
+            Ok(())
         }
         Command::Ctl(args) => ctl(args),
         Command::Adopt(args) => {
@@ -369,28 +401,7 @@ fn ctl(args: CtlArgs) -> Result<()> {
             hash_key,
             seed,
         } => {
-            let current = control.status()?.policy;
-            if policy == PolicyKind::Weighted
-                && weights.is_none()
-                && current.kind != PolicyKind::Weighted
-            {
-                // The weights kept from an earlier `weighted` may not cover
-                // workers that came since.
-                if let Some(l) = control
-                    .live_slots()
-                    .iter()
-                    .find(|l| current.weights.get(l.slot as usize).copied().unwrap_or(0) == 0)
-                {
-                    return Err(PolicyError::NoWeight { slot: l.slot }.into());
-                }
-            }
-            let next = Policy {
-                kind: policy,
-                key: hash_key.unwrap_or(current.key),
-                seed: seed.unwrap_or(current.seed),
-                weights: weights.map(|w| w.0).unwrap_or(current.weights),
-            };
-            control.set_policy(&next)?;
+            let next = control.switch_policy(policy, hash_key, seed, weights.map(|w| w.0))?;
             println!("group {}: policy {next}", control.name());
             Ok(())
         }
@@ -421,6 +432,9 @@ fn watch_stats(args: StatsArgs) -> Result<()> {
     let every = Duration::from_secs_f64(every.max(0.1));
     loop {
         std::thread::sleep(every);
+        // The pins outlive a killed owner: stop rather than print its last
+        // counters for ever.
+        control.check_owner()?;
         let now = (control.status()?, Instant::now());
         let secs = now.1.duration_since(previous.1).as_secs_f64();
         println!("{}", stats::render(&now.0, Some((&previous.0, secs))));
@@ -477,7 +491,7 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
 fn serve(group: Group, options: ServeOptions) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "policy {}", group.policy()?);
-    if let (Some(name), Some(dir)) = (group.name(), group.pin_dir()) {
+    if let (Some(name), Some(dir)) = (group.name(), group.pin_dir_shown()) {
         let _ = writeln!(out, "group {name} (maps pinned in {})", dir.display());
     }
     for m in group.members() {

@@ -16,6 +16,11 @@ fn main() -> ExitCode {
         .init();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // Stopped as asked, and cleaned up: not a failure.
+        Err(e @ Error::Interrupted { .. }) => {
+            log::info!("{e}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             if let Error::Verifier { log, .. } = &e {
@@ -41,6 +46,20 @@ fn in_flags(e: &Error) -> Option<String> {
         Error::GroupRunning { name, pid } => {
             format!("group {name} is already running (pid {pid}); stop it or pick another --group")
         }
+        Error::NoLiveGroup { dead } => format!(
+            "no reuseport group is running in this network namespace; dead: {dead} (`reuseport cleanup` removes them)"
+        ),
+        Error::OwnerGone {
+            name,
+            pid,
+            proto,
+            addr,
+        } => format!(
+            "group {name} is dead: its owner (pid {pid}) is gone; remove it with `reuseport cleanup --group {name}`, or start `reuseport run` on {proto} {addr} to replace it"
+        ),
+        Error::OtherPidNamespace { name, pid } => format!(
+            "group {name}'s owner (pid {pid} in its own pid namespace) is not visible from this pid namespace: join, adopt and add-worker must run in the owner's pid namespace"
+        ),
         Error::WhichGroup { names } => {
             format!("several groups are running ({names}): name one with --group")
         }

@@ -60,6 +60,64 @@ pub mod map {
     pub const GROUP: &str = "GROUP";
     /// `BPF_MAP_TYPE_PERCPU_ARRAY` of [`counter::LEN`](crate::counter::LEN) `u64`.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `BPF_MAP_TYPE_ARRAY` of one [`Layout`](crate::Layout): which layout
+    /// of these maps the group was created with, so that another build
+    /// refuses them instead of misreading them.
+    pub const LAYOUT: &str = "LAYOUT";
+}
+
+/// The version of the pinned maps' layout (their records, sizes and
+/// meanings). Raise it whenever any of them changes, so that a build that
+/// opens a group created by another one refuses it with a clear error
+/// (see [`Layout`]). Groups created before layouts were recorded (up to
+/// layout 2: the WORKERS records became 64 bytes there) have no
+/// [`map::LAYOUT`] map at all. Layout 3 gave the WORKERS records a member
+/// kind and socket descriptor (64 bytes); layout 4 added the worker
+/// process's start time, which made them 128 bytes.
+pub const LAYOUT_VERSION: u32 = 4;
+
+/// Marks a [`Layout`] record as one of ours.
+pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"RPLY");
+
+/// What a group's pinned maps look like, written once by the build that
+/// created them. Its own size never changes (new fields take `reserved`),
+/// so any build can read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// [`LAYOUT_MAGIC`].
+    pub magic: u32,
+    /// [`LAYOUT_VERSION`] of the build that created the group.
+    pub version: u32,
+    /// `size_of::<State>()` of that build.
+    pub state_size: u32,
+    /// `size_of::<Table>()`.
+    pub table_size: u32,
+    /// `size_of::<WorkerRecord>()`.
+    pub worker_record_size: u32,
+    /// `size_of::<GroupInfo>()`.
+    pub group_info_size: u32,
+    /// [`MAX_WORKERS`]: slots of the socket and worker maps.
+    pub max_workers: u32,
+    /// [`counter::LEN`].
+    pub counters: u32,
+    /// Reserved for later fields; zero.
+    pub reserved: [u32; 8],
+}
+
+impl Layout {
+    /// The layout of this build.
+    pub const CURRENT: Layout = Layout {
+        magic: LAYOUT_MAGIC,
+        version: LAYOUT_VERSION,
+        state_size: core::mem::size_of::<State>() as u32,
+        table_size: core::mem::size_of::<Table>() as u32,
+        worker_record_size: core::mem::size_of::<WorkerRecord>() as u32,
+        group_info_size: core::mem::size_of::<GroupInfo>() as u32,
+        max_workers: MAX_WORKERS,
+        counters: counter::LEN,
+        reserved: [0; 8],
+    };
 }
 
 /// Names of the programs in the eBPF object.
@@ -302,9 +360,31 @@ pub struct WorkerRecord {
     pub load: u64,
     /// Connections that waited because the worker was at its connection limit.
     pub at_limit: u64,
-    /// Unused: makes a record one 64-byte cache line, so that workers
-    /// counting on different CPUs do not share one.
-    pub reserved: u64,
+    /// Start time of the process in `pid` (clock ticks after boot, as
+    /// `/proc/PID/stat` field 22 gives it; 0: unknown), so that a later
+    /// process given the same pid is not taken for it.
+    pub pid_start: u64,
+    /// The slot's socket's descriptor number in process `pid`, for a
+    /// member of another process ([`member_kind::JOINED`] or
+    /// [`member_kind::ADOPTED`]): a takeover duplicates it from there
+    /// (`pidfd_getfd`) into the new generation's socket map.
+    pub fd: i32,
+    /// A [`member_kind`].
+    pub kind: u32,
+    /// Unused: makes a record two whole 64-byte cache lines, so that
+    /// workers counting on different CPUs do not share one, and leaves
+    /// room for later fields.
+    pub reserved: [u64; 7],
+}
+
+/// Who serves a slot ([`WorkerRecord::kind`]).
+pub mod member_kind {
+    /// A worker of the group's owner.
+    pub const OWNER: u32 = 0;
+    /// A worker of a process that joined (`reuseport join`).
+    pub const JOINED: u32 = 1;
+    /// A socket of another program (`reuseport adopt`).
+    pub const ADOPTED: u32 = 2;
 }
 
 /// Bits of [`GroupInfo::flags`].
@@ -355,6 +435,7 @@ mod pod {
     unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::WorkerRecord {}
     unsafe impl aya::Pod for super::GroupInfo {}
+    unsafe impl aya::Pod for super::Layout {}
 }
 
 #[cfg(test)]
@@ -367,7 +448,7 @@ mod tests {
             core::mem::size_of::<Config>(),
             4 * (8 + 2 * MAX_WORKERS as usize) + CPU_TABLE_LEN as usize
         );
-        assert_eq!(core::mem::size_of::<WorkerRecord>(), 64);
+        assert_eq!(core::mem::size_of::<WorkerRecord>(), 128);
         assert_eq!(
             core::mem::size_of::<State>(),
             128 + 2 * core::mem::size_of::<Config>()
@@ -376,6 +457,28 @@ mod tests {
         assert_eq!(core::mem::offset_of!(State, config), 128);
         assert_eq!(core::mem::size_of::<WorkerRecord>() % 8, 0);
         assert_eq!(core::mem::size_of::<GroupInfo>(), 16 + 4 * 6 + 8 + 4 * 2);
+        assert_eq!(core::mem::size_of::<Layout>(), 64, "never changes size");
+    }
+
+    /// A tripwire: the sizes of the pinned records are those of
+    /// [`LAYOUT_VERSION`]. When this fails, a record changed: raise the
+    /// version (and update the sizes here), or an older group's maps will
+    /// be misread by this build instead of refused.
+    #[test]
+    fn the_layout_version_matches_the_records() {
+        let l = Layout::CURRENT;
+        assert_eq!(
+            (
+                l.version,
+                l.state_size,
+                l.table_size,
+                l.worker_record_size,
+                l.group_info_size,
+                l.max_workers,
+                l.counters
+            ),
+            (4, 1728, 8192, 128, 56, 64, 72)
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ use aya_log_ebpf::trace;
 use reuseport_common::{
     counter,
     hash::{hash_four_tuple, hash_payload, hash_src_ip, v4_mapped},
-    key, policy, Config, GroupInfo, State, Table, WorkerRecord, CPU_TABLE_LEN, MAX_WORKERS,
+    key, policy, Config, GroupInfo, Layout, State, Table, WorkerRecord, CPU_TABLE_LEN, MAX_WORKERS,
     TABLE_CAPACITY,
 };
 
@@ -58,6 +58,10 @@ static WORKERS: Array<WorkerRecord> = Array::with_max_entries(MAX_WORKERS, BPF_F
 /// Not read here: the loader records the group's address and owner in it.
 #[map]
 static GROUP: Array<GroupInfo> = Array::with_max_entries(1, 0);
+
+/// Not read here either: the loader records the maps' layout version in it.
+#[map]
+static LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);

@@ -1,5 +1,6 @@
 //! Control of a running group from any process: its maps are pinned under
-//! `/sys/fs/bpf/reuseport/<group>/`.
+//! `/sys/fs/bpf/reuseport/netns-<INODE>/<group>/` (one directory per network
+//! namespace: see [`pins`]).
 //!
 //! Why pinned maps: all of a group's policy state already lives in the
 //! program's maps, so pinning them makes the group controllable by any
@@ -12,26 +13,26 @@
 use std::{
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use log::{info, warn};
-use reuseport_common::{group_flag, key, worker_state, Config, GroupInfo, WorkerRecord};
+use log::warn;
+use reuseport_common::{group_flag, GroupInfo, WorkerRecord};
 
 use crate::{
     error::{Error, Result},
-    maps::{BpfCounters, Maps},
+    maps::{self, BpfCounters, Maps},
+    pins::{self, Owner},
     policy::{self, HashKey, LiveSlot, Policy, PolicyKind},
+    slots,
     socket::Proto,
 };
 
-/// Where bpffs is mounted.
-pub const BPFFS: &str = "/sys/fs/bpf";
-/// The directory of every group's pins.
-pub const PIN_ROOT: &str = "/sys/fs/bpf/reuseport";
+pub use crate::pins::{ensure_bpffs, process_start_time, release, BPFFS, PIN_ROOT};
+pub use crate::policy::policy_of;
+pub use crate::slots::{live_slots, name as state_name};
 
 /// The default name of a group: protocol, address and port, with the
 /// address's dots and colons written as `_` (bpffs reserves dots in names).
@@ -40,7 +41,7 @@ pub fn default_group_name(proto: Proto, addr: SocketAddr) -> String {
     format!("{proto}-{ip}-{}", addr.port())
 }
 
-/// Checks that `name` can be a directory name under [`PIN_ROOT`] (bpffs
+/// Checks that `name` can be a directory name under bpffs (bpffs
 /// refuses names with a dot: `bpf_lookup()` in `kernel/bpf/inode.c`).
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -57,126 +58,194 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-/// The pin directory of group `name`.
-pub fn group_dir(name: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(name)
+/// The pin directory of group `name` in the calling thread's network
+/// namespace.
+pub fn group_dir(name: &str) -> Result<PathBuf> {
+    pins::group_dir(name)
 }
 
-fn is_bpffs(path: &str) -> bool {
-    nix::sys::statfs::statfs(path)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-}
-
-/// Fails, saying what to do, unless bpffs is mounted at [`BPFFS`].
-fn require_bpffs() -> Result<()> {
-    if is_bpffs(BPFFS) {
-        return Ok(());
+/// The pin directory of the existing group `name` of this network
+/// namespace; a group pinned by an older build (not per namespace) is
+/// refused as one of another layout ([`Error::IncompatibleLayout`]).
+pub fn existing_dir(name: &str) -> Result<PathBuf> {
+    validate_name(name)?;
+    let dir = group_dir(name)?;
+    match check_exists(name, &dir) {
+        Err(Error::NoSuchGroup { .. }) if pins::is_legacy(&pins::legacy_dir(name)) => {
+            // Every build that pinned there is of an older layout: say
+            // which, as for any group of another layout.
+            crate::layout::check(&pins::legacy_dir(name))?;
+            Err(Error::LegacyPins {
+                name: name.to_string(),
+                dir: pins::legacy_dir(name),
+            })
+        }
+        r => r.map(|()| dir),
     }
-    Err(Error::io(
-        format!("pinning the group's maps under {BPFFS}"),
-        std::io::Error::other(
-            "bpffs is not mounted there: mount it (mount -t bpf bpf /sys/fs/bpf), let the library do it (GroupBuilder::mount_bpffs), or do not pin (GroupBuilder::pin(false))",
-        ),
-    ))
 }
 
-/// Mounts bpffs at [`BPFFS`] if nothing is mounted there (some systems do
-/// not mount it at boot). A change to the whole system: only when asked
-/// ([`crate::GroupBuilder::mount_bpffs`]).
-pub fn ensure_bpffs() -> Result<()> {
-    if is_bpffs(BPFFS) {
-        return Ok(());
+/// Whether the owner of the group pinned in `dir` runs (see
+/// [`pins::owner`]), with its group record if it could be read.
+pub fn owner_of(dir: &Path) -> (Owner, Option<GroupInfo>) {
+    let info = maps::group_info_at(dir).ok();
+    let owner = pins::owner(dir, info.map(|i| (i.owner_pid, i.owner_start)));
+    (owner, info)
+}
+
+/// Whether group `name` of this network namespace has a running owner.
+pub fn owner_running(name: &str) -> bool {
+    group_dir(name).is_ok_and(|dir| owner_of(&dir).0 == Owner::Alive)
+}
+
+/// Fails with [`Error::OwnerGone`] if the owner of group `name` (pinned in
+/// `dir`, with record `info`) is gone.
+pub fn check_alive(name: &str, dir: &Path, info: &GroupInfo) -> Result<()> {
+    if pins::owner(dir, Some((info.owner_pid, info.owner_start))) == Owner::Gone {
+        let (addr, proto) = addr_of(info);
+        return Err(Error::OwnerGone {
+            name: name.to_string(),
+            pid: info.owner_pid,
+            proto,
+            addr,
+        });
     }
-    fs::create_dir_all(BPFFS).map_err(|e| Error::io(format!("creating {BPFFS}"), e))?;
-    nix::mount::mount(
-        Some("bpf"),
-        BPFFS,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| Error::io(format!("mounting bpffs at {BPFFS}"), e.into()))?;
-    info!("mounted bpffs at {BPFFS} (it was not mounted) to pin the group's maps");
     Ok(())
 }
 
-/// The start time of process `pid` (clock ticks after boot), if it is
-/// running (a zombie, dead but not yet reaped, is not).
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = crate::sys::process_stat(pid)?;
-    if stat.state == 'Z' || stat.state == 'X' {
-        return None;
+/// Fails unless the (running) owner of group `name` is in this process's
+/// pid namespace: a process that names workers by pid (`join`, `adopt`,
+/// `add-worker`) must share it with the owner, which checks on them by
+/// that pid. Across pid namespaces the owner's pid names another process,
+/// or none, so its start time does not match.
+pub fn check_pid_namespace(name: &str, info: &GroupInfo) -> Result<()> {
+    if pins::process_alive(info.owner_pid, info.owner_start) {
+        Ok(())
+    } else {
+        Err(Error::OtherPidNamespace {
+            name: name.to_string(),
+            pid: info.owner_pid,
+        })
     }
-    Some(stat.starttime)
 }
 
-/// Creates the pin directory of a new group `name` (mode 0700). Pins left
-/// by a process that is gone are removed, with a warning; a group whose
-/// owner still runs is an error.
-pub fn claim(name: &str) -> Result<PathBuf> {
+/// Creates the pin directory of a new group `name` on `addr`/`proto`
+/// (mode 0700) and takes its owner's lock, under the namespace's start
+/// lock. Dead groups on the same address, whatever their name, are
+/// replaced (with a warning), and so are pins of that name whose owner is
+/// gone; a group of that name whose owner runs is an error.
+pub fn claim(
+    start: &pins::StartLock,
+    name: &str,
+    addr: SocketAddr,
+    proto: Proto,
+) -> Result<(PathBuf, pins::OwnerLock)> {
     validate_name(name)?;
-    require_bpffs()?;
-    make_private_dir(Path::new(PIN_ROOT))?;
-    let dir = group_dir(name);
+    start.make_dir()?;
+    for other in pins::names_in(start.dir()) {
+        let dir = start.dir().join(&other);
+        if other == name {
+            continue;
+        }
+        if crate::layout::check(&dir).is_err() {
+            // Another build's: not ours to judge or to remove.
+            continue;
+        }
+        if let (Owner::Gone, Some(info)) = owner_of(&dir) {
+            if addr_of(&info) == (addr, proto) {
+                warn!(
+                    "removing stale pins of group {other} on {proto} {addr} left by pid {}, which is gone",
+                    info.owner_pid
+                );
+                release(&dir)?;
+            }
+        }
+    }
+    let dir = start.dir().join(name);
     if dir.exists() {
-        let owner = Maps::from_pins(&dir).and_then(|m| m.group_info()).ok();
-        match owner {
-            Some(info) if process_start_time(info.owner_pid) == Some(info.owner_start) => {
+        // Another build's group: not ours to judge or to remove.
+        crate::layout::check(&dir)?;
+        match owner_of(&dir) {
+            (Owner::Alive, info) => {
                 return Err(Error::GroupRunning {
                     name: name.to_string(),
-                    pid: info.owner_pid,
+                    pid: info.map_or(0, |i| i.owner_pid),
                 });
             }
-            Some(info) => warn!(
+            (Owner::Gone, Some(info)) => warn!(
                 "removing stale pins of group {name} left by pid {}, which is gone",
                 info.owner_pid
             ),
-            None => warn!(
+            (Owner::Gone, None) => warn!(
                 "removing unreadable stale pins of group {name} in {}",
                 dir.display()
             ),
         }
         release(&dir)?;
     }
-    make_private_dir(&dir)?;
-    Ok(dir)
+    pins::make_private_dir(&dir)?;
+    let owner = pins::hold_owner(&dir).inspect_err(|_| {
+        let _ = release(&dir);
+    })?;
+    Ok((dir, owner))
 }
 
-fn make_private_dir(dir: &Path) -> Result<()> {
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(Error::io(format!("creating {}", dir.display()), e)),
-    }?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io(format!("chmod 0700 {}", dir.display()), e))
-}
-
-/// Removes a group's pins and its directory.
-pub fn release(dir: &Path) -> Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
-    };
-    for entry in entries.flatten() {
-        fs::remove_file(entry.path())
-            .map_err(|e| Error::io(format!("removing {}", entry.path().display()), e))?;
-    }
-    fs::remove_dir(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
-}
-
-/// Names of the groups pinned now.
+/// Names of the groups of this network namespace whose owner runs.
 pub fn groups() -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(PIN_ROOT)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+    let Ok(ns) = pins::namespace_dir() else {
+        return Vec::new();
+    };
+    pins::group_names_in(&ns)
+        .into_iter()
+        .filter(|n| owner_of(&ns.join(n)).0 == Owner::Alive)
+        .collect()
+}
+
+/// A dead group removed by [`cleanup`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removed {
+    /// The group's name.
+    pub name: String,
+    /// Its owner's pid, if its record could be read.
+    pub owner_pid: Option<u32>,
+}
+
+/// Removes the pins of dead group `name`, or with `None` of every dead
+/// group of this network namespace; a group whose owner runs is refused.
+/// Returns what was removed.
+pub fn cleanup(name: Option<&str>) -> Result<Vec<Removed>> {
+    crate::sys::check_bpf_privilege("removing a group's pins")?;
+    // Under the start lock: a group being created has no owner lock yet.
+    let start = pins::lock_namespace()?;
+    let names = match name {
+        Some(n) => {
+            existing_dir(n)?;
+            vec![n.to_string()]
+        }
+        None => pins::names_in(start.dir()),
+    };
+    let mut removed = Vec::new();
+    for n in names {
+        let dir = start.dir().join(&n);
+        match owner_of(&dir) {
+            (Owner::Alive, info) if name.is_some() => {
+                return Err(Error::GroupRunning {
+                    name: n,
+                    pid: info.map_or(0, |i| i.owner_pid),
+                })
+            }
+            (Owner::Alive, _) => {}
+            (Owner::Gone, info) => {
+                release(&dir)?;
+                removed.push(Removed {
+                    name: n,
+                    owner_pid: info.map(|i| i.owner_pid),
+                });
+            }
+        }
+    }
+    // Fails (ENOTEMPTY) while a group is left: fine.
+    let _ = fs::remove_dir(start.dir());
+    Ok(removed)
 }
 
 /// The group record of a group at `addr` created by this process.
@@ -193,33 +262,9 @@ pub fn group_info(addr: SocketAddr, proto: Proto, workers: u32, program: bool) -
         workers,
         owner_pid: pid,
         flags: if program { group_flag::PROGRAM } else { 0 },
-        owner_start: process_start_time(pid).unwrap_or(0),
+        owner_start: pins::own_start_time(),
         migrate_req_saved: 0,
         reserved: 0,
-    }
-}
-
-/// The policy a configuration record describes.
-pub fn policy_of(config: &Config) -> Policy {
-    let kind = PolicyKind::from_id(config.policy).unwrap_or(PolicyKind::Kernel);
-    let key = match config.key {
-        key::FOUR_TUPLE => HashKey::FourTuple,
-        key::PAYLOAD => HashKey::Payload {
-            offset: config.payload_offset as u16,
-            len: config.payload_len as u8,
-        },
-        _ => HashKey::SrcIp,
-    };
-    let used = config
-        .weights
-        .iter()
-        .rposition(|&w| w != 0)
-        .map_or(0, |i| i + 1);
-    Policy {
-        kind,
-        key,
-        seed: config.seed,
-        weights: config.weights[..used].to_vec(),
     }
 }
 
@@ -263,30 +308,55 @@ pub struct Control {
 }
 
 impl Control {
-    /// Opens group `name`, or the only group pinned now when `name` is `None`.
+    /// Removes the pins of dead group `name` (its owner was killed or
+    /// crashed), or with `None` of every dead group of this network
+    /// namespace; a group whose owner runs is refused
+    /// ([`Error::GroupRunning`]) or, unnamed, left alone. Returns what was
+    /// removed.
+    pub fn cleanup(name: Option<&str>) -> Result<Vec<Removed>> {
+        cleanup(name)
+    }
+
+    /// Opens group `name` of this network namespace, or, when `name` is
+    /// `None`, the only one whose owner runs. Fails with
+    /// [`Error::OwnerGone`] if the group's owner is gone.
     pub fn open(name: Option<&str>) -> Result<Self> {
         let name = match name {
-            Some(n) => {
-                validate_name(n)?;
-                n.to_string()
-            }
+            Some(n) => n.to_string(),
             None => {
-                let all = groups();
-                match all.as_slice() {
-                    [one] => one.clone(),
-                    [] => return Err(Error::NoGroups),
+                let ns = pins::namespace_dir()?;
+                // A takeover's aside directory is a generation of a group
+                // listed under its own name, not a group of its own.
+                let all = pins::group_names_in(&ns);
+                let (live, dead): (Vec<String>, Vec<String>) = all
+                    .into_iter()
+                    .partition(|n| owner_of(&ns.join(n)).0 == Owner::Alive);
+                match (live.as_slice(), dead.as_slice()) {
+                    ([one], _) => one.clone(),
+                    ([], []) => {
+                        return Err(Error::NoGroups {
+                            dir: pins::shown(&ns),
+                        })
+                    }
+                    // Opening it says whose it was and what to do.
+                    ([], [one]) => one.clone(),
+                    ([], _) => {
+                        return Err(Error::NoLiveGroup {
+                            dead: dead.join(", "),
+                        })
+                    }
                     _ => {
                         return Err(Error::WhichGroup {
-                            names: all.join(", "),
+                            names: live.join(", "),
                         })
                     }
                 }
             }
         };
-        let dir = group_dir(&name);
-        check_exists(&name, &dir)?;
+        let dir = existing_dir(&name)?;
         crate::sys::check_bpf_privilege("opening a group's pinned maps")?;
         let maps = Maps::from_pins(&dir).map_err(|e| explain_open(&name, e))?;
+        check_alive(&name, &dir, &maps.group_info()?)?;
         Ok(Control { name, maps })
     }
 
@@ -295,9 +365,23 @@ impl Control {
         &self.name
     }
 
+    /// Fails with [`Error::OwnerGone`] once the group's owner is gone (for
+    /// a handle held a while, as `stats --watch` holds it).
+    pub fn check_owner(&self) -> Result<()> {
+        match self.maps.pin_dir() {
+            Some(dir) => check_alive(&self.name, dir, &self.maps.group_info()?),
+            None => Ok(()),
+        }
+    }
+
     /// The group's maps.
     pub fn maps(&self) -> &Maps {
         &self.maps
+    }
+
+    /// The group's maps, for writing.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
     }
 
     /// The slots whose worker serves now, with their CPUs.
@@ -314,7 +398,7 @@ impl Control {
         let slots = records
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.state != worker_state::EMPTY || r.accepted > 0)
+            .filter(|(_, r)| r.state != slots::EMPTY || r.accepted > 0)
             .map(|(slot, r)| SlotStatus {
                 slot: slot as u32,
                 record: *r,
@@ -334,6 +418,53 @@ impl Control {
         })
     }
 
+    /// Switches the running group to policy `kind`, keeping the key, seed
+    /// and weights in force unless given. The merge reads the policy in
+    /// force under the group's lock and writes the result in the same
+    /// locked step, so a concurrent writer cannot slip in between. Returns
+    /// the policy put in force.
+    pub fn switch_policy(
+        &mut self,
+        kind: PolicyKind,
+        key: Option<HashKey>,
+        seed: Option<u32>,
+        weights: Option<Vec<u32>>,
+    ) -> Result<Policy> {
+        let info = self.maps.group_info()?;
+        if info.flags & group_flag::PROGRAM == 0 {
+            return Err(Error::NoProgram {
+                name: self.name.clone(),
+            });
+        }
+        let (_, proto) = addr_of(&info);
+        let mut chosen = None;
+        self.maps.update(|current, live| {
+            let now = policy_of(&current.config);
+            if kind == PolicyKind::Weighted && weights.is_none() && now.kind != kind {
+                // The weights kept from an earlier `weighted` may not cover
+                // workers that came since.
+                if let Some(l) = live
+                    .iter()
+                    .find(|l| now.weights.get(l.slot as usize).copied().unwrap_or(0) == 0)
+                {
+                    return Err(policy::PolicyError::NoWeight { slot: l.slot }.into());
+                }
+            }
+            let next = Policy {
+                kind,
+                key: key.unwrap_or(now.key),
+                seed: seed.unwrap_or(now.seed),
+                weights: weights.unwrap_or(now.weights),
+            };
+            policy::check_key(&next, proto)?;
+            let plan = policy::replan(&next, live, current)?;
+            chosen = Some(next);
+            Ok(plan)
+        })?;
+        // Set by the closure, which ran (update calls it once, or fails).
+        Ok(chosen.unwrap_or_else(|| Policy::new(kind)))
+    }
+
     /// Rewrites the group's record.
     pub fn set_group_info(&mut self, info: &GroupInfo) -> Result<()> {
         self.maps.set_group_info(info)
@@ -349,7 +480,7 @@ impl Control {
             });
         }
         let (_, proto) = addr_of(&info);
-        crate::group::check_key(policy, proto)?;
+        policy::check_key(policy, proto)?;
         self.maps
             .update(|current, live| Ok(policy::replan(policy, live, current)?))
     }
@@ -367,11 +498,11 @@ impl Control {
         timeout: Duration,
     ) -> Result<(u32, usize)> {
         let info = self.maps.group_info()?;
-        if process_start_time(info.owner_pid) != Some(info.owner_start) {
-            return Err(Error::OwnerDidNot {
-                what: format!("the group's owner (pid {}) is not running", info.owner_pid),
-            });
+        if let Some(dir) = self.maps.pin_dir() {
+            check_alive(&self.name, dir, &info)?;
         }
+        // Its usable CPUs are looked up by its pid.
+        check_pid_namespace(&self.name, &info)?;
         let records = self.maps.workers().snapshot();
         let usable = crate::sys::usable_cpus_of(info.owner_pid)?;
         let cpu = match cpu {
@@ -387,7 +518,7 @@ impl Control {
                 let busy = |c: usize| {
                     records
                         .iter()
-                        .filter(|r| r.state == worker_state::SERVING && r.cpu as usize == c)
+                        .filter(|r| r.state == slots::SERVING && r.cpu as usize == c)
                         .count()
                 };
                 usable
@@ -404,18 +535,15 @@ impl Control {
         let deadline = Instant::now() + timeout;
         loop {
             match self.maps.workers().slot(slot).state.load(Ordering::Acquire) {
-                worker_state::SERVING => return Ok((slot, cpu)),
-                worker_state::STARTING if Instant::now() < deadline => {
+                slots::SERVING => return Ok((slot, cpu)),
+                slots::STARTING if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
-                worker_state::STARTING => {
+                slots::STARTING => {
                     // Unless the owner set it serving a moment ago.
-                    let _ = self.maps.workers().slot(slot).state.compare_exchange(
-                        worker_state::STARTING,
-                        worker_state::EMPTY,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
+                    if !slots::abandon(&self.maps.workers().slot(slot).state) {
+                        continue;
+                    }
                     return Err(Error::OwnerDidNot {
                         what: format!(
                             "the group's owner (pid {}) did not start worker {slot} within {timeout:?}",
@@ -460,6 +588,8 @@ impl Control {
             });
         }
         let (addr, proto) = addr_of(&info);
+        // The owner checks on the adopted program by the pid given here.
+        check_pid_namespace(&self.name, &info)?;
         let socket = crate::sys::take_fd(pid, fd)?;
         check_adoptable(&socket, pid, fd, addr, proto)?;
         let cpu = crate::sys::last_cpu(pid).unwrap_or(0);
@@ -477,20 +607,26 @@ impl Control {
             None => self.maps.claim_slot(cpu, pid, Some(1))?,
         };
         let placed = self.maps.set_slot(slot, &socket).and_then(|()| {
-            let rec = self.maps.workers().slot(slot);
-            rec.reset(cpu);
             // Its worker is another program: the record is ours to keep,
-            // with that program's pid, so the owner notices when it exits.
-            rec.pid.store(pid, Ordering::Release);
+            // with that program's pid, so the owner notices when it exits,
+            // and its descriptor there, so a takeover can carry it.
+            let (kind, fd) = (reuseport_common::member_kind::ADOPTED, fd);
+            if !self
+                .maps
+                .workers()
+                .slot(slot)
+                .start_serving(cpu, pid, kind, fd)
+            {
+                return Err(Error::NotServing {
+                    slot,
+                    state: "taken by another worker",
+                });
+            }
             self.maps
                 .update(|current, live| Ok(policy::rebuild(current, live)?))
         });
         if let Err(e) = placed {
-            self.maps
-                .workers()
-                .slot(slot)
-                .state
-                .store(worker_state::EMPTY, Ordering::Release);
+            slots::release(&self.maps.workers().slot(slot).state);
             let _ = self.maps.clear_slot(slot);
             return Err(e);
         }
@@ -501,7 +637,7 @@ impl Control {
 /// Checks that `socket` (descriptor `fd` of `pid`) can serve the group at
 /// `addr`/`proto`: a socket, of the protocol, bound to the address with
 /// `SO_REUSEPORT`, listening (TCP), and of this user.
-fn check_adoptable(
+pub(crate) fn check_adoptable(
     socket: &std::os::fd::OwnedFd,
     pid: u32,
     fd: i32,
@@ -568,29 +704,6 @@ fn check_adoptable(
     Ok(())
 }
 
-/// A worker state's name.
-pub fn state_name(state: u32) -> &'static str {
-    match state {
-        worker_state::SERVING => "serving",
-        worker_state::DRAINING => "draining",
-        worker_state::STARTING => "starting",
-        _ => "gone",
-    }
-}
-
-/// Slots whose record says serving, in slot order.
-pub fn live_slots(records: &[WorkerRecord]) -> Vec<LiveSlot> {
-    records
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.state == worker_state::SERVING)
-        .map(|(slot, r)| LiveSlot {
-            slot: slot as u32,
-            cpu: r.cpu,
-        })
-        .collect()
-}
-
 /// Fails unless group `name`'s pin directory exists; one this process may
 /// not even look at belongs to another user.
 pub fn check_exists(name: &str, dir: &Path) -> Result<()> {
@@ -599,11 +712,11 @@ pub fn check_exists(name: &str, dir: &Path) -> Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Error::NotOwner {
             name: name.to_string(),
-            owner: fs::metadata(PIN_ROOT).map(|m| m.uid()).unwrap_or(0),
+            owner: fs::metadata(pins::pin_root()).map(|m| m.uid()).unwrap_or(0),
         }),
         Err(_) => Err(Error::NoSuchGroup {
             name: name.to_string(),
-            dir: dir.to_path_buf(),
+            dir: pins::shown(dir),
         }),
     }
 }
@@ -624,7 +737,10 @@ pub fn explain_open(name: &str, e: Error) -> Error {
         found || source.to_string().contains("ermission denied")
     });
     if denied {
-        let owner = fs::metadata(group_dir(name)).map(|m| m.uid()).unwrap_or(0);
+        let owner = group_dir(name)
+            .and_then(|d| fs::metadata(d).map_err(|e| Error::io("stat", e)))
+            .map(|m| m.uid())
+            .unwrap_or(0);
         return Error::NotOwner {
             name: name.to_string(),
             owner,
@@ -707,18 +823,5 @@ mod tests {
             let plan = policy::plan(&policy, &live).unwrap();
             assert_eq!(policy_of(&plan.config), policy);
         }
-    }
-
-    #[test]
-    fn live_slots_are_the_serving_records() {
-        let mut records = vec![WorkerRecord::default(); 4];
-        records[0].state = worker_state::SERVING;
-        records[2].state = worker_state::SERVING;
-        records[2].cpu = 1;
-        records[3].state = worker_state::DRAINING;
-        assert_eq!(
-            live_slots(&records),
-            vec![LiveSlot { slot: 0, cpu: 0 }, LiveSlot { slot: 2, cpu: 1 }]
-        );
     }
 }

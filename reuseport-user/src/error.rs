@@ -6,7 +6,7 @@
 
 use std::{io, net::SocketAddr};
 
-use crate::socket::Proto;
+use crate::proto::Proto;
 
 /// Everything that can go wrong building, steering or running a group.
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +106,63 @@ pub enum Error {
         pid: u32,
     },
 
-    /// No group is pinned at all.
-    #[error("no reuseport group is running (nothing is pinned under /sys/fs/bpf/reuseport)")]
-    NoGroups,
+    /// No group is pinned in this network namespace.
+    #[error(
+        "no reuseport group is running in this network namespace (nothing is pinned in {dir})"
+    )]
+    NoGroups {
+        /// The namespace's pin directory.
+        dir: std::path::PathBuf,
+    },
+
+    /// Every group pinned in this network namespace is dead.
+    #[error("no reuseport group is running in this network namespace; dead: {dead} (removing their pins cleans them up)")]
+    NoLiveGroup {
+        /// The dead groups, comma-separated.
+        dead: String,
+    },
+
+    /// The group's owner is gone (it crashed, or was killed): nothing
+    /// steers the group, and its pins stay until removed.
+    #[error("group {name} is dead: its owner (pid {pid}) is gone; remove its pins, or start a group on {proto} {addr} to replace it")]
+    OwnerGone {
+        /// The group.
+        name: String,
+        /// Its owner, as it was.
+        pid: u32,
+        /// TCP or UDP.
+        proto: Proto,
+        /// Its address.
+        addr: SocketAddr,
+    },
+
+    /// The group's owner runs, but its pid means another process here.
+    #[error("group {name}'s owner (pid {pid} in its own pid namespace) is not visible from this pid namespace: joining, adopting and adding workers must run in the owner's pid namespace")]
+    OtherPidNamespace {
+        /// The group.
+        name: String,
+        /// The owner's pid, in its own pid namespace.
+        pid: u32,
+    },
+
+    /// Pins of a build that did not keep groups per network namespace.
+    #[error("group {name} was pinned by an older build of reuseport (at {dir}, not per network namespace): this build cannot steer or take it over; stop it with the build that started it")]
+    LegacyPins {
+        /// The group.
+        name: String,
+        /// Where its pins are.
+        dir: std::path::PathBuf,
+    },
+
+    /// SIGINT or SIGTERM arrived before the group served: everything made
+    /// so far was undone.
+    #[error("stopped by {signal} during start-up ({step}); removed what it had set up")]
+    Interrupted {
+        /// The signal's name.
+        signal: &'static str,
+        /// The last step of the start-up reached.
+        step: &'static str,
+    },
 
     /// Several groups run and none was named.
     #[error("several groups are running ({names}): name one")]
@@ -147,6 +201,18 @@ pub enum Error {
         name: String,
         /// Owner of the pins.
         owner: u32,
+    },
+
+    /// The group's pinned maps were created by a build with another layout
+    /// (a version recorded beside them): this build cannot read them correctly.
+    #[error("group {name} was created by an incompatible build ({theirs}, this build {ours}): stop it, or take it over, with a build of its layout; nothing was changed")]
+    IncompatibleLayout {
+        /// The group.
+        name: String,
+        /// Its layout, in words (`layout 2`, or an older one without a version).
+        theirs: String,
+        /// This build's [`reuseport_common::LAYOUT_VERSION`].
+        ours: u32,
     },
 
     /// A worker that is not serving cannot be drained.

@@ -8,26 +8,30 @@
 //! - **joined**: it added sockets of its own to a running group (`join`),
 //!   using the owner's program and maps;
 //! - **successor**: it took the group over (`run --takeover`) with a program
-//!   and maps of its own; once the old owner has drained and exited it is
-//!   the owner.
+//!   and maps of its own, carrying the other processes' members into them
+//!   and taking the group's name at once (see `takeover`); once the old
+//!   owner has drained and exited it is the owner.
 
 use std::{
     net::SocketAddr,
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use log::{info, warn};
-use reuseport_common::{group_flag, program, worker_state, GroupInfo, MAX_WORKERS};
+use reuseport_common::{group_flag, member_kind, program, GroupInfo, MAX_WORKERS};
 use socket2::Socket;
+
+mod takeover;
 
 use crate::{
     control,
     error::{Error, Result},
     maps::{BpfCounters, WorkerRegion, WorkerStats},
-    policy::{self, HashKey, LiveSlot, Policy, PolicyError, PolicyKind},
+    policy::{self, LiveSlot, Policy, PolicyError, PolicyKind},
+    signals, slots,
     socket::{self, Proto},
     steering::Steering,
     sys,
@@ -113,7 +117,7 @@ impl GroupHandle {
     /// The policy in force.
     pub fn policy(&self) -> Result<Policy> {
         match &self.steering {
-            Some(s) if steered(s)? => Ok(control::policy_of(&lock(s).maps().config()?)),
+            Some(s) if steered(s)? => Ok(policy::policy_of(&lock(s).maps().config()?)),
             _ => Ok(Policy::new(PolicyKind::Kernel)),
         }
     }
@@ -121,7 +125,7 @@ impl GroupHandle {
     /// Puts another policy in force. Open connections are not touched; new
     /// ones follow the new policy from the switch on.
     pub fn set_policy(&self, policy: &Policy) -> Result<()> {
-        check_key(policy, self.proto)?;
+        policy::check_key(policy, self.proto)?;
         let steering = self.steering.as_ref().ok_or(PolicyError::Kernel)?;
         if !steered(steering)? {
             return Err(PolicyError::Kernel.into());
@@ -151,14 +155,65 @@ fn steered(steering: &Mutex<Steering>) -> Result<bool> {
 }
 
 /// Removes a group's pins when dropped: on a clean close, and also when
-/// building fails half-way or the group is dropped without `close`.
+/// building fails half-way or the group is dropped without `close`. Holds
+/// the owner's lock (see [`pins`](crate::pins)) until then: while it is
+/// held, the group is alive.
+///
+/// Once its maps are pinned it knows them by the `GROUP` map's id, and
+/// removes the directory that holds them wherever it is now: a successor
+/// swaps its own pin directory with ours at a takeover, and ours must not
+/// remove the successor's. The owner's lock is on a directory inside the
+/// pin directory, so it moves with it: the lock stays ours wherever the
+/// swap put our pins.
 #[derive(Debug)]
-struct Pins(PathBuf);
+struct Pins {
+    /// Where the pins are (as far as this process moved them).
+    dir: PathBuf,
+    /// The id of the pinned `GROUP` map, once pinned.
+    maps: Option<u32>,
+    /// The owner's lock, held (never read) while the group runs.
+    _owner: Option<crate::pins::OwnerLock>,
+}
+
+impl Pins {
+    /// Records the id of the `GROUP` map pinned in the directory now.
+    fn remember_maps(&mut self) {
+        self.maps = pinned_group_id(&self.dir);
+    }
+
+    /// The directory that holds our maps now, if any.
+    fn locate(&self) -> Option<PathBuf> {
+        let Some(id) = self.maps else {
+            return Some(self.dir.clone());
+        };
+        if pinned_group_id(&self.dir) == Some(id) {
+            return Some(self.dir.clone());
+        }
+        let siblings = std::fs::read_dir(self.dir.parent()?).ok()?;
+        siblings
+            .flatten()
+            .map(|e| e.path())
+            .find(|d| pinned_group_id(d) == Some(id))
+    }
+}
+
+/// The id of the `GROUP` map pinned in `dir`, if any.
+fn pinned_group_id(dir: &Path) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(dir.join(reuseport_common::map::GROUP))
+        .ok()
+        .map(|i| i.id())
+}
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        if let Err(e) = control::release(&self.0) {
+        let Some(dir) = self.locate() else {
+            return;
+        };
+        if let Err(e) = control::release(&dir) {
             warn!("{e}");
+        }
+        if let Some(ns) = dir.parent() {
+            crate::pins::remove_namespace_dir_if_empty(ns);
         }
     }
 }
@@ -230,12 +285,13 @@ impl Group {
         cpus: Option<Vec<usize>>,
         backlog: i32,
     ) -> Result<Group> {
-        control::validate_name(name)?;
-        let dir = control::group_dir(name);
-        control::check_exists(name, &dir)?;
+        let dir = control::existing_dir(name)?;
         sys::check_bpf_privilege("joining a group")?;
         let steering = Steering::from_pins(&dir).map_err(|e| control::explain_open(name, e))?;
         let info = steering.maps().group_info()?;
+        control::check_alive(name, &dir, &info)?;
+        // The owner checks on this process's workers by its pid.
+        control::check_pid_namespace(name, &info)?;
         let (addr, proto) = control::addr_of(&info);
         let cpus = match cpus {
             Some(c) if !c.is_empty() => c,
@@ -265,11 +321,7 @@ impl Group {
             let cpu = cpus[i % cpus.len()];
             let slot = group.claim_slot(cpu)?;
             if let Err(e) = group.add_member(slot, cpu) {
-                group
-                    .workers
-                    .slot(slot)
-                    .state
-                    .store(worker_state::EMPTY, Ordering::Release);
+                slots::release(&group.workers.slot(slot).state);
                 let _ = group.close();
                 return Err(e);
             }
@@ -285,6 +337,13 @@ impl Group {
     /// Where the group's maps are pinned, if they are.
     pub fn pin_dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+
+    /// Where the group's maps are pinned, if they are, as an operator finds
+    /// them (under `/sys/fs/bpf/reuseport`, even when this process reaches
+    /// them another way because its mount namespace hides that bpffs).
+    pub fn pin_dir_shown(&self) -> Option<PathBuf> {
+        self.dir.as_deref().map(crate::pins::shown)
     }
 
     /// How this process holds the group.
@@ -430,7 +489,26 @@ impl Group {
                 lock(s).maps_mut().set_slot(slot, &socket)?;
             }
         }
-        self.workers.slot(slot).reset(cpu as u32);
+        // A joined member's record names its socket: where a successor
+        // finds it to carry it over.
+        let (kind, fd) = match self.role {
+            Role::Joined => (member_kind::JOINED, socket.as_raw_fd()),
+            _ => (member_kind::OWNER, -1),
+        };
+        let me = std::process::id();
+        if !self
+            .workers
+            .slot(slot)
+            .start_serving(cpu as u32, me, kind, fd)
+        {
+            if let Some(s) = &self.steering {
+                let _ = lock(s).maps_mut().clear_slot(slot);
+            }
+            return Err(Error::NotServing {
+                slot,
+                state: "given up or taken by another worker while it started",
+            });
+        }
         self.members.push(Member { slot, cpu, socket });
         self.members.sort_by_key(|m| m.slot);
         self.rebalance()?;
@@ -453,10 +531,8 @@ impl Group {
     /// policy for all.
     pub fn retire_slots(&self, slots: &[u32]) -> Result<()> {
         for &slot in slots {
-            let rec = self.workers.slot(slot);
-            if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
-                rec.state.store(worker_state::DRAINING, Ordering::Release);
-            }
+            // Only a serving slot drains; one starting or gone stays so.
+            crate::slots::drain(&self.workers.slot(slot).state);
         }
         if self.retired() {
             return Ok(());
@@ -488,7 +564,7 @@ impl Group {
         let rec = self.workers.slot(slot);
         rec.active.store(0, Ordering::Relaxed);
         rec.load.store(0, Ordering::Relaxed);
-        rec.state.store(worker_state::EMPTY, Ordering::Release);
+        slots::release(&rec.state);
     }
 
     /// Slots whose worker belongs to another process that no longer runs:
@@ -499,11 +575,9 @@ impl Group {
         for (slot, r) in self.workers.snapshot().iter().enumerate() {
             let slot = slot as u32;
             // Starting too: a `join` or `adopt` that died while claiming.
-            let busy = matches!(
-                r.state,
-                worker_state::SERVING | worker_state::DRAINING | worker_state::STARTING
-            );
-            if busy && r.pid != me && r.pid != 0 && control::process_start_time(r.pid).is_none() {
+            let busy = slots::held(r.state);
+            let rec = self.workers.slot(slot);
+            if busy && r.pid != me && r.pid != 0 && !rec.process_alive() {
                 if let Some(s) = &self.steering {
                     let _ = lock(s).maps_mut().clear_slot(slot);
                 }
@@ -517,34 +591,69 @@ impl Group {
         Ok(dead)
     }
 
+    /// Whether the previous owner of a group this process took over still
+    /// runs, by its lock: its pins are where the takeover's swap put them
+    /// (or still under the group's name, if the swap failed). False for a
+    /// process that took nothing over.
+    pub fn previous_owner_running(&self) -> bool {
+        let Role::Successor { old_name, .. } = &self.role else {
+            return false;
+        };
+        let Ok(final_dir) = control::group_dir(old_name) else {
+            return false;
+        };
+        let exchanged = self.pins.as_ref().is_some_and(|p| p.dir == final_dir);
+        let old_dir = match exchanged {
+            true => match control::group_dir(&crate::pins::aside_name(old_name)) {
+                Ok(d) => d,
+                Err(_) => return false,
+            },
+            false => final_dir,
+        };
+        control::owner_of(&old_dir).0 == crate::pins::Owner::Alive
+    }
+
     /// After a takeover: waits (at most `timeout`) for the old owner to
-    /// exit, then moves this group's pins to the group's own name.
+    /// exit, then moves this group's pins to the group's own name (unless
+    /// the takeover's swap did already).
     pub fn finish_takeover(&mut self, timeout: Duration) -> Result<()> {
         let Role::Successor { old_pid, old_name } = self.role.clone() else {
             return Ok(());
         };
         let deadline = Instant::now() + timeout;
-        while control::process_start_time(old_pid).is_some() {
+        while self.previous_owner_running() {
             if Instant::now() > deadline {
                 warn!("the previous owner (pid {old_pid}) has not exited after {timeout:?}; taking its group's name anyway");
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let final_dir = control::group_dir(&old_name);
-        if final_dir.exists() {
-            control::release(&final_dir)?;
-        }
-        if let Some(pins) = self.pins.take() {
-            std::fs::rename(&pins.0, &final_dir).map_err(|e| {
-                Error::io(
-                    format!("renaming {} to {}", pins.0.display(), final_dir.display()),
-                    e,
-                )
-            })?;
-            // Renamed: the guard of the old path must not remove it.
-            std::mem::forget(pins);
-            self.pins = Some(Pins(final_dir.clone()));
+        let final_dir = control::group_dir(&old_name)?;
+        let aside = control::group_dir(&crate::pins::aside_name(&old_name))?;
+        let exchanged = self.pins.as_ref().is_some_and(|p| p.dir == final_dir);
+        if exchanged {
+            // The previous owner's pins, swapped aside at the takeover; it
+            // removes them itself as it exits, unless it was killed.
+            let ours = self.pins.as_ref().and_then(|p| p.maps);
+            if aside.exists()
+                && pinned_group_id(&aside) != ours
+                && control::owner_of(&aside).0 == crate::pins::Owner::Gone
+            {
+                control::release(&aside)?;
+            }
+        } else if let Some(mut pins) = self.pins.take() {
+            // The exchange failed at the takeover: take the name now.
+            if final_dir.exists() {
+                control::release(&final_dir)?;
+            }
+            if let Err(e) = std::fs::rename(&pins.dir, &final_dir) {
+                let what = format!("renaming {} to {}", pins.dir.display(), final_dir.display());
+                self.pins = Some(pins);
+                return Err(Error::io(what, e));
+            }
+            // The owner's lock moves with the directory.
+            pins.dir = final_dir.clone();
+            self.pins = Some(pins);
             self.dir = Some(final_dir.clone());
             if let Some(s) = &self.steering {
                 lock(s).maps_mut().set_pin_dir(&final_dir);
@@ -619,9 +728,9 @@ impl Group {
             self.restore_migrate_req(retired);
         }
         if let Some(pins) = self.pins.take() {
-            let dir = pins.0.clone();
+            let dir = pins.locate().unwrap_or_else(|| pins.dir.clone());
             drop(pins);
-            info!("removed the pins in {}", dir.display());
+            info!("removed the pins in {}", crate::pins::shown(&dir).display());
         }
         Ok(())
     }
@@ -704,7 +813,9 @@ impl GroupBuilder {
     }
 
     /// The group's name: its maps are pinned in
-    /// `/sys/fs/bpf/reuseport/<name>/`. Default: `<proto>-<address>-<port>`.
+    /// `/sys/fs/bpf/reuseport/netns-<INODE>/<name>/` (INODE: the network
+    /// namespace's, see [`pins`](crate::pins)). Default:
+    /// `<proto>-<address>-<port>`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
@@ -746,12 +857,6 @@ impl GroupBuilder {
                 max: MAX_WORKERS,
             });
         }
-        let placement: Vec<LiveSlot> = (0..n)
-            .map(|i| LiveSlot {
-                slot: i as u32,
-                cpu: cpus[i % cpus.len()] as u32,
-            })
-            .collect();
         if let Some(name) = &self.name {
             control::validate_name(name)?;
         }
@@ -769,16 +874,67 @@ impl GroupBuilder {
             (self.addr, self.proto) = (Some(addr), proto);
         }
         let wanted = self.addr.ok_or(Error::NoAddress)?;
-        check_key(&self.policy, self.proto)?;
-        // Plan first: a bad policy setting fails before anything is bound.
-        let plan = policy::plan(&self.policy, &placement)?;
         let with_program = self.policy.kind != PolicyKind::Kernel;
+        // Members of other processes keep their slots (and weights) in the
+        // new generation; ours take the first slots they leave free.
+        let (carried, starting) = match (&old, &old_info) {
+            (Some(old), Some(info)) if with_program => takeover::collect(old, info)?,
+            _ => (Vec::new(), Vec::new()),
+        };
+        let taken: Vec<u32> = carried.iter().map(|c| c.slot).chain(starting).collect();
+        let placement: Vec<LiveSlot> = (0..MAX_WORKERS)
+            .filter(|s| !taken.contains(s))
+            .take(n)
+            .enumerate()
+            .map(|(i, slot)| LiveSlot {
+                slot,
+                cpu: cpus[i % cpus.len()] as u32,
+            })
+            .collect();
+        if placement.len() < n {
+            return Err(Error::NoFreeSlot { max: MAX_WORKERS });
+        }
+        let mut live = placement.clone();
+        for c in &carried {
+            live.push(LiveSlot {
+                slot: c.slot,
+                cpu: c.record.cpu,
+            });
+            let at = c.slot as usize;
+            if self.policy.weights.len() <= at {
+                self.policy.weights.resize(at + 1, 0);
+            }
+            if self.policy.weights[at] == 0 {
+                self.policy.weights[at] = c.weight.max(1);
+            }
+        }
+        live.sort_by_key(|l| l.slot);
+        policy::check_key(&self.policy, self.proto)?;
+        // Plan first: a bad policy setting fails before anything is bound.
+        let plan = policy::plan(&self.policy, &live)?;
         if with_program {
             sys::check_kernel("the steering program")?;
             sys::check_bpf_privilege("loading the steering program")?;
         }
+        // The maps: with a program always; under the kernel policy only if
+        // we may create them (they carry the counters `stats` reads).
+        let may_bpf = with_program || sys::has_bpf_privilege();
+        let pinned = self.pin && may_bpf;
+        // Held until our sockets are visible (listening) and our pins are
+        // claimed: a start on the same address in this namespace waits
+        // for it, then sees our sockets and refuses, so of two starts at
+        // once exactly one succeeds. (It needs no privilege: a group
+        // without pins on a fixed port takes it too. On port 0 every start
+        // gets a port of its own.)
+        let start_lock = if pinned || wanted.port() != 0 {
+            Some(crate::pins::lock_namespace()?)
+        } else {
+            None
+        };
+        signals::checkpoint("locked")?;
 
         let first = socket::bind_member(wanted, self.proto)?;
+        signals::checkpoint("bound")?;
         // Our bind succeeded, so any other socket on this address is a
         // reuseport socket of this user: a group we would silently join,
         // replacing its program. Refuse, unless taking it over is the point.
@@ -799,41 +955,49 @@ impl GroupBuilder {
             .and_then(|a| a.as_socket())
             .ok_or_else(|| Error::io("getsockname", std::io::Error::other("no address")))?;
 
-        // The maps: with a program always; under the kernel policy only if
-        // we may create them (they carry the counters `stats` reads).
-        let may_bpf = with_program || sys::has_bpf_privilege();
         let name = match (&self.takeover, &self.name) {
             // Pinned aside until the old owner has gone with its pins.
-            (Some(old_name), _) => format!("{old_name}-next-{}", std::process::id()),
+            (Some(old_name), _) => crate::pins::aside_name(old_name),
             (None, Some(name)) => name.clone(),
             (None, None) => control::default_group_name(self.proto, addr),
         };
-        let pins = match (self.pin && may_bpf, self.pin) {
-            (true, _) => {
+        let pins = match (&start_lock, pinned, self.pin) {
+            (Some(lock), true, _) => {
                 if self.mount_bpffs {
-                    control::ensure_bpffs()?;
+                    crate::pins::ensure_bpffs()?;
                 }
-                Some(Pins(control::claim(&name)?))
+                let (dir, owner) = control::claim(lock, &name, addr, self.proto)?;
+                Some(Pins {
+                    dir,
+                    maps: None,
+                    _owner: Some(owner),
+                })
             }
-            (false, true) => {
+            (_, false, true) => {
                 warn!("without CAP_BPF the group's counters are not pinned: `reuseport ctl` and `stats` will not see it");
                 None
             }
-            (false, false) => None,
+            _ => None,
         };
+        signals::checkpoint("pinned")?;
         let steering = if may_bpf {
             let program = with_program.then_some(self.program.as_str());
             Some(Steering::load(
                 program,
-                pins.as_ref().map(|p| p.0.as_path()),
+                pins.as_ref().map(|p| p.dir.as_path()),
             )?)
         } else {
             None
         };
+        let mut pins = pins;
+        if let Some(p) = pins.as_mut() {
+            p.remember_maps();
+        }
         let workers = match &steering {
             Some(s) => s.maps().workers().clone(),
             None => Arc::new(WorkerRegion::anonymous()?),
         };
+        signals::checkpoint("loaded")?;
 
         // Attached before any member listens, so no TCP connection is ever
         // steered by the kernel's hash instead of the policy. A UDP socket
@@ -863,17 +1027,31 @@ impl GroupBuilder {
                 socket::listen(&m.socket, self.backlog)?;
             }
         }
+        // Our sockets are visible now: another start may look.
+        drop(start_lock);
+        signals::checkpoint("listening")?;
         for m in &members {
-            workers.slot(m.slot).reset(m.cpu as u32);
+            // A new group's own maps: nobody else has a slot in them.
+            if !workers.slot(m.slot).reset(m.cpu as u32) {
+                return Err(Error::NotServing {
+                    slot: m.slot,
+                    state: "taken in a group that was just made",
+                });
+            }
         }
         let mut migrate_req_saved = old_info.map_or(0, |i| i.migrate_req_saved);
+        // Puts the sysctl back if the start-up stops before the group
+        // record (which `close` restores it from) is written.
+        let mut migrate_guard = MigrateReqGuard(0);
         if self.tcp_migrate_req
             && !with_program
             && self.proto == Proto::Tcp
             && migrate_req_saved == 0
         {
             migrate_req_saved = enable_migrate_req();
+            migrate_guard.0 = migrate_req_saved;
         }
+        signals::checkpoint("configured")?;
         let steering = match steering {
             Some(mut s) => {
                 let mut info = control::group_info(addr, self.proto, n as u32, s.has_program());
@@ -883,20 +1061,70 @@ impl GroupBuilder {
                     for m in &members {
                         s.maps_mut().set_slot(m.slot, &m.socket)?;
                     }
-                    s.maps_mut().apply(&plan)?;
-                    if !attach_now {
+                    if let Some(old) = old.as_mut() {
+                        // The last moment a stop undoes the takeover: after
+                        // the switch the group is ours, and a stop shuts it
+                        // down in order once it serves.
+                        signals::checkpoint("switching")?;
+                        takeover::place(old, s.maps_mut(), &carried)?;
+                    }
+                    let switched = s.maps_mut().apply(&plan).and_then(|()| {
+                        if attach_now {
+                            return Ok(());
+                        }
                         // The whole group switches to our program (and so
                         // to our sockets) with this one setsockopt.
-                        s.attach(members[0].socket.as_fd())?;
+                        s.attach(members[0].socket.as_fd())
+                    });
+                    if let (Err(e), Some(old)) = (&switched, old.as_mut()) {
+                        // The old generation keeps its members.
+                        warn!("the takeover failed ({e}): the other processes' members go back to the old generation");
+                        takeover::unplace(old, s.maps_mut(), &carried);
                     }
+                    switched?;
                 }
                 Some(Arc::new(Mutex::new(s)))
             }
             None => None,
         };
+        if old.is_none() {
+            // A takeover checked before it switched the group (see above):
+            // once switched, the start-up is not undone.
+            signals::checkpoint("steering")?;
+        }
+        drop(carried);
+        let mut name = name;
         let role = match (old.as_mut(), old_info, &self.takeover) {
             (Some(old), Some(info), Some(old_name)) => {
-                retire(old, &info)?;
+                // The group's name now means the new generation.
+                // We hold our owner's lock already, and it moves with our
+                // directory: the name resolves to a live owner throughout.
+                if let Some(p) = pins.as_mut() {
+                    let final_dir = control::group_dir(old_name)?;
+                    match takeover::exchange(&p.dir, &final_dir) {
+                        Ok(()) => {
+                            p.dir = final_dir;
+                            name = old_name.clone();
+                            if let Some(s) = &steering {
+                                lock(s).maps_mut().set_pin_dir(&p.dir);
+                            }
+                        }
+                        Err(e) => warn!(
+                            "{e}: the group's name moves to the new generation once the previous owner has exited"
+                        ),
+                    }
+                }
+                if let Err(e) = retire(old, &info) {
+                    // Give the name back to the old generation.
+                    let final_dir = control::group_dir(old_name)?;
+                    let aside = control::group_dir(&crate::pins::aside_name(old_name))?;
+                    if let Some(p) = pins.as_mut().filter(|p| p.dir == final_dir) {
+                        if takeover::exchange(&aside, &p.dir).is_ok() {
+                            p.dir = aside;
+                        }
+                    }
+                    return Err(e);
+                }
                 Role::Successor {
                     old_pid: info.owner_pid,
                     old_name: old_name.clone(),
@@ -904,9 +1132,11 @@ impl GroupBuilder {
             }
             _ => Role::Owner,
         };
+        // From here the group's `close` restores the sysctl.
+        migrate_guard.0 = 0;
         Ok(Group {
             name: pins.as_ref().map(|_| name),
-            dir: pins.as_ref().map(|p| p.0.clone()),
+            dir: pins.as_ref().map(|p| p.dir.clone()),
             addr,
             proto: self.proto,
             backlog: self.backlog,
@@ -927,11 +1157,8 @@ fn retire(old: &mut control::Control, info: &GroupInfo) -> Result<()> {
     flagged.flags |= group_flag::RETIRED;
     let region = old.maps().workers().clone();
     for (slot, r) in region.snapshot().iter().enumerate() {
-        if r.state == worker_state::SERVING && r.pid == info.owner_pid {
-            region
-                .slot(slot as u32)
-                .state
-                .store(worker_state::DRAINING, Ordering::Release);
+        if r.pid == info.owner_pid {
+            slots::drain(&region.slot(slot as u32).state);
         }
     }
     old.set_group_info(&flagged)?;
@@ -940,6 +1167,22 @@ fn retire(old: &mut control::Control, info: &GroupInfo) -> Result<()> {
         info.owner_pid
     );
     Ok(())
+}
+
+/// Restores `net.ipv4.tcp_migrate_req` when dropped, from its old value
+/// plus one (0: nothing to restore), as [`enable_migrate_req`] returns it.
+struct MigrateReqGuard(u32);
+
+impl Drop for MigrateReqGuard {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            let before = self.0 - 1;
+            match std::fs::write(MIGRATE_REQ, before.to_string()) {
+                Ok(()) => info!("restored net.ipv4.tcp_migrate_req to {before}"),
+                Err(e) => warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}"),
+            }
+        }
+    }
 }
 
 /// Sets `net.ipv4.tcp_migrate_req` to 1 (for a group without a program:
@@ -964,14 +1207,6 @@ fn enable_migrate_req() -> u32 {
             warn!("could not set net.ipv4.tcp_migrate_req (connections queued on a closing listener will be reset): {e}");
             0
         }
-    }
-}
-
-/// Refuses a payload key on a TCP group.
-pub(crate) fn check_key(policy: &Policy, proto: Proto) -> Result<(), PolicyError> {
-    match (policy.kind.hashes(), policy.key, proto) {
-        (true, key @ HashKey::Payload { .. }, Proto::Tcp) => Err(PolicyError::PayloadKeyOnTcp(key)),
-        _ => Ok(()),
     }
 }
 

@@ -9,12 +9,32 @@
 //! The public surface is what this page lists: the types at the crate's
 //! root ([`Group`] and its builder and handle, [`Policy`], [`Server`] and
 //! its options, the handler's [`Conn`] and [`WorkerInfo`], [`Control`] for
-//! a running group seen from another process, [`SlotState`], [`Error`]),
-//! and the modules [`server`] (signals) and [`echo`] (the echo service).
-//! The modules behind them (group, policy, steering, maps, workers,
-//! metrics, system calls) are internal: they are reachable only for the
-//! `reuseport-cli` crate's benchmark and this workspace's tests, hidden
-//! from the documentation, and may change in any release.
+//! a running group seen from another process (and [`Control::cleanup`] for
+//! dead ones), [`SlotState`], [`Error`]), and the modules [`server`]
+//! (signals) and [`echo`] (the echo service). The modules behind them are
+//! internal: reachable only for the `reuseport-cli` crate's benchmark and
+//! this workspace's tests, hidden from the documentation (or private), and
+//! may change in any release. They form a stack; each layer uses only
+//! those below it:
+//!
+//! ```text
+//! server                serving a group: supervision, drain, shutdown
+//! metrics               Prometheus metrics of a served group
+//! group                 sockets + program + pins: build, join, close,
+//!   (group::takeover)     takeover with other processes' members
+//! control               a running group seen through its pins
+//! steering              loading and attaching the program
+//! echo                  the echo service
+//! worker                the thread-per-core workers
+//! maps                  typed handles on the pinned maps (the ABI)
+//! layout                the maps' layout version, checked before use
+//! slots, pins, signals, the slot state machine, where pins live and
+//!   socket, sys         whose they are, start-up signals, sockets, the system
+//! error                 the errors a caller tells apart
+//! policy                policies and their plan (Config <-> Policy codec)
+//! proto, balance,       leaves
+//!   datagram
+//! ```
 //!
 //! The `reuseport` command line and the `reuseport-bench` benchmark live in
 //! the crate `reuseport-cli`, on top of this library.
@@ -116,14 +136,19 @@ pub mod echo;
 pub mod error;
 #[doc(hidden)]
 pub mod group;
+mod layout;
 #[doc(hidden)]
 pub mod maps;
 #[doc(hidden)]
 pub mod metrics;
 #[doc(hidden)]
+pub mod pins;
+#[doc(hidden)]
 pub mod policy;
+mod proto;
 pub mod server;
-mod slot;
+mod signals;
+mod slots;
 #[doc(hidden)]
 pub mod socket;
 #[doc(hidden)]
@@ -134,15 +159,15 @@ pub mod sys;
 pub mod worker;
 
 pub use balance::{balance, Balance};
-pub use control::{Control, SlotStatus, Status};
+pub use control::{Control, Removed, SlotStatus, Status};
 pub use echo::EchoOptions;
 pub use error::{Error, Result};
 pub use group::{Group, GroupBuilder, GroupHandle, Member, Role, DEFAULT_BACKLOG};
 pub use maps::BpfCounters;
 pub use policy::{HashKey, ParseError, Policy, PolicyError, PolicyKind};
+pub use proto::Proto;
 pub use reuseport_common::WorkerRecord;
 pub use server::{ServeOptions, Server};
-pub use slot::SlotState;
-pub use socket::Proto;
+pub use slots::SlotState;
 pub use sys::pin_current_thread;
 pub use worker::{Conn, DatagramHandler, Limits, WorkerInfo};

@@ -8,10 +8,11 @@
 use std::{
     fs::File,
     io,
+    mem::MaybeUninit,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering},
         Arc,
     },
 };
@@ -20,20 +21,22 @@ use aya::{
     maps::{Array, Map, MapData, PerCpuArray, ReusePortSockArray},
     Ebpf,
 };
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
 use reuseport_common::{
-    counter, group_flag, map, worker_state, Config, GroupInfo, State, Table, WorkerRecord,
+    counter, group_flag, map, member_kind, Config, GroupInfo, State, Table, WorkerRecord,
     MAX_WORKERS, TABLE_CAPACITY,
 };
 
 use crate::{
     error::{Error, Result},
     policy::{self, LiveSlot, Plan},
+    slots,
 };
 
 /// The maps that are pinned for other processes (the log ring buffer and
 /// the ticket counter are private to the program).
-pub const PINNED: [&str; 6] = [
+pub const PINNED: [&str; 7] = [
+    map::LAYOUT,
     map::SOCKETS,
     map::STATE,
     map::TABLE,
@@ -100,8 +103,15 @@ pub struct WorkerCounters {
     pub load: AtomicU64,
     /// Connections that waited because the worker was at its limit.
     pub at_limit: AtomicU64,
-    /// Unused (a record is one cache line).
-    pub reserved: AtomicU64,
+    /// Start time of the process in `pid` (see `WorkerRecord::pid_start`).
+    pub pid_start: AtomicU64,
+    /// The slot's socket's descriptor in process `pid` (other processes'
+    /// members; see `WorkerRecord::fd`).
+    pub fd: AtomicI32,
+    /// A `reuseport_common::member_kind`.
+    pub kind: AtomicU32,
+    /// Unused (see `WorkerRecord::reserved`).
+    pub reserved: [AtomicU64; 7],
 }
 
 const _: () = assert!(size_of::<WorkerCounters>() == size_of::<WorkerRecord>());
@@ -113,7 +123,9 @@ macro_rules! same_offset {
         );)*
     };
 }
-same_offset!(state, cpu, pid, queued, accepted, active, bytes, load, at_limit, reserved);
+same_offset!(
+    state, cpu, pid, queued, accepted, active, bytes, load, at_limit, pid_start, fd, kind, reserved
+);
 const _: () = assert!(align_of::<WorkerCounters>() <= 8);
 
 impl WorkerCounters {
@@ -129,7 +141,10 @@ impl WorkerCounters {
             bytes: self.bytes.load(Ordering::Relaxed),
             load: self.load.load(Ordering::Relaxed),
             at_limit: self.at_limit.load(Ordering::Relaxed),
-            reserved: 0,
+            pid_start: self.pid_start.load(Ordering::Relaxed),
+            fd: self.fd.load(Ordering::Relaxed),
+            kind: self.kind.load(Ordering::Relaxed),
+            reserved: [0; 7],
         }
     }
 
@@ -140,8 +155,20 @@ impl WorkerCounters {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
     }
 
-    /// Makes the record that of a new worker on `cpu` in this process.
-    pub fn reset(&self, cpu: u32) {
+    /// Makes the record that of a new worker of the owner on `cpu` in this
+    /// process and marks it serving ([`slots::serve`]); false if the slot
+    /// was given up or taken meanwhile.
+    #[must_use]
+    pub fn reset(&self, cpu: u32) -> bool {
+        self.start_serving(cpu, std::process::id(), member_kind::OWNER, -1)
+    }
+
+    /// Makes the record that of a new worker on `cpu` in process `pid`, a
+    /// member of `kind` (a `reuseport_common::member_kind`) whose socket is
+    /// descriptor `fd` there (-1 for the owner's), and marks it serving;
+    /// false if the slot was given up or taken meanwhile.
+    #[must_use]
+    pub fn start_serving(&self, cpu: u32, pid: u32, kind: u32, fd: i32) -> bool {
         for c in [
             &self.accepted,
             &self.active,
@@ -152,8 +179,62 @@ impl WorkerCounters {
             c.store(0, Ordering::Relaxed);
         }
         self.cpu.store(cpu, Ordering::Relaxed);
-        self.pid.store(std::process::id(), Ordering::Relaxed);
-        self.state.store(worker_state::SERVING, Ordering::Release);
+        self.set_process(pid);
+        self.set_member(kind, fd);
+        slots::serve(&self.state)
+    }
+
+    /// Makes the record that of a member carried over from record `from`
+    /// of the group's previous generation (a takeover; see
+    /// `group::takeover`): its CPU, process and socket as they were, its
+    /// counts at least as they were, and marks it serving; false if the
+    /// slot was taken meanwhile.
+    #[must_use]
+    pub fn carry(&self, from: &WorkerRecord) -> bool {
+        self.add_counts(from);
+        self.active.store(from.active, Ordering::Relaxed);
+        self.cpu.store(from.cpu, Ordering::Relaxed);
+        self.pid.store(from.pid, Ordering::Relaxed);
+        self.pid_start.store(from.pid_start, Ordering::Relaxed);
+        self.set_member(from.kind, from.fd);
+        slots::serve(&self.state)
+    }
+
+    /// Counts that only grow: this record's become at least `from`'s.
+    pub fn add_counts(&self, from: &WorkerRecord) {
+        self.accepted.fetch_max(from.accepted, Ordering::Relaxed);
+        self.bytes.fetch_max(from.bytes, Ordering::Relaxed);
+        self.at_limit.fetch_max(from.at_limit, Ordering::Relaxed);
+    }
+
+    /// Records that the slot's worker runs in process `pid`, with its start
+    /// time, so that liveness checks cannot mistake a later process with
+    /// the same pid for it.
+    pub fn set_process(&self, pid: u32) {
+        let start = if pid == std::process::id() {
+            crate::pins::own_start_time()
+        } else {
+            crate::pins::process_start_time(pid).unwrap_or(0)
+        };
+        self.pid.store(pid, Ordering::Relaxed);
+        self.pid_start.store(start, Ordering::Relaxed);
+    }
+
+    /// Whether the process the record names still runs (by pid and start
+    /// time).
+    pub fn process_alive(&self) -> bool {
+        crate::pins::process_alive(
+            self.pid.load(Ordering::Relaxed),
+            self.pid_start.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records that the slot's socket is descriptor `fd` of this record's
+    /// process, a member of `kind` (a `reuseport_common::member_kind`),
+    /// so that a takeover can carry it into the new generation.
+    pub fn set_member(&self, kind: u32, fd: i32) {
+        self.fd.store(fd, Ordering::Relaxed);
+        self.kind.store(kind, Ordering::Relaxed);
     }
 }
 
@@ -161,22 +242,96 @@ impl WorkerCounters {
 /// without BPF, plain anonymous memory of the same shape).
 #[derive(Debug)]
 pub struct WorkerRegion {
-    mmap: MmapMut,
+    mmap: MmapRaw,
 }
 
 /// Maps `len` bytes of the memory-mappable array map whose descriptor is
 /// `fd` (its elements back to back, each `value_size` rounded up to 8).
-fn map_array(fd: BorrowedFd<'_>, len: usize, name: &str) -> Result<MmapMut> {
+///
+/// The mapping is shared with the program and with every process that
+/// maps the same pinned map, any of which may write it at any moment, so
+/// it is an [`MmapRaw`]: it hands out raw pointers only, and this module
+/// reaches the memory through atomics ([`Shared`], [`WorkerCounters`]),
+/// never through a reference to its bytes.
+fn map_array(fd: BorrowedFd<'_>, len: usize, name: &str) -> Result<MmapRaw> {
     let owned = fd
         .try_clone_to_owned()
         .map_err(|e| Error::io(format!("duplicating the {name} map descriptor"), e))?;
     let file = File::from(owned);
-    // SAFETY: the map was created with BPF_F_MMAPABLE and holds at least
-    // `len` bytes; the mapping stays valid after the descriptor closes. The
-    // memory is shared with the program, so it is only accessed through
-    // atomics or volatile reads and writes.
-    unsafe { MmapOptions::new().len(len).map_mut(&file) }
+    // The map was created with BPF_F_MMAPABLE and holds at least `len`
+    // bytes; the mapping stays valid after the descriptor closes.
+    MmapOptions::new()
+        .len(len)
+        .map_raw(&file)
         .map_err(|e| Error::io(format!("mapping the {name} map"), e))
+}
+
+/// Types copied in and out of a [`Shared`] mapping word by word.
+///
+/// # Safety
+///
+/// `#[repr(C)]`, a size that is a multiple of 4 bytes, an alignment of at
+/// least 4, no padding, and valid for any bit pattern (integers and arrays
+/// of them only).
+unsafe trait Words: Copy {}
+// SAFETY: u32 fields and a byte array whose length is a multiple of 4.
+unsafe impl Words for Config {}
+const _: () = assert!(size_of::<Config>().is_multiple_of(4) && align_of::<Config>() >= 4);
+
+/// A mapping of a memory-mappable array map that the program and other
+/// processes read and write too: reached only through atomic loads and
+/// stores of its words and bytes.
+#[derive(Debug)]
+struct Shared(MmapRaw);
+
+impl Shared {
+    /// The 4-byte word at `offset`.
+    ///
+    /// # Panics
+    ///
+    /// If `offset` is out of bounds or not a multiple of 4: offsets come
+    /// from `offset_of!` and `size_of!` of the contract's types, so such an
+    /// offset is a bug of ours.
+    fn word(&self, offset: usize) -> &AtomicU32 {
+        assert!(
+            offset.is_multiple_of(4) && offset + 4 <= self.0.len(),
+            "offset {offset}"
+        );
+        // SAFETY: in bounds and aligned (the base is page-aligned), valid
+        // for as long as `self`; an atomic may be accessed concurrently
+        // from other threads, processes and the program.
+        unsafe { AtomicU32::from_ptr(self.0.as_mut_ptr().add(offset).cast()) }
+    }
+
+    /// The byte at `offset`.
+    fn byte(&self, offset: usize) -> &AtomicU8 {
+        assert!(offset < self.0.len(), "offset {offset}");
+        // SAFETY: as for `word`; a byte has no alignment to keep.
+        unsafe { AtomicU8::from_ptr(self.0.as_mut_ptr().add(offset)) }
+    }
+
+    /// Copies a `T` out of the mapping at `offset`, word by word.
+    fn load<T: Words>(&self, offset: usize) -> T {
+        let mut out = MaybeUninit::<T>::uninit();
+        let dst = out.as_mut_ptr().cast::<u32>();
+        for i in 0..size_of::<T>() / 4 {
+            let w = self.word(offset + 4 * i).load(Ordering::Relaxed);
+            // SAFETY: word `i` of `out`, aligned as `T` is (at least 4).
+            unsafe { dst.add(i).write(w) };
+        }
+        // SAFETY: every word written, and any bit pattern is a valid `T`.
+        unsafe { out.assume_init() }
+    }
+
+    /// Copies `value` into the mapping at `offset`, word by word.
+    fn store<T: Words>(&self, offset: usize, value: &T) {
+        let src = (value as *const T).cast::<u32>();
+        for i in 0..size_of::<T>() / 4 {
+            // SAFETY: word `i` of `value`, which has no padding.
+            let w = unsafe { src.add(i).read() };
+            self.word(offset + 4 * i).store(w, Ordering::Relaxed);
+        }
+    }
 }
 
 impl WorkerRegion {
@@ -191,9 +346,11 @@ impl WorkerRegion {
 
     /// Records in private memory, for a group that runs without BPF.
     pub fn anonymous() -> Result<Self> {
-        let mmap =
-            MmapMut::map_anon(Self::LEN).map_err(|e| Error::io("allocating worker records", e))?;
-        Ok(WorkerRegion { mmap })
+        let mmap = MmapOptions::new()
+            .len(Self::LEN)
+            .map_anon()
+            .map_err(|e| Error::io("allocating worker records", e))?;
+        Ok(WorkerRegion { mmap: mmap.into() })
     }
 
     /// The record of `slot`.
@@ -206,11 +363,47 @@ impl WorkerRegion {
     pub fn slot(&self, slot: u32) -> &WorkerCounters {
         assert!(slot < MAX_WORKERS, "slot {slot} out of range");
         let offset = slot as usize * size_of::<WorkerCounters>();
+        assert!(offset + size_of::<WorkerCounters>() <= self.mmap.len());
         // SAFETY: in bounds (checked above), 8-byte aligned (page-aligned
-        // base, 64-byte records), and the type is atomics only, valid for
+        // base, 64-byte records), and the type is atomics only: valid for
         // any bit pattern and for concurrent access from other processes
-        // and the program.
+        // and the program (a reference to an atomic is not a claim that
+        // nobody else writes it).
         unsafe { &*(self.mmap.as_ptr().add(offset) as *const WorkerCounters) }
+    }
+
+    /// Makes this mapping show the `WORKERS` map `fd` (of a group's next
+    /// generation, after a takeover) instead of the map it was made from,
+    /// at the same address: every reference into it, such as the running
+    /// workers' [`WorkerStats`], then reads and counts in that map.
+    /// `mmap(2)` with `MAP_FIXED` replaces the old pages in one step under
+    /// the process's mmap lock, so a concurrent access sees one map or the
+    /// other, never a hole. Hand-written: memmap2 cannot map over an
+    /// existing mapping.
+    pub fn remap(&self, fd: BorrowedFd<'_>) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let addr = self.mmap.as_ptr() as *mut libc::c_void;
+        // SAFETY: the range is this mapping's own (page-aligned, LEN
+        // bytes); it stays mapped throughout, now backed by a map of the
+        // same layout (checked when the map was opened), whose every bit
+        // pattern is valid for the atomics that read it.
+        let r = unsafe {
+            libc::mmap(
+                addr,
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(Error::io(
+                format!("mapping the next generation's {} map", map::WORKERS),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     /// Every slot's record.
@@ -245,8 +438,10 @@ pub struct Maps {
     sockets: ReusePortSockArray<MapData>,
     /// The socket map's descriptor, to hand out more handles on it.
     sockets_fd: std::os::fd::OwnedFd,
-    state: MmapMut,
-    table: MmapMut,
+    /// The `WORKERS` map's descriptor (see [`WorkerRegion::remap`]).
+    workers_fd: std::os::fd::OwnedFd,
+    state: Shared,
+    table: Shared,
     counters: PerCpuArray<MapData, u64>,
     group: Array<MapData, GroupInfo>,
     workers: Arc<WorkerRegion>,
@@ -263,7 +458,21 @@ impl std::fmt::Debug for Maps {
 
 impl Maps {
     /// Takes the maps out of a loaded object, pinning them in `pin_dir`.
+    /// The layout record is written and pinned first, so that no opener
+    /// ever sees the other pins without it.
     pub fn from_ebpf(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut layout = ebpf
+            .take_map(map::LAYOUT)
+            .ok_or_else(|| not_found(map::LAYOUT))?;
+        crate::layout::write(&mut layout)?;
+        if let Some(dir) = pin_dir {
+            layout.pin(dir.join(map::LAYOUT)).map_err(|e| {
+                Error::bpf(
+                    format!("pinning map {} in {}", map::LAYOUT, dir.display()),
+                    e,
+                )
+            })?;
+        }
         let mut take = |name: &str| -> Result<Map> {
             let m = ebpf.take_map(name).ok_or_else(|| not_found(name))?;
             if let Some(dir) = pin_dir {
@@ -276,29 +485,54 @@ impl Maps {
         Self::assemble(&mut take, pin_dir)
     }
 
-    /// Opens the maps pinned in `dir`.
+    /// Opens the maps pinned in `dir`, after checking that they are of
+    /// this build's layout ([`crate::layout::check`]).
     pub fn from_pins(dir: &Path) -> Result<Self> {
+        // Every map of one generation: the directory is opened once and each
+        // pin is reached through that descriptor (`/proc/self/fd/N/NAME`
+        // follows the directory itself, not its name), so a takeover that
+        // swaps the group's directory meanwhile (`RENAME_EXCHANGE`, see
+        // `group::takeover`) cannot hand us some maps of the old generation
+        // and some of the new.
+        let held =
+            File::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        use std::os::fd::AsRawFd;
+        let through = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
+        let group = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        crate::layout::check_group(&through, &group)?;
         let mut open = |name: &str| -> Result<Map> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
+            let data = MapData::from_pin(through.join(name))
+                .map_err(|e| Error::bpf(format!("opening {}", dir.join(name).display()), e))?;
             Map::from_map_data(data).map_err(|e| Error::bpf(format!("map {name}"), e))
         };
         Self::assemble(&mut open, Some(dir))
     }
 
     fn assemble(get: &mut dyn FnMut(&str) -> Result<Map>, pin_dir: Option<&Path>) -> Result<Self> {
-        let mut mapped = |name: &str, len: usize| -> Result<MmapMut> {
-            match get(name)? {
-                Map::Array(data) => map_array(data.fd().as_fd(), len, name),
-                _ => Err(wrong_type(name)),
-            }
-        };
+        let mut workers_fd = None;
+        let mut mapped =
+            |name: &str, len: usize| -> Result<MmapRaw> {
+                match get(name)? {
+                    Map::Array(data) => {
+                        if name == map::WORKERS {
+                            workers_fd =
+                                Some(data.fd().as_fd().try_clone_to_owned().map_err(|e| {
+                                    Error::io(format!("duplicating map {name}"), e)
+                                })?);
+                        }
+                        map_array(data.fd().as_fd(), len, name)
+                    }
+                    _ => Err(wrong_type(name)),
+                }
+            };
         let workers = WorkerRegion {
             mmap: mapped(map::WORKERS, WorkerRegion::LEN)?,
         };
-        let state = mapped(map::STATE, size_of::<State>())?;
-        let table = mapped(map::TABLE, 2 * size_of::<Table>())?;
+        let state = Shared(mapped(map::STATE, size_of::<State>())?);
+        let table = Shared(mapped(map::TABLE, 2 * size_of::<Table>())?);
         let sockets = get(map::SOCKETS)?;
         let sockets_fd = match &sockets {
             Map::ReusePortSockArray(data) => data
@@ -311,6 +545,7 @@ impl Maps {
         Ok(Maps {
             sockets: typed(sockets, map::SOCKETS)?,
             sockets_fd,
+            workers_fd: workers_fd.ok_or_else(|| not_found(map::WORKERS))?,
             state,
             table,
             counters: typed(get(map::COUNTERS)?, map::COUNTERS)?,
@@ -340,19 +575,17 @@ impl Maps {
         weight: Option<u32>,
     ) -> Result<()> {
         let _lock = self.lock()?;
-        let rec = self.workers.slot(slot);
-        if rec.state.load(Ordering::Acquire) != worker_state::EMPTY {
-            return Err(Error::NotServing {
-                slot,
-                state: "taken by another worker",
-            });
+        let taken = || Error::NotServing {
+            slot,
+            state: "taken by another worker",
+        };
+        if self.workers.slot(slot).state.load(Ordering::Acquire) != slots::EMPTY {
+            return Err(taken());
         }
         self.give_weight(slot, weight)?;
-        let rec = self.workers.slot(slot);
-        rec.cpu.store(cpu, Ordering::Relaxed);
-        rec.pid.store(pid, Ordering::Relaxed);
-        rec.state.store(worker_state::STARTING, Ordering::Release);
-        Ok(())
+        self.mark_claimed(slot, cpu, pid)
+            .then_some(())
+            .ok_or_else(taken)
     }
 
     /// Takes a free slot (its record empty) for a worker of process `pid`
@@ -364,17 +597,27 @@ impl Maps {
     /// whoever rebuilds the policy next sees both.
     pub fn claim_slot(&mut self, cpu: u32, pid: u32, weight: Option<u32>) -> Result<u32> {
         let _lock = self.lock()?;
-        let slot = (0..MAX_WORKERS)
-            .find(|&slot| {
-                self.workers.slot(slot).state.load(Ordering::Acquire) == worker_state::EMPTY
-            })
-            .ok_or(Error::NoFreeSlot { max: MAX_WORKERS })?;
-        self.give_weight(slot, weight)?;
+        loop {
+            let slot = (0..MAX_WORKERS)
+                .find(|&slot| self.workers.slot(slot).state.load(Ordering::Acquire) == slots::EMPTY)
+                .ok_or(Error::NoFreeSlot { max: MAX_WORKERS })?;
+            self.give_weight(slot, weight)?;
+            if self.mark_claimed(slot, cpu, pid) {
+                return Ok(slot);
+            }
+            // A new group's member took it (EMPTY -> SERVING) meanwhile.
+        }
+    }
+
+    /// Writes who claims `slot` (CPU, process) and then claims it
+    /// ([`slots::claim`]), in that order: whoever sees it starting sees
+    /// whose it is. Claimers hold the group's lock, so none writes over
+    /// another's record.
+    fn mark_claimed(&self, slot: u32, cpu: u32, pid: u32) -> bool {
         let rec = self.workers.slot(slot);
         rec.cpu.store(cpu, Ordering::Relaxed);
-        rec.pid.store(pid, Ordering::Relaxed);
-        rec.state.store(worker_state::STARTING, Ordering::Release);
-        Ok(slot)
+        rec.set_process(pid);
+        slots::claim(&rec.state)
     }
 
     /// Under the group's lock: gives `slot` its `weight` in the policy in
@@ -411,13 +654,13 @@ impl Maps {
                 state: "out of range",
             });
         };
-        if rec.state != worker_state::SERVING {
+        if rec.state != slots::SERVING {
             return Err(Error::NotServing {
                 slot,
-                state: crate::control::state_name(rec.state),
+                state: slots::name(rec.state),
             });
         }
-        let live: Vec<LiveSlot> = crate::control::live_slots(&records)
+        let live: Vec<LiveSlot> = slots::live_slots(&records)
             .into_iter()
             .filter(|l| l.slot != slot)
             .collect();
@@ -430,16 +673,25 @@ impl Maps {
             self.write(&plan)?;
             self.clear_slot(slot)?;
         }
-        self.workers
-            .slot(slot)
-            .state
-            .store(worker_state::DRAINING, Ordering::Release);
+        let state = &self.workers.slot(slot).state;
+        if !slots::drain(state) {
+            // Its worker went meanwhile: the plan is already without it.
+            return Err(Error::NotServing {
+                slot,
+                state: slots::name(state.load(Ordering::Acquire)),
+            });
+        }
         Ok(())
     }
 
     /// The workers' records.
     pub fn workers(&self) -> &Arc<WorkerRegion> {
         &self.workers
+    }
+
+    /// The `WORKERS` map's descriptor.
+    pub fn workers_fd(&self) -> BorrowedFd<'_> {
+        self.workers_fd.as_fd()
     }
 
     /// Puts `socket` into `slot` of the socket map. The socket must already
@@ -471,16 +723,19 @@ impl Maps {
         Ok(SocketMapHandle(typed(map, map::SOCKETS)?))
     }
 
-    fn state(&self) -> *mut State {
-        self.state.as_ptr() as *mut State
+    /// `State::active`: the generation in force (the program only reads it).
+    fn active(&self) -> &AtomicU32 {
+        self.state.word(std::mem::offset_of!(State, active))
+    }
+
+    /// Where generation `g` of the configuration is in the STATE mapping.
+    fn config_offset(g: u32) -> usize {
+        std::mem::offset_of!(State, config) + g as usize * size_of::<Config>()
     }
 
     /// The generation in force.
     fn generation(&self) -> u32 {
-        // SAFETY: `active` is the first, 4-byte aligned field of the mapped
-        // State; the program only reads it.
-        let active = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.state()).active)) };
-        active.load(Ordering::Acquire) & 1
+        self.active().load(Ordering::Acquire) & 1
     }
 
     /// Puts a plan in force: writes the generation not in use, then makes it
@@ -498,7 +753,7 @@ impl Maps {
     /// when the plan does not change.
     pub fn update(&mut self, next: impl FnOnce(&Plan, &[LiveSlot]) -> Result<Plan>) -> Result<()> {
         let _lock = self.lock()?;
-        let live = crate::control::live_slots(&self.workers.snapshot());
+        let live = slots::live_slots(&self.workers.snapshot());
         let current = self.current_plan()?;
         let plan = next(&current, &live)?;
         if plan == current {
@@ -520,29 +775,23 @@ impl Maps {
                 io::Error::other("table larger than TABLE_CAPACITY"),
             ));
         }
-        let table = self.table_ptr(next);
+        // Generation `next`, which the program does not read until
+        // `active` flips: its table, then its configuration.
+        let base = Self::table_offset(next);
         for (i, &slot) in plan.table.iter().enumerate() {
-            // SAFETY: in bounds (checked above) of generation `next`'s
-            // table, which the program does not read until `active` flips.
-            unsafe { std::ptr::write_volatile(table.add(i), slot as u8) };
+            self.table
+                .byte(base + i)
+                .store(slot as u8, Ordering::Relaxed);
         }
-        // SAFETY: as above, for generation `next` of the configuration.
-        unsafe {
-            std::ptr::write_volatile(
-                std::ptr::addr_of_mut!((*self.state()).config[next as usize]),
-                plan.config,
-            )
-        };
-        // SAFETY: see `generation`.
-        let active = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.state()).active)) };
+        self.state.store(Self::config_offset(next), &plan.config);
         // Release: the writes above are visible before the flip.
-        active.store(next, Ordering::Release);
+        self.active().store(next, Ordering::Release);
         Ok(())
     }
 
-    fn table_ptr(&self, generation: u32) -> *mut u8 {
-        // SAFETY: generation is 0 or 1, and the mapping holds two tables.
-        unsafe { (self.table.as_ptr() as *mut u8).add(generation as usize * size_of::<Table>()) }
+    /// Where generation `g`'s table is in the TABLE mapping.
+    fn table_offset(g: u32) -> usize {
+        g as usize * size_of::<Table>()
     }
 
     /// An exclusive lock on the group's pin directory (flock(2)), held by
@@ -585,23 +834,20 @@ impl Maps {
         }
     }
 
-    /// The configuration in force.
+    /// The configuration in force. (A writer rewrites a generation only
+    /// after another was put in force; under the group's lock, as in
+    /// [`Maps::update`], no writer runs meanwhile.)
     pub fn config(&self) -> Result<Config> {
-        let g = self.generation();
-        // SAFETY: generation `g` is not written while it is in force.
-        Ok(unsafe {
-            std::ptr::read_volatile(std::ptr::addr_of!((*self.state()).config[g as usize]))
-        })
+        Ok(self.state.load(Self::config_offset(self.generation())))
     }
 
     /// The plan in force: the configuration and its table.
     pub fn current_plan(&self) -> Result<Plan> {
         let g = self.generation();
-        let config = self.config()?;
-        let table = self.table_ptr(g);
+        let config: Config = self.state.load(Self::config_offset(g));
+        let base = Self::table_offset(g);
         let table = (0..config.table_len.min(TABLE_CAPACITY) as usize)
-            // SAFETY: in bounds of generation `g`'s table.
-            .map(|i| u32::from(unsafe { std::ptr::read_volatile(table.add(i)) }))
+            .map(|i| u32::from(self.table.byte(base + i).load(Ordering::Relaxed)))
             .collect();
         Ok(Plan { config, table })
     }
@@ -641,6 +887,19 @@ impl Maps {
         c.migrated = read(counter::MIGRATED)?;
         Ok(c)
     }
+}
+
+/// The group record of the group pinned in `dir`, read without opening its
+/// other maps (to tell whose pins they are, and whether that owner runs).
+pub fn group_info_at(dir: &Path) -> Result<GroupInfo> {
+    let path = dir.join(map::GROUP);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
+    let map = Map::from_map_data(data).map_err(|e| Error::bpf(format!("map {}", map::GROUP), e))?;
+    let group: Array<MapData, GroupInfo> = typed(map, map::GROUP)?;
+    group
+        .get(&0, 0)
+        .map_err(|e| Error::bpf("reading the group record", e))
 }
 
 /// A handle on a group's socket map (see [`Maps::socket_map_handle`]).

@@ -30,7 +30,6 @@ use reuseport_common::{group_flag, worker_state, WorkerRecord};
 
 use crate::{
     balance::balance,
-    control,
     error::{Error, Result},
     group::lock,
     maps::{BpfCounters, WorkerRegion},
@@ -253,7 +252,7 @@ impl GroupCollector {
                 if steered {
                     s.maps()
                         .config()
-                        .map(|c| control::policy_of(&c).kind.name())
+                        .map(|c| crate::policy::policy_of(&c).kind.name())
                         .unwrap_or("unknown")
                 } else {
                     "kernel"

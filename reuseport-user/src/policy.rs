@@ -6,6 +6,8 @@
 
 use std::{fmt, str::FromStr};
 
+use crate::proto::Proto;
+
 use reuseport_common::{
     key, policy as id,
     table::{cpu_table, maglev_table, maglev_update, weighted_table, TableError},
@@ -298,6 +300,40 @@ pub fn replan(policy: &Policy, live: &[LiveSlot], current: &Plan) -> Result<Plan
     plan_with(policy, live, Some(current))
 }
 
+/// The policy a configuration record describes: the decoding half of the
+/// codec whose encoding half is [`plan`] (the only two places that know
+/// how a [`Policy`] sits in a [`Config`]).
+pub fn policy_of(config: &Config) -> Policy {
+    let kind = PolicyKind::from_id(config.policy).unwrap_or(PolicyKind::Kernel);
+    let key = match config.key {
+        key::FOUR_TUPLE => HashKey::FourTuple,
+        key::PAYLOAD => HashKey::Payload {
+            offset: config.payload_offset as u16,
+            len: config.payload_len as u8,
+        },
+        _ => HashKey::SrcIp,
+    };
+    let used = config
+        .weights
+        .iter()
+        .rposition(|&w| w != 0)
+        .map_or(0, |i| i + 1);
+    Policy {
+        kind,
+        key,
+        seed: config.seed,
+        weights: config.weights[..used].to_vec(),
+    }
+}
+
+/// Refuses a payload key on a TCP group.
+pub fn check_key(policy: &Policy, proto: Proto) -> Result<(), PolicyError> {
+    match (policy.kind.hashes(), policy.key, proto) {
+        (true, key @ HashKey::Payload { .. }, Proto::Tcp) => Err(PolicyError::PayloadKeyOnTcp(key)),
+        _ => Ok(()),
+    }
+}
+
 /// Rebuilds the policy in force (`current`) over the workers serving now
 /// (`live`), after some came or went. Under `weighted`, a slot without a
 /// weight of its own gets none of the traffic. With no live worker left
@@ -306,7 +342,7 @@ pub fn rebuild(current: &Plan, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
     if live.is_empty() {
         return Ok(current.clone());
     }
-    let mut policy = crate::control::policy_of(&current.config);
+    let mut policy = policy_of(&current.config);
     let needed = live.iter().map(|l| l.slot as usize + 1).max().unwrap_or(0);
     if policy.weights.len() < needed {
         policy.weights.resize(needed, 0);

@@ -16,9 +16,10 @@ use std::{
 };
 
 use log::{error, info, warn};
-use reuseport_common::worker_state;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::signals::catch_stop_signals;
 
 use crate::{
     echo,
@@ -209,6 +210,10 @@ impl Server {
     }
 
     fn start(group: Group, starter: Starter, options: ServeOptions) -> Result<Server> {
+        if let Err(e) = crate::signals::checkpoint("built") {
+            let _ = group.close();
+            return Err(e);
+        }
         let metrics_listener = options.metrics_addr.map(metrics::bind).transpose()?;
         let limit = if options.raise_fd_limit {
             crate::sys::raise_fd_limit()
@@ -253,6 +258,7 @@ impl Server {
             workers: BTreeMap::new(),
             restarts: BTreeMap::new(),
             given_up: Vec::new(),
+            rejoin_failures: 0,
         };
         let slots: Vec<u32> = supervisor.group.members().iter().map(|m| m.slot).collect();
         for slot in slots {
@@ -261,6 +267,10 @@ impl Server {
                 let _ = supervisor.shut_down(format!("worker {slot} did not start"), &stop);
                 return Err(e);
             }
+        }
+        if let Err(e) = crate::signals::checkpoint("workers") {
+            let _ = supervisor.shut_down(e.to_string(), &stop);
+            return Err(e);
         }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s, f) = (stop.clone(), finished.clone());
@@ -416,6 +426,9 @@ struct Supervisor {
     restarts: BTreeMap<u32, Vec<Instant>>,
     /// Slots whose worker died too often to be restarted.
     given_up: Vec<u32>,
+    /// Failed attempts to re-join a group's new generation (a joined
+    /// process whose group was taken over).
+    rejoin_failures: u32,
 }
 
 impl Supervisor {
@@ -495,8 +508,15 @@ impl Supervisor {
             let mut tick = tokio::time::interval(SUPERVISE_EVERY);
             loop {
                 tokio::select! {
+                    // Checked first: once asked to stop, the workers end
+                    // (their tokens are children of this one), and a tick
+                    // would take them for dead and restart them.
+                    biased;
                     _ = self.shutdown.cancelled() => return Ok("asked to stop".to_string()),
                     _ = tick.tick() => {
+                        if self.shutdown.is_cancelled() {
+                            return Ok("asked to stop".to_string());
+                        }
                         if let Some(reason) = self.supervise()? {
                             return Ok(reason);
                         }
@@ -510,15 +530,23 @@ impl Supervisor {
     /// if this process has no more work.
     fn supervise(&mut self) -> Result<Option<String>> {
         let me = std::process::id();
+        if *self.group.role() == Role::Joined && self.group.retired() {
+            // A successor took the group over: move into its generation.
+            if let Err(e) = self.group.rejoin() {
+                self.rejoin_failures += 1;
+                // Every 5 s at most: it is tried again each tick.
+                if self.rejoin_failures % 50 == 1 {
+                    warn!("re-joining the group's new generation: {e} (trying again)");
+                }
+            }
+        }
         let owner = matches!(self.group.role(), Role::Owner | Role::Successor { .. });
         let retired = owner && self.group.retired();
         let region = self.group.worker_region();
         if retired {
             for &slot in self.workers.keys() {
                 let rec = region.slot(slot);
-                if rec.state.load(Ordering::Acquire) == worker_state::SERVING {
-                    rec.state.store(worker_state::DRAINING, Ordering::Release);
-                }
+                crate::slots::drain(&rec.state);
             }
         }
         let records = region.snapshot();
@@ -526,7 +554,7 @@ impl Supervisor {
         // accepting and close the listener, whose queue then moves to the
         // live members; open connections finish.
         for (slot, run) in self.workers.iter_mut() {
-            if records[*slot as usize].state == worker_state::DRAINING && !run.draining {
+            if records[*slot as usize].state == crate::slots::DRAINING && !run.draining {
                 run.draining = true;
                 run.stop.cancel();
                 self.group.remove_member(*slot);
@@ -541,6 +569,11 @@ impl Supervisor {
             .map(|(s, _)| *s)
             .collect();
         for slot in finished {
+            // Asked to stop while this tick ran: the workers end because of
+            // that, not dead; shutting down takes it from here.
+            if self.shutdown.is_cancelled() {
+                return Ok(Some("asked to stop".to_string()));
+            }
             let Some(run) = self.workers.remove(&slot) else {
                 continue;
             };
@@ -571,7 +604,7 @@ impl Supervisor {
             // Workers `ctl add-worker` asked this process for.
             for (slot, r) in records.iter().enumerate() {
                 let slot = slot as u32;
-                if r.state == worker_state::STARTING
+                if r.state == crate::slots::STARTING
                     && r.pid == me
                     && !self.workers.contains_key(&slot)
                 {
@@ -600,8 +633,8 @@ impl Supervisor {
                 Err(e) => warn!("checking other processes' workers: {e} (trying again)"),
             }
         }
-        if let Role::Successor { old_pid, .. } = self.group.role().clone() {
-            if crate::control::process_start_time(old_pid).is_none() {
+        if let Role::Successor { .. } = self.group.role() {
+            if !self.group.previous_owner_running() {
                 if let Err(e) = self.group.finish_takeover(Duration::ZERO) {
                     warn!("finishing the takeover: {e} (trying again)");
                 }
@@ -686,7 +719,8 @@ impl Supervisor {
 /// Blocks the calling thread. Called from inside a tokio runtime (in
 /// `#[tokio::main]`, say) it waits for the signals on a thread of its own,
 /// since a runtime cannot be blocked on from within another; async code
-/// would rather `server.run(signalled()).await`.
+/// would rather `server.run(signalled()).await`. A signal caught earlier
+/// by [`catch_stop_signals`] shuts down at once, without `ready`.
 pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()> {
     let finished = server.finished.clone();
     let signalled = if tokio::runtime::Handle::try_current().is_ok() {
@@ -734,13 +768,23 @@ fn wait_for_signals(
             .map_err(|e| Error::io("installing a SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt())
             .map_err(|e| Error::io("installing a SIGINT handler", e))?;
+        if let Some(name) = crate::signals::stop_signal() {
+            return Ok(Some(name));
+        }
         installed();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok(Some("SIGTERM")),
                 _ = int.recv() => return Ok(Some("SIGINT")),
-                _ = tick.tick() => if finished.load(Ordering::Acquire) { return Ok(None) },
+                _ = tick.tick() => {
+                    if finished.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    if let Some(name) = crate::signals::stop_signal() {
+                        return Ok(Some(name));
+                    }
+                }
             }
         }
     })

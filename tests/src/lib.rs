@@ -81,9 +81,24 @@ pub fn unique_group() -> String {
     format!("test-{}-{n}", std::process::id())
 }
 
-/// Where a group's maps are pinned.
+/// The calling thread's network namespace: the inode number of its nsfs
+/// file, as the binary names the namespace's pin directory.
+pub fn netns_inode() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .expect("reading /proc/thread-self/ns/net")
+        .ino()
+}
+
+/// Where the groups of the calling thread's network namespace are pinned.
+pub fn namespace_pin_dir() -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/reuseport/netns-{}", netns_inode()))
+}
+
+/// Where a group of the calling thread's network namespace has its maps
+/// pinned.
 pub fn pin_dir(group: &str) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/reuseport").join(group)
+    namespace_pin_dir().join(group)
 }
 
 /// Runs `reuseport ARGS` to completion: (exit code, stdout, stderr).
@@ -185,7 +200,7 @@ impl Server {
             .spawn()
             .expect("spawning the reuseport binary");
         let stderr = Arc::new(Mutex::new(String::new()));
-        {
+        let stderr_reader = {
             let mut pipe = child.stderr.take().expect("stderr");
             let stderr = stderr.clone();
             thread::spawn(move || {
@@ -199,8 +214,17 @@ impl Server {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-            });
-        }
+            })
+        };
+        // Once the process has exited: all it wrote on stderr (the reader
+        // sees the end of the pipe), waiting at most 10 s on a busy machine.
+        let all_stderr = |reader: thread::JoinHandle<()>| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !reader.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            stderr.lock().unwrap().clone()
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
         thread::spawn(move || {
@@ -224,11 +248,9 @@ impl Server {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     if let Some(status) = child.try_wait().expect("try_wait") {
-                        // Let the stderr reader finish.
-                        thread::sleep(Duration::from_millis(100));
                         return Err(Failed {
                             status,
-                            stderr: stderr.lock().unwrap().clone(),
+                            stderr: all_stderr(stderr_reader),
                             stdout: banner.join("\n"),
                         });
                     }
@@ -239,10 +261,9 @@ impl Server {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     let status = child.wait().expect("wait");
-                    thread::sleep(Duration::from_millis(100));
                     return Err(Failed {
                         status,
-                        stderr: stderr.lock().unwrap().clone(),
+                        stderr: all_stderr(stderr_reader),
                         stdout: banner.join("\n"),
                     });
                 }
@@ -339,10 +360,16 @@ pub fn remove_pins(group: &str) {
     let dir = pin_dir(group);
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
+            // The maps, and the owner's lock directory.
             let _ = std::fs::remove_file(e.path());
+            let _ = std::fs::remove_dir(e.path());
         }
     }
     let _ = std::fs::remove_dir(&dir);
+    // And the namespace's directory, if that was its last group.
+    if let Some(ns) = dir.parent() {
+        let _ = std::fs::remove_dir(ns);
+    }
 }
 
 /// One scrape of `/metrics`: series (`name{labels}`) to value.

@@ -2,10 +2,11 @@
 //! pinned maps: errors, pins, stale pins, the table.
 
 use std::{
+    io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
     process::{Command, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
@@ -20,7 +21,10 @@ fn ctl_errors_are_one_clear_line() {
     assert_eq!(code, 1);
     assert_eq!(
         err.trim(),
-        "error: no group named no-such-group is running (nothing pinned at /sys/fs/bpf/reuseport/no-such-group)"
+        format!(
+            "error: no group named no-such-group is running (nothing pinned at {})",
+            pin_dir("no-such-group").display()
+        )
     );
 
     let server = Server::start(&["--policy", "cpu", "--workers", "2"]);
@@ -93,18 +97,22 @@ fn pins_are_private_and_removed_on_clean_exit() {
     );
     let mut names = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().into_string().unwrap();
+        // The maps are files; `owner` is the directory whose lock the
+        // owner holds while it runs.
+        let mode = if name == "owner" { 0o700 } else { 0o600 };
         assert_eq!(
             e.metadata().unwrap().permissions().mode() & 0o777,
-            0o600,
+            mode,
             "{:?}",
             e.path()
         );
-        names.push(e.file_name().into_string().unwrap());
+        names.push(name);
     }
     names.sort();
     assert_eq!(
         names,
-        ["COUNTERS", "GROUP", "SOCKETS", "STATE", "TABLE", "WORKERS"]
+        ["COUNTERS", "GROUP", "LAYOUT", "SOCKETS", "STATE", "TABLE", "WORKERS", "owner"]
     );
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
@@ -171,8 +179,25 @@ fn stats_prints_the_table_and_the_balance() {
     assert!((gauge("reuseport_balance_max_over_mean") - 4.0 / 3.0).abs() < 1e-3);
     assert!((gauge("reuseport_balance_cv") - 1.0 / 3.0).abs() < 1e-3);
     assert!((gauge("reuseport_balance_jain_index") - 0.9).abs() < 1e-3);
-    let (code, out, err) = reuseport(&["stats", "--group", &server.group]);
-    assert_eq!(code, 0, "{err}");
+    // A worker counts a connection open until it has seen the client's
+    // close, which can come after the client read its echo: ask again
+    // (for at most 5 s) until both say none is open.
+    let mut out = String::new();
+    for _ in 0..50 {
+        let (code, now, err) = reuseport(&["stats", "--group", &server.group]);
+        assert_eq!(code, 0, "{err}");
+        out = now;
+        let open: Vec<&str> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == 8 && (f[0] == "0" || f[0] == "1"))
+            .map(|f| f[5])
+            .collect();
+        if open == ["0", "0"] {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
     let lines: Vec<&str> = out.lines().collect();
     assert!(
         lines[0].starts_with(&format!(
@@ -207,10 +232,30 @@ fn stats_prints_the_table_and_the_balance() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    thread::sleep(Duration::from_millis(1000));
+    // Two tables after the first: read as they come, for at most 15 s (a
+    // busy machine may start the binary slowly). Read to the end, so that
+    // the watcher never writes to a closed pipe.
+    let stdout = watch.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut seen = seen.lock().unwrap();
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        })
+    };
+    let interval = "balance (last 0.3 s): no connections";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.lock().unwrap().matches(interval).count() < 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
     watch.kill().unwrap();
-    let out = watch.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&out.stdout);
+    let _ = watch.wait();
+    reader.join().unwrap();
+    let out = seen.lock().unwrap().clone();
     assert!(
         out.matches("balance (last 0.3 s): no connections").count() >= 2,
         "{out}"

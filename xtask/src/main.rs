@@ -13,6 +13,7 @@
 //! `build`, `run`, `test` and `lint` run `setup` first; it is idempotent
 //! and says what it installs.
 
+mod old_build;
 mod setup;
 
 use std::{
@@ -115,11 +116,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("xtask: cargo doc (warnings are errors)");
             status(&mut doc)?;
             let bin = root.join("target/debug/reuseport");
+            let old_bin = old_build::ensure(&root)?;
             let mut cmd = Command::new(cargo_bin());
             cmd.current_dir(&root)
                 .args(["test", "--all-targets"])
                 .args(&args)
-                .env("REUSEPORT_BIN", &bin);
+                .env("REUSEPORT_BIN", &bin)
+                .env(old_build::ENV, &old_bin);
             println!("xtask: cargo test (REUSEPORT_BIN={})", bin.display());
             status(&mut cmd)?;
             // Doc tests (the library's examples compile; they need root
