@@ -291,3 +291,46 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The library's messages name no command or flag of the `reuseport`
+    /// program (it rewords them: `in_flags` in reuseport-cli).
+    #[test]
+    fn messages_about_dead_or_foreign_groups_name_no_command() {
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let errors = [
+            Error::NoLiveGroup {
+                dead: "a, b".into(),
+            },
+            Error::OwnerGone {
+                name: "a".into(),
+                pid: 7,
+                proto: Proto::Tcp,
+                addr,
+            },
+            Error::OtherPidNamespace {
+                name: "a".into(),
+                pid: 7,
+            },
+            Error::LegacyPins {
+                name: "a".into(),
+                dir: "/sys/fs/bpf/reuseport/a".into(),
+            },
+            Error::IncompatibleLayout {
+                name: "a".into(),
+                theirs: "layout 9".into(),
+                ours: 2,
+            },
+        ];
+        for e in errors {
+            let m = e.to_string();
+            assert!(m.contains("group a") || m.contains("dead: a, b"), "{m}");
+            for word in ["`reuseport", "reuseport run", "--", "cleanup", "add-worker"] {
+                assert!(!m.contains(word), "{m} names `{word}`");
+            }
+        }
+    }
+}
