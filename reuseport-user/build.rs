@@ -3,6 +3,12 @@
 //! where `steering.rs` embeds it. `cargo xtask setup` installs what this
 //! needs (nightly with rust-src, bpf-linker).
 //!
+//! Outside the workspace (this crate as packaged by `cargo xtask package`,
+//! from a registry or a copy) the program's sources are not there: the
+//! package then carries the object, `ebpf/reuseport-ebpf.o`, which `cargo
+//! xtask package` builds from the workspace's sources just before it packs,
+//! and this uses it as it is. A consumer needs no nightly toolchain.
+//!
 //! Hand-written rather than `aya_build::build_ebpf` because aya-build 0.2.0
 //! fixes the rustflags of the eBPF build and has no way to add
 //! `-C target-cpu=v3`, which the program needs: round robin and weighted
@@ -16,6 +22,9 @@ fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let workspace = manifest_dir.join("..");
     let out_dir = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?);
+    if !workspace.join("reuseport-ebpf/Cargo.toml").exists() {
+        return shipped(&manifest_dir, &out_dir);
+    }
     for dir in ["reuseport-ebpf", "reuseport-common"] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
@@ -75,6 +84,29 @@ fn main() -> anyhow::Result<()> {
         .join("release")
         .join("reuseport-ebpf");
     std::fs::copy(&object, out_dir.join("reuseport-ebpf"))
+        .with_context(|| format!("copying {}", object.display()))?;
+    Ok(())
+}
+
+/// The object the package carries, for a build without the workspace.
+fn shipped(manifest_dir: &std::path::Path, out_dir: &std::path::Path) -> anyhow::Result<()> {
+    let object = manifest_dir.join("ebpf/reuseport-ebpf.o");
+    println!("cargo:rerun-if-changed={}", object.display());
+    let bytes = std::fs::read(&object).with_context(|| {
+        format!(
+            "{} is missing: outside the reuseport workspace this crate needs the eBPF object its package carries (`cargo xtask package` puts it there)",
+            object.display()
+        )
+    })?;
+    // An ELF object for BPF (e_machine 247, EM_BPF), not something else
+    // under that name.
+    if bytes.len() < 20
+        || &bytes[..4] != b"\x7fELF"
+        || u16::from_le_bytes([bytes[18], bytes[19]]) != 247
+    {
+        bail!("{} is not a BPF ELF object", object.display());
+    }
+    std::fs::write(out_dir.join("reuseport-ebpf"), bytes)
         .with_context(|| format!("copying {}", object.display()))?;
     Ok(())
 }

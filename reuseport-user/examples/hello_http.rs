@@ -29,12 +29,8 @@ fn run() -> reuseport::Result<()> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:8080".into());
     let addr = addr.parse().map_err(|_| usage(&addr))?;
-    let kind = match args.next().as_deref() {
-        None | Some("cpu") => PolicyKind::Cpu,
-        Some("round-robin") => PolicyKind::RoundRobin,
-        Some("least-loaded") => PolicyKind::LeastLoaded,
-        Some(other) => return Err(usage(other)),
-    };
+    let kind = args.next().unwrap_or_else(|| "cpu".into());
+    let kind: PolicyKind = kind.parse().map_err(|_| usage(&kind))?;
 
     let group = Group::builder()
         .addr(addr)
@@ -62,6 +58,8 @@ fn run() -> reuseport::Result<()> {
 fn usage(what: &str) -> reuseport::Error {
     reuseport::Error::io(
         format!("bad argument `{what}`"),
-        std::io::Error::other("usage: hello_http [ADDRESS] [cpu|round-robin|least-loaded]"),
+        std::io::Error::other(
+            "usage: hello_http [ADDRESS] [POLICY: cpu, round-robin, least-loaded, ...]",
+        ),
     )
 }

@@ -50,7 +50,7 @@ fn run() -> reuseport::Result<()> {
         let (listener, slot, cpu) = (member.tcp_listener()?, member.slot, member.cpu);
         let stop = stop.clone();
         threads.push(std::thread::spawn(move || {
-            let _ = reuseport::sys::pin_current_thread(cpu);
+            let _ = reuseport::pin_current_thread(cpu);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

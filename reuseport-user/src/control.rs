@@ -308,6 +308,15 @@ pub struct Control {
 }
 
 impl Control {
+    /// Removes the pins of dead group `name` (its owner was killed or
+    /// crashed), or with `None` of every dead group of this network
+    /// namespace; a group whose owner runs is refused
+    /// ([`Error::GroupRunning`]) or, unnamed, left alone. Returns what was
+    /// removed.
+    pub fn cleanup(name: Option<&str>) -> Result<Vec<Removed>> {
+        cleanup(name)
+    }
+
     /// Opens group `name` of this network namespace, or, when `name` is
     /// `None`, the only one whose owner runs. Fails with
     /// [`Error::OwnerGone`] if the group's owner is gone.

@@ -1,10 +1,29 @@
 //! The echo service: every byte a client sends is sent back.
 
-use std::{io, sync::atomic::Ordering};
+use std::{io, sync::atomic::Ordering, time::Duration};
 
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 
 use crate::worker::Conn;
+
+/// Settings of the echo service (a custom handler keeps its own).
+#[derive(Clone, Copy, Debug)]
+pub struct EchoOptions {
+    /// A connection that neither sends nor accepts data for this long is closed.
+    pub idle_timeout: Duration,
+    /// Size of a connection's buffer: the most bytes read before they are
+    /// written back (taken while data flows, given back when it stops).
+    pub buffer_size: usize,
+}
+
+impl Default for EchoOptions {
+    fn default() -> Self {
+        EchoOptions {
+            idle_timeout: Duration::from_secs(60),
+            buffer_size: 64 * 1024,
+        }
+    }
+}
 
 /// Echoes a TCP connection until the client's EOF, then closes its side.
 ///
@@ -20,8 +39,13 @@ use crate::worker::Conn;
 /// buffering without bound. A connection that makes no progress reading or
 /// writing for `idle_timeout` is closed; a slow one (a byte a second) costs
 /// a task, not a worker.
-pub async fn echo(mut stream: TcpStream, conn: Conn) -> io::Result<()> {
-    let idle = conn.limits.idle_timeout;
+pub async fn echo(stream: TcpStream, conn: Conn) -> io::Result<()> {
+    echo_with(stream, conn, EchoOptions::default()).await
+}
+
+/// [`echo`] with these settings.
+pub async fn echo_with(mut stream: TcpStream, conn: Conn, options: EchoOptions) -> io::Result<()> {
+    let idle = options.idle_timeout;
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "idle timeout");
     loop {
         timeout(idle, stream.readable())
@@ -29,7 +53,7 @@ pub async fn echo(mut stream: TcpStream, conn: Conn) -> io::Result<()> {
             .map_err(|_| timed_out())??;
         // Not zeroed: reads fill it from the start, and only what they
         // filled is written back.
-        let mut buf = Vec::with_capacity(conn.limits.buffer_size.max(1));
+        let mut buf = Vec::with_capacity(options.buffer_size.max(1));
         loop {
             buf.clear();
             let n = match stream.try_read_buf(&mut buf) {

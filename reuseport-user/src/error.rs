@@ -10,7 +10,12 @@ use crate::proto::Proto;
 
 /// Everything that can go wrong building, steering or running a group.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// A group was built without an address.
+    #[error("the group has no address: give one with GroupBuilder::addr")]
+    NoAddress,
+
     /// The process lacks the capabilities to load or steer with BPF.
     #[error("{action} needs CAP_BPF and CAP_NET_ADMIN (or root); this process lacks {missing}")]
     NoPrivilege {
@@ -69,7 +74,7 @@ pub enum Error {
     },
 
     /// A worker count outside what the socket map holds.
-    #[error("--workers must be between 1 and {max}, not {requested}")]
+    #[error("a group takes between 1 and {max} workers, not {requested}")]
     WorkerCount {
         /// The count asked for.
         requested: usize,
@@ -78,7 +83,7 @@ pub enum Error {
     },
 
     /// A CPU the group's owner may not run on.
-    #[error("--cpu {cpu}: the group's owner may only run on CPUs {usable}")]
+    #[error("CPU {cpu}: the group's owner may only run on CPUs {usable}")]
     NoSuchCpu {
         /// The CPU asked for.
         cpu: usize,
@@ -94,7 +99,7 @@ pub enum Error {
     },
 
     /// A group of that name is running.
-    #[error("group {name} is already running (pid {pid}); stop it or pick another --group")]
+    #[error("group {name} is already running (pid {pid}); stop it or pick another name")]
     GroupRunning {
         /// The group.
         name: String,
@@ -112,7 +117,7 @@ pub enum Error {
     },
 
     /// Every group pinned in this network namespace is dead.
-    #[error("no reuseport group is running in this network namespace; dead: {dead} (`reuseport cleanup` removes them)")]
+    #[error("no reuseport group is running in this network namespace; dead: {dead} (removing their pins cleans them up)")]
     NoLiveGroup {
         /// The dead groups, comma-separated.
         dead: String,
@@ -120,7 +125,7 @@ pub enum Error {
 
     /// The group's owner is gone (it crashed, or was killed): nothing
     /// steers the group, and its pins stay until removed.
-    #[error("group {name} is dead: its owner (pid {pid}) is gone; remove it with `reuseport cleanup --group {name}`, or start `reuseport run` on {proto} {addr} to replace it")]
+    #[error("group {name} is dead: its owner (pid {pid}) is gone; remove its pins, or start a group on {proto} {addr} to replace it")]
     OwnerGone {
         /// The group.
         name: String,
@@ -133,7 +138,7 @@ pub enum Error {
     },
 
     /// The group's owner runs, but its pid means another process here.
-    #[error("group {name}'s owner (pid {pid} in its own pid namespace) is not visible from this pid namespace: join, adopt and add-worker must run in the owner's pid namespace")]
+    #[error("group {name}'s owner (pid {pid} in its own pid namespace) is not visible from this pid namespace: joining, adopting and adding workers must run in the owner's pid namespace")]
     OtherPidNamespace {
         /// The group.
         name: String,
@@ -161,7 +166,7 @@ pub enum Error {
     },
 
     /// Several groups run and none was named.
-    #[error("several groups are running ({names}): name one with --group")]
+    #[error("several groups are running ({names}): name one")]
     WhichGroup {
         /// The groups.
         names: String,
@@ -200,7 +205,7 @@ pub enum Error {
     },
 
     /// The group's pinned maps were created by a build with another layout
-    /// (see [`crate::layout`]): this build cannot read them correctly.
+    /// (a version recorded beside them): this build cannot read them correctly.
     #[error("group {name} was created by an incompatible build ({theirs}, this build {ours}): stop it, or take it over, with a build of its layout; nothing was changed")]
     IncompatibleLayout {
         /// The group.
@@ -239,13 +244,6 @@ pub enum Error {
     Adopt {
         /// Why, in a sentence.
         what: String,
-    },
-
-    /// A benchmark run with failures, missing figures or kernel drops.
-    #[error("the benchmark run was not clean: {problems}")]
-    BenchNotClean {
-        /// What went wrong.
-        problems: String,
     },
 
     /// A policy that cannot be built from the given settings.
@@ -294,3 +292,46 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The library's messages name no command or flag of the `reuseport`
+    /// program (it rewords them: `in_flags` in reuseport-cli).
+    #[test]
+    fn messages_about_dead_or_foreign_groups_name_no_command() {
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let errors = [
+            Error::NoLiveGroup {
+                dead: "a, b".into(),
+            },
+            Error::OwnerGone {
+                name: "a".into(),
+                pid: 7,
+                proto: Proto::Tcp,
+                addr,
+            },
+            Error::OtherPidNamespace {
+                name: "a".into(),
+                pid: 7,
+            },
+            Error::LegacyPins {
+                name: "a".into(),
+                dir: "/sys/fs/bpf/reuseport/a".into(),
+            },
+            Error::IncompatibleLayout {
+                name: "a".into(),
+                theirs: "layout 9".into(),
+                ours: 2,
+            },
+        ];
+        for e in errors {
+            let m = e.to_string();
+            assert!(m.contains("group a") || m.contains("dead: a, b"), "{m}");
+            for word in ["`reuseport", "reuseport run", "--", "cleanup", "add-worker"] {
+                assert!(!m.contains(word), "{m} names `{word}`");
+            }
+        }
+    }
+}

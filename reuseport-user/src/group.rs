@@ -45,7 +45,7 @@ pub const DEFAULT_BACKLOG: i32 = 4096;
 /// Settings of a group; see [`Group::builder`].
 #[derive(Clone, Debug)]
 pub struct GroupBuilder {
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
     proto: Proto,
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
@@ -55,6 +55,8 @@ pub struct GroupBuilder {
     name: Option<String>,
     pin: bool,
     takeover: Option<String>,
+    mount_bpffs: bool,
+    tcp_migrate_req: bool,
 }
 
 /// One member of the group: the socket of one worker slot.
@@ -259,7 +261,7 @@ impl Group {
     /// CPU, policy `cpu`, maps pinned under the default group name.
     pub fn builder() -> GroupBuilder {
         GroupBuilder {
-            addr: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            addr: None,
             proto: Proto::Tcp,
             workers: None,
             cpus: None,
@@ -269,6 +271,8 @@ impl Group {
             name: None,
             pin: true,
             takeover: None,
+            mount_bpffs: false,
+            tcp_migrate_req: false,
         }
     }
 
@@ -333,6 +337,13 @@ impl Group {
     /// Where the group's maps are pinned, if they are.
     pub fn pin_dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+
+    /// Where the group's maps are pinned, if they are, as an operator finds
+    /// them (under `/sys/fs/bpf/reuseport`, even when this process reaches
+    /// them another way because its mount namespace hides that bpffs).
+    pub fn pin_dir_shown(&self) -> Option<PathBuf> {
+        self.dir.as_deref().map(crate::pins::shown)
     }
 
     /// How this process holds the group.
@@ -742,9 +753,31 @@ impl Group {
 }
 
 impl GroupBuilder {
-    /// Address and port to serve (port 0: any free port, shared by all members).
+    /// Address and port to serve (port 0: any free port, shared by all
+    /// members). Required (there is no default), except for a takeover,
+    /// which serves the old group's address.
     pub fn addr(mut self, addr: SocketAddr) -> Self {
-        self.addr = addr;
+        self.addr = Some(addr);
+        self
+    }
+
+    /// Whether to mount bpffs at `/sys/fs/bpf` when nothing is mounted
+    /// there and the maps are to be pinned (default no: a mount is a change
+    /// to the whole system, so [`GroupBuilder::build`] then fails and says
+    /// so). The `reuseport` command line turns it on.
+    pub fn mount_bpffs(mut self, mount: bool) -> Self {
+        self.mount_bpffs = mount;
+        self
+    }
+
+    /// Whether a group under the `kernel` policy (no program) may set the
+    /// system-wide sysctl `net.ipv4.tcp_migrate_req` to 1, so that a closing
+    /// listener hands its queued connections to the others rather than
+    /// resetting them; the old value is put back when the group closes.
+    /// Default no. (With a program, its attach type asks for migration
+    /// and no sysctl is changed.) The `reuseport` command line turns it on.
+    pub fn tcp_migrate_req(mut self, set: bool) -> Self {
+        self.tcp_migrate_req = set;
         self
     }
 
@@ -848,8 +881,10 @@ impl GroupBuilder {
             None => None,
         };
         if let Some(info) = &old_info {
-            (self.addr, self.proto) = control::addr_of(info);
+            let (addr, proto) = control::addr_of(info);
+            (self.addr, self.proto) = (Some(addr), proto);
         }
+        let wanted = self.addr.ok_or(Error::NoAddress)?;
         let with_program = self.policy.kind != PolicyKind::Kernel;
         // Members of other processes keep their slots (and weights) in the
         // new generation; ours take the first slots they leave free.
@@ -902,24 +937,24 @@ impl GroupBuilder {
         // once exactly one succeeds. (It needs no privilege: a group
         // without pins on a fixed port takes it too. On port 0 every start
         // gets a port of its own.)
-        let start_lock = if pinned || self.addr.port() != 0 {
+        let start_lock = if pinned || wanted.port() != 0 {
             Some(crate::pins::lock_namespace()?)
         } else {
             None
         };
         signals::checkpoint("locked")?;
 
-        let first = socket::bind_member(self.addr, self.proto)?;
+        let first = socket::bind_member(wanted, self.proto)?;
         signals::checkpoint("bound")?;
         // Our bind succeeded, so any other socket on this address is a
         // reuseport socket of this user: a group we would silently join,
         // replacing its program. Refuse, unless taking it over is the point.
-        if self.addr.port() != 0 && old.is_none() {
+        if wanted.port() != 0 && old.is_none() {
             let ours = usize::from(self.proto == Proto::Udp);
-            let count = socket::existing_members(self.addr, self.proto)?.saturating_sub(ours);
+            let count = socket::existing_members(wanted, self.proto)?.saturating_sub(ours);
             if count > 0 {
                 return Err(Error::GroupExists {
-                    addr: self.addr,
+                    addr: wanted,
                     proto: self.proto,
                     count,
                 });
@@ -939,6 +974,9 @@ impl GroupBuilder {
         };
         let pins = match (&start_lock, pinned, self.pin) {
             (Some(lock), true, _) => {
+                if self.mount_bpffs {
+                    crate::pins::ensure_bpffs()?;
+                }
                 let (dir, owner) = control::claim(lock, &name, addr, self.proto)?;
                 Some(Pins {
                     dir,
@@ -1016,7 +1054,11 @@ impl GroupBuilder {
         // Puts the sysctl back if the start-up stops before the group
         // record (which `close` restores it from) is written.
         let mut migrate_guard = MigrateReqGuard(0);
-        if !with_program && self.proto == Proto::Tcp && migrate_req_saved == 0 {
+        if self.tcp_migrate_req
+            && !with_program
+            && self.proto == Proto::Tcp
+            && migrate_req_saved == 0
+        {
             migrate_req_saved = enable_migrate_req();
             migrate_guard.0 = migrate_req_saved;
         }

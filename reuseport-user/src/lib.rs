@@ -6,11 +6,18 @@
 //! Workers are OS threads pinned to CPUs, each running its own
 //! current-thread tokio runtime on its own socket.
 //!
-//! The library is a stack; each layer uses only those below it (no module
-//! imports one above it, so there is no import cycle):
+//! The public surface is what this page lists: the types at the crate's
+//! root ([`Group`] and its builder and handle, [`Policy`], [`Server`] and
+//! its options, the handler's [`Conn`] and [`WorkerInfo`], [`Control`] for
+//! a running group seen from another process (and [`Control::cleanup`] for
+//! dead ones), [`SlotState`], [`Error`]), and the modules [`server`]
+//! (signals) and [`echo`] (the echo service). The modules behind them are
+//! internal: reachable only for the `reuseport-cli` crate's benchmark and
+//! this workspace's tests, hidden from the documentation (or private), and
+//! may change in any release. They form a stack; each layer uses only
+//! those below it:
 //!
 //! ```text
-//! cli, stats, bench     the binary's front (it uses the public API only)
 //! server                serving a group: supervision, drain, shutdown
 //! metrics               Prometheus metrics of a served group
 //! group                 sockets + program + pins: build, join, close,
@@ -29,50 +36,62 @@
 //!   datagram
 //! ```
 //!
-//! - [`group`]: the sockets and the program attached to them
-//! - [`policy`]: the policies and what they become in the program's maps
-//! - [`steering`]: loading, attaching and configuring the program
-//! - [`worker`]: the thread-per-core workers; [`echo`]: the echo service
-//! - [`maps`]: the program's maps; [`control`]: a running group seen
-//!   from any process through its pinned maps (`reuseport ctl`, `stats`);
-//!   [`pins`]: where those pins live (per network namespace) and whether
-//!   their owner runs; [`layout`]: which build's layout they have
-//! - [`signals`]: SIGINT/SIGTERM during start-up undo what was made
-//! - [`metrics`]: Prometheus metrics; [`server`]: serving a group with a
-//!   handler, supervised (`reuseport run` serves the [`echo`] handler)
-//! - [`topology`]: the CPU topology the `cpu` policy plans over
-//! - [`bench`](mod@bench): `reuseport bench`
+//! The `reuseport` command line and the `reuseport-bench` benchmark live in
+//! the crate `reuseport-cli`, on top of this library.
 //!
 //! # Serving a steered group with your own handler
 //!
+//! From inside your own runtime: one handler per worker, made on the
+//! worker's thread (it need not be `Send`), and an orderly shutdown that
+//! does not block the runtime.
+//!
 //! ```no_run
-//! use reuseport::{Conn, Group, Policy, PolicyKind, ServeOptions, Server};
+//! use reuseport::{Conn, Group, Policy, PolicyKind, ServeOptions, Server, WorkerInfo};
 //! use tokio::io::AsyncWriteExt;
 //!
-//! fn main() -> reuseport::Result<()> {
+//! #[tokio::main]
+//! async fn main() -> reuseport::Result<()> {
 //!     // One worker per CPU, each on its own socket of the group; the
 //!     // program sends each connection to the worker of the CPU it came in on.
 //!     let group = Group::builder()
 //!         .addr("0.0.0.0:8080".parse().unwrap())
-//!         .policy(Policy::new(PolicyKind::Cpu))
+//!         .policy(Policy::new("cpu".parse::<PolicyKind>().unwrap()))
 //!         .build()?;
 //!     let handle = group.handle();
-//!     let server = Server::start_tcp(
+//!     let server = Server::start_tcp_with(
 //!         group,
-//!         |mut stream: tokio::net::TcpStream, conn: Conn| async move {
-//!             let hello = format!("hello from worker {}\n", conn.worker.worker);
-//!             stream.write_all(hello.as_bytes()).await
+//!         |me: &WorkerInfo| {
+//!             // This worker's own state, on its own thread.
+//!             let served = std::rc::Rc::new(std::cell::Cell::new(0u64));
+//!             let me = *me;
+//!             move |mut stream: tokio::net::TcpStream, _conn: Conn| {
+//!                 served.set(served.get() + 1);
+//!                 let hello = format!("hello #{} from worker {}\n", served.get(), me.worker);
+//!                 async move { stream.write_all(hello.as_bytes()).await }
+//!             }
 //!         },
 //!         ServeOptions::default(),
 //!     )?;
-//!     // Later, from any thread: another policy, without a restart.
+//!     // Any time, from any thread: another policy, without a restart.
 //!     handle.set_policy(&Policy::new(PolicyKind::RoundRobin))?;
 //!     println!("{:?}", handle.counters()?.selected);
-//!     // Stop accepting, detach, drain, unpin.
-//!     server.shutdown()?;
+//!     // Until SIGINT or SIGTERM; then stop accepting, detach, drain, unpin.
+//!     server
+//!         .run(async {
+//!             let _ = reuseport::server::signalled().await;
+//!         })
+//!         .await?;
 //!     Ok(())
 //! }
 //! ```
+//!
+//! Without a runtime of your own, [`Server::start_tcp`] with one shared
+//! handler, and [`Server::shutdown`] or
+//! [`server::serve_until_signalled`], which block.
+//!
+//! Nothing process- or system-wide changes unless asked: see
+//! [`ServeOptions::raise_fd_limit`], [`GroupBuilder::mount_bpffs`] and
+//! [`GroupBuilder::tcp_migrate_req`].
 //!
 //! # Running your own workers on the group's listeners
 //!
@@ -89,7 +108,7 @@
 //!         // A std listener (or `tokio_tcp_listener()` inside a runtime).
 //!         let (listener, cpu) = (member.tcp_listener()?, member.cpu);
 //!         threads.push(std::thread::spawn(move || {
-//!             let _ = reuseport::sys::pin_current_thread(cpu);
+//!             let _ = reuseport::pin_current_thread(cpu);
 //!             listener.set_nonblocking(false).ok();
 //!             for stream in listener.incoming().take(100) {
 //!                 drop(stream);
@@ -106,34 +125,53 @@
 //! ```
 #![deny(missing_docs)]
 
+// Internal: hidden, not part of the API (see the crate documentation).
+#[doc(hidden)]
 pub mod balance;
-pub mod bench;
-pub mod cli;
+#[doc(hidden)]
 pub mod control;
-pub mod datagram;
+mod datagram;
 pub mod echo;
+#[doc(hidden)]
 pub mod error;
+#[doc(hidden)]
 pub mod features;
+#[doc(hidden)]
 pub mod group;
-pub mod layout;
+mod layout;
+#[doc(hidden)]
 pub mod maps;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod pins;
+#[doc(hidden)]
 pub mod policy;
-pub mod proto;
+mod proto;
 pub mod server;
-pub mod signals;
-pub mod slots;
+mod signals;
+mod slots;
+#[doc(hidden)]
 pub mod socket;
-pub mod stats;
+#[doc(hidden)]
 pub mod steering;
+#[doc(hidden)]
 pub mod sys;
+#[doc(hidden)]
 pub mod topology;
+#[doc(hidden)]
 pub mod worker;
 
+pub use balance::{balance, Balance};
+pub use control::{Control, Removed, SlotStatus, Status};
+pub use echo::EchoOptions;
 pub use error::{Error, Result};
-pub use group::{Group, GroupBuilder, GroupHandle, Member};
-pub use policy::{HashKey, Policy, PolicyKind};
+pub use group::{Group, GroupBuilder, GroupHandle, Member, Role, DEFAULT_BACKLOG};
+pub use maps::BpfCounters;
+pub use policy::{HashKey, ParseError, Policy, PolicyError, PolicyKind};
+pub use proto::Proto;
+pub use reuseport_common::WorkerRecord;
 pub use server::{ServeOptions, Server};
-pub use socket::Proto;
-pub use worker::{Conn, Limits};
+pub use slots::SlotState;
+pub use sys::pin_current_thread;
+pub use worker::{Conn, DatagramHandler, Limits, WorkerInfo};

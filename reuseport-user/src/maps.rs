@@ -965,13 +965,10 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Waits until every run of the program that started before now has ended:
 /// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period (a few
 /// milliseconds). Kernels with `nohz_full` CPUs refuse that command; a
-/// pause far longer than any run stands in. Hand-written: neither nix nor
-/// libc wraps membarrier.
+/// pause far longer than any run stands in.
 fn wait_for_program_runs() {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if r != 0 {
+    use rustix::thread::{membarrier, MembarrierCommand};
+    if membarrier(MembarrierCommand::Global).is_err() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

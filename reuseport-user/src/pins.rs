@@ -227,9 +227,12 @@ impl StartLock {
         &self.dir
     }
 
-    /// Creates the namespace's pin directory (and mounts bpffs) if needed.
+    /// Creates the namespace's pin directory if needed. bpffs must be
+    /// mounted already (or reached as [`pin_root`] says): mounting it is a
+    /// change to the whole system, made only when asked ([`ensure_bpffs`],
+    /// [`crate::GroupBuilder::mount_bpffs`]).
     pub fn make_dir(&self) -> Result<()> {
-        ensure_bpffs()?;
+        require_bpffs()?;
         make_private_dir(pin_root())?;
         make_private_dir(&self.dir)
     }
@@ -368,9 +371,24 @@ fn host_bpffs() -> Option<(u32, File)> {
     })
 }
 
+/// Fails, saying what to do, unless bpffs is mounted at [`BPFFS`] or
+/// reached otherwise (see [`pin_root`]).
+fn require_bpffs() -> Result<()> {
+    if is_bpffs(BPFFS) || pin_root() != Path::new(PIN_ROOT) {
+        return Ok(());
+    }
+    Err(Error::io(
+        format!("pinning the group's maps under {BPFFS}"),
+        io::Error::other(
+            "bpffs is not mounted there: mount it (mount -t bpf bpf /sys/fs/bpf), let the library do it (GroupBuilder::mount_bpffs), or do not pin (GroupBuilder::pin(false))",
+        ),
+    ))
+}
+
 /// Mounts bpffs at [`BPFFS`] if nothing is mounted there (some systems do
 /// not mount it at boot) and no host's bpffs is reached otherwise (see
-/// [`pin_root`]).
+/// [`pin_root`]). A change to the whole system: only when asked
+/// ([`crate::GroupBuilder::mount_bpffs`]).
 pub fn ensure_bpffs() -> Result<()> {
     if is_bpffs(BPFFS) || pin_root() != Path::new(PIN_ROOT) {
         return Ok(());

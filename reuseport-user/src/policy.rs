@@ -19,17 +19,18 @@ use reuseport_common::{
 use crate::topology::Topology;
 
 /// How new connections (or datagrams) are spread over the workers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum PolicyKind {
     /// To the worker pinned to the CPU that received the SYN/datagram.
     Cpu,
-    /// By our seeded hash of a key (`--hash-key`), modulo the live workers.
+    /// By our seeded hash of a key ([`HashKey`]), modulo the live workers.
     Hash,
     /// Each worker in turn.
     RoundRobin,
     /// To the worker with the fewest open connections.
     LeastLoaded,
-    /// In proportion to per-worker weights (`--weights`).
+    /// In proportion to per-worker weights ([`Policy::weights`]).
     Weighted,
     /// By a Maglev table indexed by the key's hash: few keys move when a
     /// worker comes or goes.
@@ -75,12 +76,23 @@ impl PolicyKind {
         PolicyKind::Consistent,
     ];
 
+    /// Every policy, the program's and `kernel`.
+    pub const ALL: [PolicyKind; 7] = [
+        PolicyKind::Cpu,
+        PolicyKind::Hash,
+        PolicyKind::RoundRobin,
+        PolicyKind::LeastLoaded,
+        PolicyKind::Weighted,
+        PolicyKind::Consistent,
+        PolicyKind::Kernel,
+    ];
+
     /// The policy with program id `id`, if any.
     pub fn from_id(id: u32) -> Option<PolicyKind> {
         Self::STEERED.into_iter().find(|p| p.id() == id)
     }
 
-    /// Whether the policy reads `--hash-key`.
+    /// Whether the policy reads its [`HashKey`].
     pub fn hashes(self) -> bool {
         matches!(self, PolicyKind::Hash | PolicyKind::Consistent)
     }
@@ -92,9 +104,42 @@ impl fmt::Display for PolicyKind {
     }
 }
 
+impl FromStr for PolicyKind {
+    type Err = ParseError;
+
+    /// Parses a policy's name (`cpu`, `round-robin`, ...; see
+    /// [`PolicyKind::name`]).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| ParseError {
+                message: format!(
+                    "unknown policy `{s}`: use one of {}",
+                    Self::ALL.map(PolicyKind::name).join(", ")
+                ),
+            })
+    }
+}
+
+/// A policy name or hash key that does not parse; its message says what
+/// would.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParseError {
+    message: String,
+}
+
+impl ParseError {
+    pub(crate) fn new(message: String) -> Self {
+        ParseError { message }
+    }
+}
+
 /// What the `hash` and `consistent` policies hash
 /// (bytes in `reuseport_common::hash`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum HashKey {
     /// The client's address: every connection of one client reaches one worker.
     SrcIp,
@@ -135,7 +180,7 @@ impl fmt::Display for HashKey {
 }
 
 impl FromStr for HashKey {
-    type Err = String;
+    type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
@@ -144,9 +189,11 @@ impl FromStr for HashKey {
             "flow" => Ok(HashKey::Flow),
             _ => {
                 let bad = || {
-                    format!(
+                    ParseError {
+                    message: format!(
                         "unknown hash key `{s}`: use src-ip, four-tuple, flow or payload:OFFSET:LEN (LEN 1 to 16)"
-                    )
+                    ),
+                }
                 };
                 let rest = s.strip_prefix("payload:").ok_or_else(bad)?;
                 let (offset, len) = rest.split_once(':').ok_or_else(bad)?;
@@ -207,7 +254,7 @@ pub enum PolicyError {
     #[error("this group was started with the kernel policy, without a program: restart it with another policy to switch live")]
     Kernel,
     /// The weights do not match the workers.
-    #[error("--weights has {given} weights for {workers} workers: give one per worker")]
+    #[error("{given} weights for {workers} workers: give one per worker")]
     WeightCount {
         /// Weights given.
         given: usize,
@@ -215,13 +262,13 @@ pub enum PolicyError {
         workers: usize,
     },
     /// Switching to `weighted` without weights, when a worker has none yet.
-    #[error("worker {slot} has no weight yet: give --weights, one per worker")]
+    #[error("worker {slot} has no weight yet: give weights, one per worker")]
     NoWeight {
         /// The worker's slot.
         slot: u32,
     },
     /// A payload key on a TCP group: a SYN carries no payload.
-    #[error("--hash-key {0} needs --proto udp: a TCP SYN carries no payload")]
+    #[error("hash key {0} needs a UDP group: a TCP SYN carries no payload")]
     PayloadKeyOnTcp(HashKey),
     /// The table could not be built.
     #[error("cannot build the policy table: {0}")]
@@ -407,7 +454,6 @@ fn plan_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::ValueEnum;
 
     fn live(n: u32) -> Vec<LiveSlot> {
         (0..n)
@@ -419,9 +465,10 @@ mod tests {
     }
 
     #[test]
-    fn names_round_trip_through_the_cli_parser() {
-        for kind in PolicyKind::value_variants() {
-            assert_eq!(PolicyKind::from_str(kind.name(), false).unwrap(), *kind);
+    fn names_round_trip_through_from_str_and_display() {
+        for kind in &PolicyKind::ALL {
+            assert_eq!(kind.name().parse::<PolicyKind>().unwrap(), *kind);
+            assert_eq!(kind.to_string(), kind.name());
             if *kind != PolicyKind::Kernel {
                 assert_eq!(PolicyKind::from_id(kind.id()), Some(*kind));
             }

@@ -19,6 +19,8 @@ use log::{error, info, warn};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::signals::catch_stop_signals;
+
 use crate::{
     echo,
     error::{Error, Result},
@@ -40,12 +42,21 @@ const RESTART_WINDOW: Duration = Duration::from_secs(10);
 /// Options of a serving process.
 #[derive(Clone, Debug, Default)]
 pub struct ServeOptions {
-    /// Per-connection and per-worker limits.
+    /// Per-worker limits.
     pub limits: Limits,
+    /// The echo service's settings ([`Server::start_echo`] only).
+    pub echo: echo::EchoOptions,
     /// Serve Prometheus metrics here.
     pub metrics_addr: Option<SocketAddr>,
-    /// Turn on the kernel's BPF run-time statistics while serving.
+    /// Turn on the kernel's BPF run-time statistics while serving (a
+    /// system-wide switch, held while the server runs; it costs two clock
+    /// reads per run of every BPF program).
     pub bpf_stats: bool,
+    /// Raise this process's open-file limit (`RLIMIT_NOFILE`) to its hard
+    /// limit at start, for many connections. Default no: the limit is a
+    /// process-wide setting; without it, a limit lower than
+    /// `limits.max_connections` allows is logged.
+    pub raise_fd_limit: bool,
 }
 
 /// Starts the worker of a member: (group, slot, stop token, fault hook).
@@ -53,9 +64,16 @@ type Starter =
     Arc<dyn Fn(&Group, u32, CancellationToken, OnFault) -> Result<WorkerHandle> + Send + Sync>;
 
 /// A group being served.
+///
+/// Dropping a `Server` that still serves shuts it down as
+/// [`Server::shutdown`] does, blocking the dropping thread for up to the
+/// drain timeout; async code awaits [`Server::stop`] (or [`Server::run`])
+/// first.
 pub struct Server {
     stop: CancellationToken,
     thread: Option<thread::JoinHandle<Result<String>>>,
+    /// Becomes true when the supervisor has shut everything down.
+    done: tokio::sync::watch::Receiver<bool>,
     finished: Arc<std::sync::atomic::AtomicBool>,
     addr: SocketAddr,
     proto: Proto,
@@ -80,6 +98,26 @@ impl Server {
         H: Fn(TcpStream, Conn) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = io::Result<()>> + 'static,
     {
+        Server::start_tcp_with(group, move |_: &WorkerInfo| handler.clone(), options)
+    }
+
+    /// Serves `group` (TCP) with a handler per worker: `factory` runs on
+    /// each worker's own thread when the worker starts (again if it is
+    /// restarted after a fault) and makes the handler that worker calls for
+    /// every connection it accepts. The handler need not be `Send` or
+    /// `Sync` (an `Rc`, a `RefCell` cache, a per-core connection pool): it
+    /// never leaves its thread.
+    pub fn start_tcp_with<M, H, F>(
+        group: Group,
+        factory: M,
+        options: ServeOptions,
+    ) -> Result<Server>
+    where
+        M: Fn(&WorkerInfo) -> H + Send + Sync + 'static,
+        H: Fn(TcpStream, Conn) -> F + 'static,
+        F: Future<Output = io::Result<()>> + 'static,
+    {
+        let factory = Arc::new(factory);
         if group.proto() != Proto::Tcp {
             return Err(Error::io(
                 "serving a group",
@@ -89,16 +127,18 @@ impl Server {
         let limits = options.limits.clone();
         let starter: Starter = Arc::new(move |group: &Group, slot, stop, on_fault| {
             let member = member(group, slot)?;
-            worker::spawn_tcp(
-                WorkerInfo {
-                    worker: slot,
-                    cpu: member.cpu,
-                },
+            let info = WorkerInfo {
+                worker: slot,
+                cpu: member.cpu,
+            };
+            let factory = factory.clone();
+            worker::spawn_tcp_with(
+                info,
                 member.tcp_listener()?,
                 group.worker_stats(slot),
                 // Its own: each connection takes a count of it.
                 Arc::new(limits.clone()),
-                handler.clone(),
+                move || factory(&info),
                 stop,
                 on_fault,
             )
@@ -142,7 +182,14 @@ impl Server {
     /// connection, or every UDP datagram, is sent back.
     pub fn start_echo(group: Group, options: ServeOptions) -> Result<Server> {
         match group.proto() {
-            Proto::Tcp => Server::start_tcp(group, echo::echo, options),
+            Proto::Tcp => {
+                let settings = options.echo;
+                Server::start_tcp(
+                    group,
+                    move |stream, conn| echo::echo_with(stream, conn, settings),
+                    options,
+                )
+            }
             Proto::Udp => {
                 let starter: Starter = Arc::new(|group: &Group, slot, stop, on_fault| {
                     let member = member(group, slot)?;
@@ -168,11 +215,20 @@ impl Server {
             return Err(e);
         }
         let metrics_listener = options.metrics_addr.map(metrics::bind).transpose()?;
-        let limit = crate::sys::raise_fd_limit();
+        let limit = if options.raise_fd_limit {
+            crate::sys::raise_fd_limit()
+        } else {
+            crate::sys::fd_limit()
+        };
         let needed = (options.limits.max_connections * group.members().len()) as u64 + 64;
         if limit < needed {
+            let why = if options.raise_fd_limit {
+                "this process may not raise it (CAP_SYS_RESOURCE, or a higher hard limit: ulimit -Hn)"
+            } else {
+                "ServeOptions::raise_fd_limit was not asked to raise it"
+            };
             warn!(
-                "the open-file limit is {limit} and this process may not raise it (CAP_SYS_RESOURCE, or a higher hard limit: ulimit -Hn): \
+                "the open-file limit is {limit} and {why}: \
                  at most about {} connections can be open at once, fewer than --max-connections allows ({needed})",
                 limit.saturating_sub(64)
             );
@@ -194,6 +250,7 @@ impl Server {
         let steering = group.steering();
         let stop = CancellationToken::new();
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done_tx, done) = tokio::sync::watch::channel(false);
         let mut supervisor = Supervisor {
             group,
             starter,
@@ -225,14 +282,17 @@ impl Server {
                 f.store(true, Ordering::Release);
                 // Whatever ended supervision, the workers stop and the group
                 // closes in order; a failure is reported after that.
-                match reason {
+                let r = match reason {
                     Ok(reason) => supervisor.shut_down(reason, &s),
                     Err(e) => {
                         error!("{e}");
                         let _ = supervisor.shut_down("supervision failed".into(), &s);
                         Err(e)
                     }
-                }
+                };
+                // Wakes `Server::stop` and `Server::run`.
+                let _ = done_tx.send(true);
+                r
             })
             .map_err(|e| Error::io("spawning the supervisor", e))?;
         match ready_rx.recv() {
@@ -248,6 +308,7 @@ impl Server {
         Ok(Server {
             stop,
             thread: Some(thread),
+            done,
             finished,
             addr,
             proto,
@@ -286,13 +347,42 @@ impl Server {
     /// of the policy, detach the program (if this process owns the group),
     /// close the listeners, let open connections finish within the drain
     /// timeout, remove the pins. Returns why serving ended.
+    ///
+    /// Blocks the calling thread (up to the drain timeout); inside an async
+    /// runtime use [`Server::stop`].
     pub fn shutdown(mut self) -> Result<String> {
         self.stop.cancel();
         self.join()
     }
 
     /// Waits until serving ends on its own (see [`Server::finished`]).
+    /// Blocks the calling thread; inside an async runtime use
+    /// [`Server::run`].
     pub fn wait(mut self) -> Result<String> {
+        self.join()
+    }
+
+    /// [`Server::shutdown`] for async callers: the same order, awaited
+    /// without blocking the runtime's thread (the work is done on the
+    /// server's own supervisor thread).
+    pub async fn stop(mut self) -> Result<String> {
+        self.stop.cancel();
+        // Err only if the supervisor is gone, which join reports.
+        let _ = self.done.wait_for(|done| *done).await;
+        self.join()
+    }
+
+    /// Serves until `until` completes (a shutdown signal of yours, e.g.
+    /// [`signalled`]) or serving ends on its own, then shuts down as
+    /// [`Server::stop`] does. Returns why serving ended.
+    pub async fn run(mut self, until: impl Future<Output = ()>) -> Result<String> {
+        let mut done = self.done.clone();
+        tokio::select! {
+            _ = until => {}
+            _ = done.wait_for(|done| *done) => {}
+        }
+        self.stop.cancel();
+        let _ = self.done.wait_for(|done| *done).await;
         self.join()
     }
 
@@ -627,15 +717,55 @@ impl Supervisor {
 /// Serves until SIGINT or SIGTERM, or until serving ends on its own (a
 /// successor took the group over), then shuts down in order. `ready` runs
 /// once the signal handlers are in place: a signal sent after it is seen.
-/// A signal caught earlier by [`catch_stop_signals`](crate::signals::catch_stop_signals)
-/// shuts down at once, without `ready`.
+///
+/// Blocks the calling thread. Called from inside a tokio runtime (in
+/// `#[tokio::main]`, say) it waits for the signals on a thread of its own,
+/// since a runtime cannot be blocked on from within another; async code
+/// would rather `server.run(signalled()).await`. A signal caught earlier
+/// by [`catch_stop_signals`] shuts down at once, without `ready`.
 pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()> {
+    let finished = server.finished.clone();
+    let signalled = if tokio::runtime::Handle::try_current().is_ok() {
+        let (installed, handlers_ready) = mpsc::channel();
+        let waiter = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                wait_for_signals(finished, move || {
+                    let _ = installed.send(());
+                })
+            })
+            .map_err(|e| Error::io("spawning the signal thread", e))?;
+        if handlers_ready.recv().is_ok() {
+            ready();
+        }
+        waiter.join().map_err(|_| {
+            Error::io(
+                "waiting for signals",
+                io::Error::other("the thread panicked"),
+            )
+        })??
+    } else {
+        wait_for_signals(finished, ready)?
+    };
+    if let Some(name) = signalled {
+        info!("{name}");
+    }
+    server.shutdown().map(|_| ())
+}
+
+/// On a runtime of its own: waits for SIGINT or SIGTERM (returning its
+/// name) or for `finished` (returning `None`); `installed` runs once the
+/// handlers are in place.
+fn wait_for_signals(
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    installed: impl FnOnce(),
+) -> Result<Option<&'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the signal runtime", e))?;
-    let signalled = rt.block_on(async {
+    rt.block_on(async {
         let mut term = signal(SignalKind::terminate())
             .map_err(|e| Error::io("installing a SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt())
@@ -643,14 +773,14 @@ pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()>
         if let Some(name) = crate::signals::stop_signal() {
             return Ok(Some(name));
         }
-        ready();
+        installed();
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         loop {
             tokio::select! {
-                _ = term.recv() => return Ok::<_, Error>(Some("SIGTERM")),
+                _ = term.recv() => return Ok(Some("SIGTERM")),
                 _ = int.recv() => return Ok(Some("SIGINT")),
                 _ = tick.tick() => {
-                    if server.finished() {
+                    if finished.load(Ordering::Acquire) {
                         return Ok(None);
                     }
                     if let Some(name) = crate::signals::stop_signal() {
@@ -659,9 +789,20 @@ pub fn serve_until_signalled(server: Server, ready: impl FnOnce()) -> Result<()>
                 }
             }
         }
-    })?;
-    if let Some(name) = signalled {
-        info!("{name}");
+    })
+}
+
+/// Completes at the first SIGINT or SIGTERM after it is first polled (its
+/// handlers are installed then), with the signal's name: the shutdown
+/// future for [`Server::run`]. Must be polled inside a tokio runtime.
+pub async fn signalled() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::io("installing a SIGTERM handler", e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("installing a SIGINT handler", e))?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        _ = int.recv() => Ok("SIGINT"),
     }
-    server.shutdown().map(|_| ())
 }

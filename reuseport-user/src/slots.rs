@@ -18,13 +18,104 @@
 //! and the other is told it lost. `release` is unconditional: it is done by
 //! whoever saw the slot's worker end (its own process, or the owner for a
 //! process that died).
+//!
+//! Callers of the library see a slot's state as [`SlotState`], the one
+//! public name of these states; the transitions stay inside the library.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    fmt,
+    str::FromStr,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 pub use reuseport_common::worker_state::{DRAINING, EMPTY, SERVING, STARTING};
 use reuseport_common::WorkerRecord;
 
-use crate::policy::LiveSlot;
+use crate::{
+    control::SlotStatus,
+    policy::{LiveSlot, ParseError},
+};
+
+/// Where a slot's worker is in its life: a slot is empty, then starting,
+/// serving, draining, and empty again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SlotState {
+    /// No worker: the slot is free (or its worker is gone).
+    Empty,
+    /// Claimed by a worker that is not serving yet.
+    Starting,
+    /// Serving: the policy gives it new connections.
+    Serving,
+    /// Draining: no new connections; it closes after its open ones.
+    Draining,
+}
+
+impl SlotState {
+    /// Every state.
+    pub const ALL: [SlotState; 4] = [
+        SlotState::Empty,
+        SlotState::Starting,
+        SlotState::Serving,
+        SlotState::Draining,
+    ];
+
+    /// The state of a worker record's `state` field; an unknown value (a
+    /// newer writer) reads as empty, which is what the program makes of it.
+    pub fn from_raw(state: u32) -> SlotState {
+        match state {
+            SERVING => SlotState::Serving,
+            DRAINING => SlotState::Draining,
+            STARTING => SlotState::Starting,
+            _ => SlotState::Empty,
+        }
+    }
+
+    /// Its value in a worker record.
+    pub fn raw(self) -> u32 {
+        match self {
+            SlotState::Empty => EMPTY,
+            SlotState::Starting => STARTING,
+            SlotState::Serving => SERVING,
+            SlotState::Draining => DRAINING,
+        }
+    }
+
+    /// Its name, as `reuseport ctl status` and `stats` print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Empty => "gone",
+            SlotState::Starting => "starting",
+            SlotState::Serving => "serving",
+            SlotState::Draining => "draining",
+        }
+    }
+}
+
+impl fmt::Display for SlotState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // pad: honours a width, as in the stats table.
+        f.pad(self.name())
+    }
+}
+
+impl FromStr for SlotState {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| ParseError::new(format!("unknown slot state `{s}`")))
+    }
+}
+
+impl SlotStatus {
+    /// The slot's state.
+    pub fn state(&self) -> SlotState {
+        SlotState::from_raw(self.record.state)
+    }
+}
 
 fn cas(state: &AtomicU32, from: u32, to: u32) -> bool {
     state
@@ -65,14 +156,9 @@ pub fn held(state: u32) -> bool {
     matches!(state, SERVING | DRAINING | STARTING)
 }
 
-/// A state's name, as `ctl status` and `stats` print it.
+/// A record's state's name (see [`SlotState::name`]).
 pub fn name(state: u32) -> &'static str {
-    match state {
-        SERVING => "serving",
-        DRAINING => "draining",
-        STARTING => "starting",
-        _ => "gone",
-    }
+    SlotState::from_raw(state).name()
 }
 
 /// Slots whose record says serving, in slot order: what a policy is built
@@ -113,6 +199,16 @@ mod tests {
         assert!(claim(&s) && abandon(&s));
         let other = AtomicU32::new(DRAINING);
         assert!(!serve(&other));
+    }
+
+    #[test]
+    fn states_round_trip_through_raw_and_names() {
+        for st in SlotState::ALL {
+            assert_eq!(SlotState::from_raw(st.raw()), st);
+            assert_eq!(st.to_string().parse::<SlotState>().unwrap(), st);
+            assert_eq!(st.name(), name(st.raw()));
+        }
+        assert_eq!(SlotState::from_raw(99), SlotState::Empty);
     }
 
     #[test]

@@ -60,25 +60,15 @@ pub const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 /// Sets SO_RCVBUF to `bytes`; if `net.core.rmem_max` caps it lower and the
 /// process has CAP_NET_ADMIN, SO_RCVBUFFORCE goes past the cap. A smaller
 /// buffer is not an error, only logged.
-pub(crate) fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
+pub fn enlarge_receive_buffer(socket: &Socket, bytes: usize) {
     let _ = socket.set_recv_buffer_size(bytes);
     // The kernel reports twice what was set (it counts its bookkeeping).
     let got = socket.recv_buffer_size().unwrap_or(0) / 2;
     if got >= bytes {
         return;
     }
-    let value = bytes as libc::c_int;
-    // SAFETY: a c_int option value of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
+    // SO_RCVBUFFORCE: past net.core.rmem_max, with CAP_NET_ADMIN.
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(socket, bytes).is_err() {
         log::debug!(
             "UDP receive buffer is {got} bytes (net.core.rmem_max); bursts beyond it are dropped by the kernel"
         );

@@ -69,10 +69,17 @@ pub fn check_bpf_privilege(action: &'static str) -> Result<()> {
     }
 }
 
+/// The open-file limit (soft `RLIMIT_NOFILE`) in force.
+pub fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(0, |(soft, _)| soft)
+}
+
 /// Raises this process's open-file limit (each connection is a
-/// descriptor): to `fs.nr_open` (at most 1,048,576) if the process may
-/// raise its hard limit (root, `CAP_SYS_RESOURCE`), else to its hard limit.
-/// Returns the limit now in force.
+/// descriptor; the limit is process-wide): to `fs.nr_open` (at most
+/// 1,048,576) if the process may raise its hard limit (root,
+/// `CAP_SYS_RESOURCE`), else to its hard limit. Returns the limit now in
+/// force.
 pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
@@ -188,27 +195,21 @@ pub fn set_loopback_up() -> Result<()> {
 /// `pidfd_getfd`, Linux 5.6). Needs ptrace access to the process: the same
 /// user, or `CAP_SYS_PTRACE`.
 pub fn take_fd(pid: u32, fd: i32) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain syscalls with integer arguments; a returned descriptor
-    // is new and ours.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if pidfd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ESRCH) => Error::Adopt {
-                what: format!("no process with pid {pid}"),
-            },
-            _ => Error::io(format!("pidfd_open({pid})"), e),
-        });
-    }
-    // SAFETY: as above.
-    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
-    use std::os::fd::AsRawFd;
-    // SAFETY: as above.
-    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if got < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
+    use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
+    let no_such = || Error::Adopt {
+        what: format!("no process with pid {pid}"),
+    };
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(no_such)?;
+    let pidfd = pidfd_open(target, PidfdFlags::empty()).map_err(|e| match e.raw_os_error() {
+        libc::ESRCH => no_such(),
+        _ => Error::io(format!("pidfd_open({pid})"), e.into()),
+    })?;
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).map_err(|e| {
+        let e = std::io::Error::from(e);
+        match e.raw_os_error() {
             Some(libc::EBADF) => Error::Adopt {
                 what: format!("process {pid} has no descriptor {fd}"),
             },
@@ -221,21 +222,22 @@ pub fn take_fd(pid: u32, fd: i32) -> Result<std::os::fd::OwnedFd> {
                 what: format!("process {pid} has exited"),
             },
             _ => Error::io(format!("pidfd_getfd({pid}, {fd})"), e),
-        });
-    }
-    // SAFETY: as above.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(got as i32) })
+        }
+    })
 }
 
-/// The CPU process `pid` last ran on (`/proc/PID/stat` field 39).
+/// `/proc/PID/stat` of process `pid`, if it is running.
+pub(crate) fn process_stat(pid: u32) -> Option<procfs_core::process::Stat> {
+    use procfs_core::FromRead as _;
+    let file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    procfs_core::process::Stat::from_read(file).ok()
+}
+
+/// The CPU process `pid` last ran on (`/proc/PID/stat`'s `processor`).
 pub fn last_cpu(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(36)?
-        .parse()
-        .ok()
+    process_stat(pid)?
+        .processor
+        .and_then(|c| u32::try_from(c).ok())
 }
 
 /// Whether [`check_bpf_privilege`] would pass.

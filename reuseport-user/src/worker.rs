@@ -20,18 +20,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::error::{Error, Result};
 pub use crate::maps::WorkerStats;
 
-/// Per-connection and per-worker limits.
+/// Per-worker limits, for every handler. (The echo service's own settings,
+/// idle timeout and buffer size, are in [`crate::echo::EchoOptions`].)
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Most connections one worker serves at once; beyond it the worker stops
     /// accepting until one closes (new connections wait in the kernel's
     /// accept queue).
     pub max_connections: usize,
-    /// A connection that neither sends nor accepts data for this long is closed.
-    pub idle_timeout: Duration,
-    /// Size of a connection's buffer: the most bytes read before they are
-    /// written back (allocated when data first arrives).
-    pub buffer_size: usize,
     /// How long open connections may take to finish after shutdown begins.
     pub drain_timeout: Duration,
 }
@@ -40,8 +36,6 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 8_192,
-            idle_timeout: Duration::from_secs(60),
-            buffer_size: 64 * 1024,
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -49,6 +43,7 @@ impl Default for Limits {
 
 /// Identity of a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerInfo {
     /// Worker number, equal to its slot in the socket map.
     pub worker: u32,
@@ -56,17 +51,43 @@ pub struct WorkerInfo {
     pub cpu: usize,
 }
 
-/// What a handler is given with each connection.
+impl WorkerInfo {
+    /// Worker `worker` (its slot), pinned to `cpu`.
+    pub fn new(worker: u32, cpu: usize) -> Self {
+        WorkerInfo { worker, cpu }
+    }
+}
+
+/// What a handler is given with each connection: who serves it and whom,
+/// and read-only views of the worker's counters and limits.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Conn {
     /// The worker serving it.
     pub worker: WorkerInfo,
     /// The client's address.
     pub peer: SocketAddr,
-    /// The worker's counters.
-    pub stats: WorkerStats,
+    pub(crate) stats: WorkerStats,
+    pub(crate) limits: Arc<Limits>,
+}
+
+impl Conn {
+    /// A copy of the serving worker's record now: its state, connections
+    /// accepted and open, bytes served, load.
+    pub fn worker_record(&self) -> reuseport_common::WorkerRecord {
+        self.stats.snapshot()
+    }
+
     /// The limits in force.
-    pub limits: Arc<Limits>,
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Adds `n` to the bytes the worker has served (its `bytes` counter in
+    /// `reuseport stats` and the metrics); the only count a handler keeps.
+    pub fn add_bytes(&self, n: u64) {
+        self.stats.bytes.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// A running worker thread.
@@ -115,6 +136,33 @@ where
     H: Fn(TcpStream, Conn) -> F + Send + 'static,
     F: Future<Output = io::Result<()>> + 'static,
 {
+    spawn_tcp_with(
+        info,
+        listener,
+        stats,
+        limits,
+        move || handler,
+        shutdown,
+        on_fault,
+    )
+}
+
+/// Like [`spawn_tcp`], with the handler made by `make` on the worker's own
+/// thread: it need not be `Send`, and lives and dies there.
+pub fn spawn_tcp_with<M, H, F>(
+    info: WorkerInfo,
+    listener: std::net::TcpListener,
+    stats: WorkerStats,
+    limits: Arc<Limits>,
+    make: M,
+    shutdown: CancellationToken,
+    on_fault: OnFault,
+) -> Result<WorkerHandle>
+where
+    M: FnOnce() -> H + Send + 'static,
+    H: Fn(TcpStream, Conn) -> F + 'static,
+    F: Future<Output = io::Result<()>> + 'static,
+{
     let thread_stats = stats.clone();
     spawn_pinned(info, stats, on_fault, move || {
         let listener = tokio::net::TcpListener::from_std(listener)
@@ -124,7 +172,7 @@ where
             listener,
             limits,
             thread_stats,
-            handler,
+            make(),
             shutdown,
         ))
     })

@@ -20,7 +20,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             "build",
             "--release",
             "-p",
-            "reuseport-user",
+            "reuseport-cli",
             "--bin",
             "reuseport",
             "-p",

@@ -5,8 +5,11 @@
 //! - `run -- ARGS`: build, then `reuseport run ARGS`
 //! - `test`: build, then run every test (unit and integration), and one
 //!   cell of the VM matrix (6.1 with 4 vCPUs)
-//! - `lint`: rustfmt and clippy, the eBPF crate in its own pass
-//! - `bench -- ARGS`: build, then `reuseport bench ARGS`
+//! - `lint`: rustfmt and clippy, the eBPF crate in its own pass, and the
+//!   layering check (the library's tree holds no CLI or chart crate)
+//! - `bench -- ARGS`: build, then `reuseport-bench ARGS`
+//! - `package`: the library's package (`cargo package`), with the eBPF
+//!   object built from this workspace, so it builds outside it
 //! - `cluster -- ARGS`: hosts behind an ECMP router in network namespaces,
 //!   measured (docs/cluster/report.md)
 //! - `vm-test`: the integration tests in QEMU on Debian's kernels (see `vm`)
@@ -54,12 +57,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// rustfmt check and clippy -D warnings (host crates, then the eBPF crate).
+    /// rustfmt check and clippy -D warnings (host crates, then the eBPF
+    /// crate); the library's dependency tree and the server's linked
+    /// libraries (test `layering`).
     Lint,
-    /// Build (release), then run `reuseport bench` with the arguments after
+    /// Build (release), then run `reuseport-bench` with the arguments after
     /// `--` (e.g. `-- --quick`); results go to target/bench/<time>/.
     Bench {
-        /// Arguments for `reuseport bench`.
+        /// Arguments for `reuseport-bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -88,6 +93,9 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         tests: Vec<String>,
     },
+    /// Package the library (`cargo package`, verified by a build outside
+    /// the workspace), carrying the eBPF object built from these sources.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -108,7 +116,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::ensure()?;
             cargo(&root, &["build", "--release", "--all-targets"])
         }
-        Task::Run { args } => release(&root, "run", &args),
+        Task::Run { args } => release(&root, "reuseport", Some("run"), &args),
         Task::Test { args } => {
             setup::ensure()?;
             setup::ensure_test_tools()?;
@@ -119,9 +127,10 @@ fn run(cli: Cli) -> Result<()> {
                 &[
                     "build",
                     "-p",
+                    "reuseport-cli",
+                    "-p",
                     "reuseport-user",
-                    "--bin",
-                    "reuseport",
+                    "--bins",
                     "--examples",
                 ],
             )?;
@@ -176,7 +185,8 @@ fn run(cli: Cli) -> Result<()> {
                 },
             )
         }
-        Task::Bench { args } => release(&root, "bench", &args),
+        Task::Bench { args } => release(&root, "reuseport-bench", None, &args),
+        Task::Package => package(&root),
         Task::Cluster { args } => cluster::run(&root, &args),
         Task::VmTest {
             kernel,
@@ -207,32 +217,124 @@ fn run(cli: Cli) -> Result<()> {
                 .env_remove("RUSTC")
                 .env_remove("RUSTC_WORKSPACE_WRAPPER");
             println!("xtask: clippy of the eBPF crate (nightly, bpfel-unknown-none)");
-            status(&mut cmd)
+            status(&mut cmd)?;
+            // The library's dependency tree and the server's libraries: the
+            // same test CI runs, so both enforce one list.
+            cargo(&root, &["build", "-p", "reuseport-cli", "--bins"])?;
+            cargo(
+                &root,
+                &["test", "-p", "reuseport-tests", "--test", "layering"],
+            )?;
+            msrv(&root)
         }
     }
 }
 
-/// Sets up, builds the release binary, then becomes `reuseport SUBCOMMAND ARGS`.
-fn release(root: &Path, subcommand: &str, args: &[String]) -> Result<()> {
+/// Sets up, builds the release binaries, then becomes `PROGRAM
+/// [SUBCOMMAND] ARGS`.
+fn release(root: &Path, program: &str, subcommand: Option<&str>, args: &[String]) -> Result<()> {
     setup::ensure()?;
     cargo(
         root,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "reuseport-user",
-            "--bin",
-            "reuseport",
-        ],
+        &["build", "--release", "-p", "reuseport-cli", "--bins"],
     )?;
-    let bin = root.join("target/release/reuseport");
-    println!("xtask: {} {subcommand} {}", bin.display(), args.join(" "));
+    let bin = root.join("target/release").join(program);
+    println!(
+        "xtask: {} {} {}",
+        bin.display(),
+        subcommand.unwrap_or(""),
+        args.join(" ")
+    );
     exec(
         Command::new(&bin)
             .current_dir(root)
-            .arg(subcommand)
+            .args(subcommand)
             .args(args),
+    )
+}
+
+/// Builds the library (and so its eBPF object, from this workspace's
+/// sources), puts the object where the package carries it, then packages
+/// the library with the contract crate it depends on. `cargo package`
+/// verifies by building the packed crates outside the workspace, where
+/// build.rs takes the carried object.
+fn package(root: &Path) -> Result<()> {
+    setup::ensure()?;
+    println!("xtask: cargo build -p reuseport-user (for its eBPF object)");
+    let out = Command::new(cargo_bin())
+        .current_dir(root)
+        .args(["build", "-p", "reuseport-user", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build -p reuseport-user failed ({})", out.status);
+    }
+    // The build script's OUT_DIR, from cargo's own report of it.
+    let out_dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| {
+            m["reason"] == "build-script-executed"
+                && m["package_id"]
+                    .as_str()
+                    .is_some_and(|id| id.contains("/reuseport-user#"))
+        })
+        .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
+        .context("cargo did not report reuseport-user's build script")?;
+    let object = out_dir.join("reuseport-ebpf");
+    let carried = root.join("reuseport-user/ebpf/reuseport-ebpf.o");
+    std::fs::create_dir_all(carried.parent().expect("a parent"))?;
+    std::fs::copy(&object, &carried)
+        .with_context(|| format!("copying {} to {}", object.display(), carried.display()))?;
+    println!("xtask: {} -> {}", object.display(), carried.display());
+    // --allow-dirty: the object is not tracked (it is built, not written).
+    cargo(
+        root,
+        &[
+            "package",
+            "-p",
+            "reuseport-common",
+            "-p",
+            "reuseport-user",
+            "--allow-dirty",
+        ],
+    )
+}
+
+/// Checks the library with the oldest compiler it declares
+/// (`rust-version`): that toolchain must be installed (`rustup toolchain
+/// list`); rustup will not fetch it here.
+fn msrv(root: &Path) -> Result<()> {
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
+    let version = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .context("no rust-version in the workspace's Cargo.toml")?;
+    // rustup names a release by its full version.
+    let toolchain = match version.matches('.').count() {
+        1 => format!("{version}.0"),
+        _ => version.clone(),
+    };
+    let installed = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup toolchain list")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with(&format!("{toolchain}-")))
+    {
+        bail!("the MSRV is {version}, but toolchain {toolchain} is not installed: `rustup toolchain install {toolchain}`");
+    }
+    println!("xtask: the library with Rust {toolchain} (its rust-version)");
+    status(
+        Command::new("rustup")
+            .current_dir(root)
+            .args(["run", &toolchain, "cargo", "check", "--lib"])
+            .args(["-p", "reuseport-user", "-p", "reuseport-common"])
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
     )
 }
 

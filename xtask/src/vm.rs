@@ -495,13 +495,13 @@ fn build(root: &Path, arch: Arch) -> Result<Executables> {
         cmd
     };
     say(&format!(
-        "cargo build -p reuseport-user --bin reuseport {}",
+        "cargo build -p reuseport-cli --bin reuseport {}",
         target.join(" ")
     ));
     crate::status(&mut cargo(&[
         "build",
         "-p",
-        "reuseport-user",
+        "reuseport-cli",
         "--bin",
         "reuseport",
     ]))?;

@@ -1,5 +1,6 @@
-//! `reuseport bench`: every steering policy and the classic server models,
-//! measured side by side in one run on this machine.
+//! `reuseport-bench` (also run as `reuseport bench`): every steering policy
+//! and the classic server models, measured side by side in one run on this
+//! machine.
 //!
 //! The run isolates itself in a network namespace of its own (so the
 //! kernel's drop counters are its own), starts every model on its own
@@ -7,24 +8,172 @@
 //! epochs (A B C … A B C …), so that a noisy neighbour hits every model
 //! alike. Figures are ratios within the run wherever a target is set.
 
-pub mod load;
-pub mod models;
-pub mod report;
+//!
+//! It is a program of its own, apart from the `reuseport` server, because
+//! its charts (plotters, with TrueType text) link fontconfig and freetype.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+mod load;
+mod models;
+mod report;
 
+use std::{
+    collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::{
+use load::{Outcome, Shape};
+use models::{Model, Running};
+use reuseport::{
     balance::balance,
     error::{Error, Result},
     socket::Proto,
     sys,
 };
-use load::{Outcome, Shape};
-use models::{Model, Running};
 
+/// Measure every steering policy and the classic server designs side by
+/// side, on this machine, in one run.
+#[derive(Debug, Parser)]
+#[command(
+    name = "reuseport-bench",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+    #[command(subcommand)]
+    child: Option<Child>,
+}
+
+/// The benchmark's own child processes.
+#[derive(Debug, Subcommand)]
+enum Child {
+    /// The client process for idle connections (internal).
+    #[command(hide = true)]
+    BenchHold {
+        /// Where to connect.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// How many connections to hold.
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let done = match cli.child {
+        Some(Child::BenchHold { addr, count }) => {
+            load::hold_child(addr, count).map_err(|e| one_line(&e))
+        }
+        None => bench(cli.args),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Options of `reuseport-bench`.
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// A short run (well under a minute), for CI.
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory for the CSV, JSON and SVG files [default: target/bench/TIME].
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Exit non-zero unless the run was clean: every model measured, every
+    /// echo verified, nothing dropped by the kernel.
+    #[arg(long)]
+    pub check: bool,
+    /// Only these models (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Only these workloads (comma-separated: connection-rate, bpf-cost,
+    /// distribution, persistent-echo, open-loop-latency, skewed-mix,
+    /// idle-memory, udp-echo).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// Instead: steady connection churn for MINUTES, reporting open
+    /// descriptors, memory and every failure (they must stay flat).
+    #[arg(long, value_name = "MINUTES", value_parser = soak_minutes)]
+    pub soak: Option<f64>,
+}
+
+fn soak_minutes(s: &str) -> std::result::Result<f64, String> {
+    bounded(s, 0.05..=10_080.0)
+}
+
+/// A number in `range`.
+fn bounded(s: &str, range: std::ops::RangeInclusive<f64>) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is out of range: {} to {}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+fn bench(args: BenchArgs) -> std::result::Result<(), String> {
+    if let Some(minutes) = args.soak {
+        let every = Duration::from_secs(if minutes < 1.0 { 5 } else { 30 });
+        let soak = soak(minutes, every, args.out).map_err(|e| one_line(&e))?;
+        println!("{}", report::soak_markdown(&soak));
+        if !soak.flat {
+            return Err(not_clean(
+                "descriptors or memory grew, or connections failed",
+            ));
+        }
+        return Ok(());
+    }
+    let options = BenchOptions {
+        quick: args.quick,
+        out: args.out,
+        only: args.only,
+        workloads: args.workloads,
+    };
+    let report = run(&options).map_err(|e| one_line(&e))?;
+    println!("{}", report::markdown(&report));
+    if args.check && !report.clean {
+        return Err(not_clean(&report.problems.join("; ")));
+    }
+    Ok(())
+}
+
+/// The benchmark's verdict on a run with failures, missing figures or
+/// kernel drops.
+fn not_clean(problems: &str) -> String {
+    format!("the benchmark run was not clean: {problems}")
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s.replace('\n', " ")
+}
 /// Options of a benchmark run.
 #[derive(Clone, Debug, Default)]
 pub struct BenchOptions {
@@ -280,14 +429,15 @@ pub fn soak(minutes: f64, every: Duration, out: Option<PathBuf>) -> Result<Soak>
     isolate()?;
     sys::raise_fd_limit();
     let cpus = sys::usable_cpus()?;
-    let group = crate::Group::builder()
+    let group = reuseport::Group::builder()
         .addr(SocketAddr::from(([127, 0, 0, 1], 24_000)))
         .workers(cpus.len())
         .cpus(cpus.clone())
-        .policy(crate::Policy::new(crate::PolicyKind::RoundRobin))
+        .policy(reuseport::Policy::new(reuseport::PolicyKind::RoundRobin))
         .pin(false)
         .build()?;
-    let server = crate::server::Server::start_echo(group, crate::server::ServeOptions::default())?;
+    let server =
+        reuseport::server::Server::start_echo(group, reuseport::server::ServeOptions::default())?;
     let addr = server.local_addr();
     let shape = Shape {
         cpus,
@@ -486,21 +636,21 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
 fn idle_memory(bench: &Bench) -> Result<Workload> {
     let n = bench.settings.idle_connections;
     bench.step(&format!("idle memory: {n} connections"));
-    let group = crate::Group::builder()
+    let group = reuseport::Group::builder()
         .addr(SocketAddr::from(([127, 0, 0, 1], 23_000)))
         .workers(bench.cpus.len())
         .cpus(bench.cpus.clone())
-        .policy(crate::Policy::new(crate::PolicyKind::RoundRobin))
+        .policy(reuseport::Policy::new(reuseport::PolicyKind::RoundRobin))
         .pin(false)
         .build()?;
-    let options = crate::server::ServeOptions {
-        limits: crate::worker::Limits {
+    let options = reuseport::server::ServeOptions {
+        limits: reuseport::worker::Limits {
             max_connections: n,
             ..Default::default()
         },
         ..Default::default()
     };
-    let server = crate::server::Server::start_echo(group, options)?;
+    let server = reuseport::server::Server::start_echo(group, options)?;
     let addr = server.local_addr();
     std::thread::sleep(Duration::from_millis(300));
     let before = sys::resident_bytes();
@@ -610,7 +760,7 @@ fn bpf_cost(bench: &Bench, models: &[Running]) -> Result<Workload> {
     let shape = bench.shape();
     // Statistics on only for these epochs: they add two clock reads to
     // every program run, which the other workloads must not pay.
-    let stats = crate::steering::enable_run_stats()?;
+    let stats = reuseport::steering::enable_run_stats()?;
     let mut time = vec![Duration::ZERO; with.len()];
     let mut runs = vec![0u64; with.len()];
     let mut outcomes: Vec<Outcome> = with.iter().map(|_| Outcome::empty()).collect();

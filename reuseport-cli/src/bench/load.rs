@@ -130,7 +130,7 @@ where
             let client = client.clone();
             let per_thread = shape.per_thread;
             thread::spawn(move || {
-                let _ = crate::sys::pin_current_thread(cpu);
+                let _ = reuseport::sys::pin_current_thread(cpu);
                 let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -285,7 +285,7 @@ pub fn open_loop(
         .map(|t| {
             let cpu = cpus[t % cpus.len()];
             thread::spawn(move || {
-                let _ = crate::sys::pin_current_thread(cpu);
+                let _ = reuseport::sys::pin_current_thread(cpu);
                 let mut o = Outcome::empty();
                 let sock = match socket2::Socket::new(
                     socket2::Domain::IPV4,
@@ -511,10 +511,10 @@ pub struct HoldChild {
 
 impl HoldChild {
     /// Starts the child, which opens `n` connections to `addr`.
-    pub fn spawn(addr: SocketAddr, n: usize) -> crate::error::Result<Self> {
+    pub fn spawn(addr: SocketAddr, n: usize) -> reuseport::error::Result<Self> {
         use std::process::{Command, Stdio};
         let exe = std::env::current_exe()
-            .map_err(|e| crate::error::Error::io("finding this program", e))?;
+            .map_err(|e| reuseport::error::Error::io("finding this program", e))?;
         let mut child = Command::new(exe)
             .args([
                 "bench-hold",
@@ -526,19 +526,19 @@ impl HoldChild {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|e| crate::error::Error::io("starting the client process", e))?;
+            .map_err(|e| reuseport::error::Error::io("starting the client process", e))?;
         let out = std::io::BufReader::new(child.stdout.take().ok_or_else(|| {
-            crate::error::Error::io("the client process", std::io::Error::other("no stdout"))
+            reuseport::error::Error::io("the client process", std::io::Error::other("no stdout"))
         })?);
         Ok(HoldChild { child, out })
     }
 
-    fn report(&mut self) -> crate::error::Result<Outcome> {
+    fn report(&mut self) -> reuseport::error::Result<Outcome> {
         use std::io::BufRead;
         let mut line = String::new();
         self.out
             .read_line(&mut line)
-            .map_err(|e| crate::error::Error::io("reading the client process", e))?;
+            .map_err(|e| reuseport::error::Error::io("reading the client process", e))?;
         let mut o = Outcome::empty();
         let mut fields = line.trim().splitn(3, ' ');
         let _ = fields.next();
@@ -557,12 +557,12 @@ impl HoldChild {
     }
 
     /// Waits until every connection is open (and echoed once).
-    pub fn held(&mut self) -> crate::error::Result<Outcome> {
+    pub fn held(&mut self) -> reuseport::error::Result<Outcome> {
         self.report()
     }
 
     /// Has every connection echo again, then ends the child.
-    pub fn echo_all(mut self) -> crate::error::Result<Outcome> {
+    pub fn echo_all(mut self) -> reuseport::error::Result<Outcome> {
         if let Some(stdin) = self.child.stdin.as_mut() {
             let _ = stdin.write_all(b"echo\n");
             let _ = stdin.flush();
@@ -575,8 +575,8 @@ impl HoldChild {
 }
 
 /// The child's side of [`HoldChild`]: `reuseport bench-hold`.
-pub fn hold_child(addr: SocketAddr, n: usize) -> crate::error::Result<()> {
-    crate::sys::raise_fd_limit();
+pub fn hold_child(addr: SocketAddr, n: usize) -> reuseport::error::Result<()> {
+    reuseport::sys::raise_fd_limit();
     let (held, o) = hold(addr, n);
     let say = |what: &str, o: &Outcome| {
         println!(

@@ -2,12 +2,7 @@
 
 use std::fmt::Write as _;
 
-use reuseport_common::worker_state;
-
-use crate::{
-    balance::balance,
-    control::{state_name, Status},
-};
+use reuseport::{balance, SlotState, SlotStatus, Status};
 
 /// The group's table. With `previous` (a snapshot taken `seconds` earlier)
 /// the balance line is that of the interval; without, of the totals.
@@ -39,7 +34,7 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
             "{:>4} {:>4} {:>8} {:>12} {:>12} {:>8} {:>6} {:>14}",
             s.slot,
             r.cpu,
-            state_name(r.state),
+            s.state(),
             s.selected,
             r.accepted,
             r.active,
@@ -50,12 +45,12 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
     let serving: Vec<_> = now
         .slots
         .iter()
-        .filter(|s| s.record.state != worker_state::EMPTY)
+        .filter(|s| s.state() != SlotState::Empty)
         .collect();
     // With a program, count what it steered to each slot: that covers
     // sockets adopted from other programs, whose accepts we do not see.
     // Without one, what each worker accepted.
-    let count = |s: &crate::control::SlotStatus| {
+    let count = |s: &SlotStatus| {
         if now.steered {
             s.selected
         } else {

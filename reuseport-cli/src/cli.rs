@@ -6,18 +6,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::{Args, Parser, Subcommand};
-
-use crate::{
-    control::Control,
-    error::Result,
-    group::{Group, DEFAULT_BACKLOG},
-    policy::{HashKey, Policy, PolicyKind},
-    server::{self, ServeOptions, Server},
-    socket::Proto,
-    stats,
-    worker::Limits,
+use clap::{
+    builder::{PossibleValuesParser, TypedValueParser as _},
+    Args, Parser, Subcommand,
 };
+use reuseport::{
+    server::{self, ServeOptions, Server},
+    Control, EchoOptions, Group, HashKey, Limits, Policy, PolicyKind, Proto, Result,
+    DEFAULT_BACKLOG,
+};
+
+use crate::stats;
 
 /// Kernel-assisted connection balancing: a SO_REUSEPORT group steered by an
 /// eBPF program, served by thread-per-core workers.
@@ -47,45 +46,30 @@ pub enum Command {
     /// Remove the pins of dead groups of this network namespace (their
     /// owner was killed or crashed); a running group is left alone.
     Cleanup(CleanupArgs),
-    /// Measure every policy and the classic server designs side by side.
-    Bench(BenchArgs),
-    /// The benchmark's client process for idle connections (internal).
-    #[command(hide = true)]
-    BenchHold {
-        /// Where to connect.
-        #[arg(long)]
-        addr: SocketAddr,
-        /// How many connections to hold.
-        #[arg(long)]
-        count: usize,
+    /// Measure every policy and the classic server designs side by side:
+    /// runs `reuseport-bench` (installed beside this program) with the
+    /// arguments that follow (`reuseport bench --help` for its own help).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments for `reuseport-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
-/// Options of `reuseport bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// A short run (well under a minute), for CI.
-    #[arg(long)]
-    pub quick: bool,
-    /// Directory for the CSV, JSON and SVG files [default: target/bench/TIME].
-    #[arg(long)]
-    pub out: Option<std::path::PathBuf>,
-    /// Exit non-zero unless the run was clean: every model measured, every
-    /// echo verified, nothing dropped by the kernel.
-    #[arg(long)]
-    pub check: bool,
-    /// Only these models (comma-separated names).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
-    /// Only these workloads (comma-separated: connection-rate, bpf-cost,
-    /// distribution, persistent-echo, open-loop-latency, skewed-mix,
-    /// idle-memory, udp-echo).
-    #[arg(long, value_delimiter = ',')]
-    pub workloads: Vec<String>,
-    /// Instead: steady connection churn for MINUTES, reporting open
-    /// descriptors, memory and every failure (they must stay flat).
-    #[arg(long, value_name = "MINUTES", value_parser = soak_minutes)]
-    pub soak: Option<f64>,
+/// The library's policy names as clap values, so that `--help` and a wrong
+/// name list them.
+fn policy_kind() -> impl clap::builder::TypedValueParser<Value = PolicyKind> {
+    PossibleValuesParser::new(PolicyKind::ALL.map(PolicyKind::name))
+        // Invariant: only the names listed above reach this.
+        .map(|name| name.parse::<PolicyKind>().expect("a listed policy name"))
+}
+
+/// `tcp` or `udp`, likewise.
+fn proto() -> impl clap::builder::TypedValueParser<Value = Proto> {
+    PossibleValuesParser::new(["tcp", "udp"])
+        // Invariant: only the names listed above reach this.
+        .map(|name| name.parse::<Proto>().expect("a listed transport"))
 }
 
 /// A number in `range`, for the options that become durations.
@@ -104,10 +88,6 @@ fn bounded(s: &str, range: std::ops::RangeInclusive<f64>) -> std::result::Result
 
 fn watch_seconds(s: &str) -> std::result::Result<f64, String> {
     bounded(s, 0.1..=86_400.0)
-}
-
-fn soak_minutes(s: &str) -> std::result::Result<f64, String> {
-    bounded(s, 0.05..=10_080.0)
 }
 
 /// Per-worker weights, in slot order: `3,1,1`.
@@ -150,7 +130,7 @@ pub struct ServeArgs {
 
     /// Per-connection buffer in bytes (64 to 16777216): the most data held
     /// before it is echoed.
-    #[arg(long, default_value_t = Limits::default().buffer_size,
+    #[arg(long, default_value_t = EchoOptions::default().buffer_size,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(64..=16 << 20))]
     pub buffer_size: usize,
 
@@ -168,12 +148,16 @@ impl ServeArgs {
         ServeOptions {
             limits: Limits {
                 max_connections: self.max_connections,
+                drain_timeout: self.drain_timeout,
+            },
+            echo: EchoOptions {
                 idle_timeout: self.idle_timeout,
                 buffer_size: self.buffer_size,
-                drain_timeout: self.drain_timeout,
             },
             metrics_addr: self.metrics_addr,
             bpf_stats: false,
+            // A server for many connections: the process is ours.
+            raise_fd_limit: true,
         }
     }
 }
@@ -187,7 +171,7 @@ pub struct RunArgs {
 
     /// Transport: tcp (an echo of each connection) or udp (an echo of each
     /// datagram).
-    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    #[arg(long, value_parser = proto(), default_value_t = Proto::Tcp)]
     pub proto: Proto,
 
     /// Number of workers, 1 to 1024 [default: one per CPU this process may
@@ -196,7 +180,7 @@ pub struct RunArgs {
     pub workers: Option<usize>,
 
     /// Steering policy [default: cpu; with --takeover, the old group's].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = policy_kind())]
     pub policy: Option<PolicyKind>,
 
     /// What the hash policies (hash, consistent) hash: src-ip (client
@@ -290,7 +274,7 @@ pub enum CtlAction {
     /// Switch the running group to another policy; open connections stay.
     Policy {
         /// The new policy.
-        #[arg(value_enum)]
+        #[arg(value_parser = policy_kind())]
         policy: PolicyKind,
         /// `weighted`: one weight per worker, in slot order [default: the current ones].
         #[arg(long)]
@@ -347,16 +331,16 @@ pub struct CleanupArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(args) => {
-            crate::signals::catch_stop_signals()?;
+            reuseport::server::catch_stop_signals()?;
             run_group(args)
         }
         Command::Join(args) => {
-            crate::signals::catch_stop_signals()?;
+            reuseport::server::catch_stop_signals()?;
             let group = Group::join(&args.group, args.workers, None, args.serve.backlog)?;
             serve(group, args.serve.options())
         }
         Command::Cleanup(args) => {
-            let removed = crate::control::cleanup(args.group.as_deref())?;
+            let removed = Control::cleanup(args.group.as_deref())?;
             if removed.is_empty() {
                 println!("no dead group in this network namespace");
             }
@@ -384,37 +368,25 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Stats(args) => watch_stats(args),
-        Command::Bench(args) => bench(args),
-        Command::BenchHold { addr, count } => crate::bench::load::hold_child(addr, count),
+        Command::Bench { args } => bench(args),
     }
 }
 
-fn bench(args: BenchArgs) -> Result<()> {
-    if let Some(minutes) = args.soak {
-        let every = Duration::from_secs(if minutes < 1.0 { 5 } else { 30 });
-        let soak = crate::bench::soak(minutes, every, args.out)?;
-        println!("{}", crate::bench::report::soak_markdown(&soak));
-        if !soak.flat {
-            return Err(crate::error::Error::BenchNotClean {
-                problems: "descriptors or memory grew, or connections failed".into(),
-            });
-        }
-        return Ok(());
-    }
-    let options = crate::bench::BenchOptions {
-        quick: args.quick,
-        out: args.out,
-        only: args.only,
-        workloads: args.workloads,
-    };
-    let report = crate::bench::run(&options)?;
-    println!("{}", crate::bench::report::markdown(&report));
-    if args.check && !report.clean {
-        return Err(crate::error::Error::BenchNotClean {
-            problems: report.problems.join("; "),
-        });
-    }
-    Ok(())
+/// Becomes `reuseport-bench ARGS`, the benchmark's own program (its
+/// charts need font libraries the server does without).
+fn bench(args: Vec<std::ffi::OsString>) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe()
+        .map_err(|e| reuseport::Error::io("finding this program", e))?
+        .with_file_name("reuseport-bench");
+    let err = std::process::Command::new(&exe).args(args).exec();
+    Err(reuseport::Error::io(
+        format!(
+            "running {} (build it with `cargo build -p reuseport-cli`)",
+            exe.display()
+        ),
+        err,
+    ))
 }
 
 fn ctl(args: CtlArgs) -> Result<()> {
@@ -492,7 +464,12 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
         .proto(a.proto)
         .policy(policy)
         .backlog(a.serve.backlog)
-        .program(&a.bpf_program);
+        .program(&a.bpf_program)
+        // The program owns its machine's setup, as a server does: bpffs
+        // for the pins, and queued connections handed on at close under
+        // the kernel policy.
+        .mount_bpffs(true)
+        .tcp_migrate_req(true);
     if let Some(n) = a.workers {
         builder = builder.workers(n);
     }
@@ -515,9 +492,8 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
 fn serve(group: Group, options: ServeOptions) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "policy {}", group.policy()?);
-    if let (Some(name), Some(dir)) = (group.name(), group.pin_dir()) {
-        let shown = crate::pins::shown(dir);
-        let _ = writeln!(out, "group {name} (maps pinned in {})", shown.display());
+    if let (Some(name), Some(dir)) = (group.name(), group.pin_dir_shown()) {
+        let _ = writeln!(out, "group {name} (maps pinned in {})", dir.display());
     }
     for m in group.members() {
         let _ = writeln!(out, "worker {}: slot {}, cpu {}", m.slot, m.slot, m.cpu);

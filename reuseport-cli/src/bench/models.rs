@@ -23,7 +23,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use reuseport::{
     error::{Error, Result},
     group::{lock, Group},
     policy::{HashKey, Policy, PolicyKind},
@@ -300,10 +300,7 @@ fn start_group(
     let limits = Arc::new(Limits::default());
     let mut workers: Vec<WorkerHandle> = Vec::new();
     for m in group.members() {
-        let info = WorkerInfo {
-            worker: m.slot,
-            cpu: m.cpu,
-        };
+        let info = WorkerInfo::new(m.slot, m.cpu);
         let t = tally.clone();
         workers.push(match proto {
             Proto::Tcp => worker::spawn_tcp(
@@ -390,12 +387,12 @@ fn bind_plain(addr: SocketAddr, proto: Proto) -> Result<socket2::Socket> {
     s.set_nonblocking(true)
         .map_err(|e| Error::io("O_NONBLOCK", e))?;
     if proto == Proto::Udp {
-        crate::socket::enlarge_receive_buffer(&s, crate::socket::UDP_RECEIVE_BUFFER);
+        reuseport::socket::enlarge_receive_buffer(&s, reuseport::socket::UDP_RECEIVE_BUFFER);
     }
     s.bind(&addr.into())
         .map_err(|e| Error::io(format!("binding {addr}"), e))?;
     if proto == Proto::Tcp {
-        s.listen(crate::group::DEFAULT_BACKLOG)
+        s.listen(reuseport::group::DEFAULT_BACKLOG)
             .map_err(|e| Error::io("listen", e))?;
     }
     Ok(s)

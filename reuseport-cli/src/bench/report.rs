@@ -9,7 +9,7 @@ use plotters::{
 };
 
 use super::{Report, Row, Target, Workload};
-use crate::{
+use reuseport::{
     error::{Error, Result},
     policy::PolicyKind,
 };
