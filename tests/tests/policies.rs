@@ -63,10 +63,28 @@ fn round_robin_rotates_over_the_workers() {
     }
     let after = server.metrics();
     let sel = selected_delta(&before, &after, workers);
+    let acc = accepted_delta(&before, &after, workers);
     let (min, max) = (sel.iter().min().unwrap(), sel.iter().max().unwrap());
-    assert_eq!(sel.iter().sum::<u64>(), 2000);
     assert!(max - min <= 1, "2000 concurrent connections: {sel:?}");
-    assert_eq!(accepted_delta(&before, &after, workers), sel);
+    assert_eq!(acc.iter().sum::<u64>(), 2000, "every connection served");
+    // A SYN the client sent again (a slow, emulated machine) runs the
+    // program again and takes a ticket of its own, so the program may have
+    // selected a few times more than there were connections (seen on 6.1
+    // under QEMU: 2001 to 2005 of 2000); each worker accepted what was
+    // selected for it, less such repeats, and nothing came from elsewhere.
+    let repeats = sel.iter().sum::<u64>() - 2000;
+    assert!(repeats <= 20, "at most 1 % repeated selections: {sel:?}");
+    for (w, (a, s)) in acc.iter().zip(&sel).enumerate() {
+        assert!(
+            a <= s && s - a <= repeats,
+            "worker {w} accepted {a} of its {s} selections: {acc:?} {sel:?}"
+        );
+    }
+    assert_eq!(
+        after.fallback(),
+        before.fallback(),
+        "nothing left to the kernel's hash"
+    );
 }
 
 /// A skewed load on 2 workers: long connections alternate with short ones,
