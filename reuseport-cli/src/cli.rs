@@ -424,6 +424,11 @@ fn ctl(args: CtlArgs) -> Result<()> {
 }
 
 fn watch_stats(args: StatsArgs) -> Result<()> {
+    // A reader that goes away (`reuseport stats --watch 1 | head`) ends
+    // the command as it ends other Unix filters, by SIGPIPE, instead of a
+    // panic in `print!`. Rust starts programs with SIGPIPE ignored.
+    // SAFETY: restores the default disposition; no handler is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let control = Control::open(args.group.as_deref())?;
     let mut previous = (control.status()?, Instant::now());
     let Some(every) = args.watch else {

@@ -678,11 +678,27 @@ pub fn bpf_program_name(id: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
-/// Empties `slot` of a group's socket map from outside, as the kernel does
-/// when a worker's socket closes: `BPF_OBJ_GET` on the pinned map, then
-/// `BPF_MAP_DELETE_ELEM`.
-pub fn empty_slot(group: &str, slot: u32) {
-    use std::{ffi::CString, os::unix::ffi::OsStrExt};
+/// `bpf(2)` commands the tests use on a group's pinned maps.
+pub mod bpf_cmd {
+    /// `BPF_MAP_LOOKUP_ELEM`.
+    pub const MAP_LOOKUP_ELEM: libc::c_long = 1;
+    /// `BPF_MAP_UPDATE_ELEM`.
+    pub const MAP_UPDATE_ELEM: libc::c_long = 2;
+    /// `BPF_MAP_DELETE_ELEM`.
+    pub const MAP_DELETE_ELEM: libc::c_long = 3;
+    /// `BPF_OBJ_GET`.
+    pub const OBJ_GET: libc::c_long = 7;
+}
+
+/// Opens a group's pinned map `name` (`BPF_OBJ_GET`), as another process
+/// of the owner could, behind the control plane's back. Written against
+/// the syscall, not a BPF library, so the tests see the kernel's own
+/// interface and depend on nothing of the code under test.
+pub fn pinned_map(group: &str, name: &str) -> std::os::fd::OwnedFd {
+    use std::{
+        ffi::CString,
+        os::{fd::FromRawFd, unix::ffi::OsStrExt},
+    };
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
@@ -693,17 +709,7 @@ pub fn empty_slot(group: &str, slot: u32) {
         // the command's fields.
         _pad: u32,
     }
-    #[repr(C)]
-    struct MapElem {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let path = CString::new(pin_dir(group).join("SOCKETS").as_os_str().as_bytes()).unwrap();
+    let path = CString::new(pin_dir(group).join(name).as_os_str().as_bytes()).unwrap();
     let get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
@@ -715,7 +721,7 @@ pub fn empty_slot(group: &str, slot: u32) {
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_GET,
+            bpf_cmd::OBJ_GET,
             &get as *const ObjGet,
             size_of::<ObjGet>(),
         )
@@ -725,27 +731,63 @@ pub fn empty_slot(group: &str, slot: u32) {
         "BPF_OBJ_GET {path:?}: {}",
         std::io::Error::last_os_error()
     );
-    let key = slot;
-    let del = MapElem {
-        map_fd: fd as u32,
+    // SAFETY: a new descriptor that nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// One map element command (`bpf_cmd::MAP_*`) on `map` with a 4-byte key;
+/// `value` must be as large as the map's values (null for a delete).
+pub fn map_elem(
+    map: std::os::fd::BorrowedFd<'_>,
+    cmd: libc::c_long,
+    key: u32,
+    value: *mut u8,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct MapElem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let e = MapElem {
+        map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: &key as *const u32 as u64,
-        value: 0,
+        value: value as u64,
         flags: 0,
     };
-    // SAFETY: as above, for BPF_MAP_DELETE_ELEM; `key` outlives the call.
+    // SAFETY: a valid bpf_attr prefix for the map element commands; `key`
+    // and the caller's value outlive the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &del as *const MapElem,
+            cmd,
+            &e as *const MapElem,
             size_of::<MapElem>(),
         )
     };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: we own the descriptor.
-    unsafe { libc::close(fd as i32) };
-    assert_eq!(rc, 0, "deleting slot {slot}: {err}");
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Empties `slot` of a group's socket map from outside, as the kernel does
+/// when a worker's socket closes.
+pub fn empty_slot(group: &str, slot: u32) {
+    use std::os::fd::AsFd;
+    let map = pinned_map(group, "SOCKETS");
+    map_elem(
+        map.as_fd(),
+        bpf_cmd::MAP_DELETE_ELEM,
+        slot,
+        std::ptr::null_mut(),
+    )
+    .unwrap_or_else(|e| panic!("deleting slot {slot}: {e}"));
 }
 
 /// Opens `n` connections from a thread pinned to `cpu` (under the `cpu`

@@ -261,3 +261,42 @@ fn stats_prints_the_table_and_the_balance() {
         "{out}"
     );
 }
+
+/// `reuseport stats --watch N | head`: when the reader goes away the
+/// watcher ends as a Unix filter does, by SIGPIPE, not with a panic
+/// ("failed printing to stdout: Broken pipe", seen before).
+#[test]
+fn stats_watch_ends_quietly_when_its_reader_goes_away() {
+    use std::os::unix::process::ExitStatusExt;
+    netns();
+    let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
+    let mut watch = Command::new(binary())
+        .args(["stats", "--group", &server.group, "--watch", "0.1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the first table's first line, then hang up, as `head -1` does.
+    let mut first = String::new();
+    BufReader::new(watch.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("group "), "{first}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = watch.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watcher went on writing to nobody"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {err}");
+    let (status, _) = server.stop();
+    assert!(status.success());
+}

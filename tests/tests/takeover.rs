@@ -18,7 +18,10 @@ use std::{
     time::Duration,
 };
 
-use reuseport_tests::{binary, echo, netns, pin_dir, reuseport, selected_delta, Load, Server};
+use reuseport_tests::{
+    binary, bpf_cmd, echo, map_elem, netns, pin_dir, pinned_map, reuseport, selected_delta, Load,
+    Server,
+};
 
 /// A Python echo server (tests/fixtures/py_echo.py) on the group's port,
 /// bound with SO_REUSEPORT by itself: the program `reuseport adopt` takes in.
@@ -640,76 +643,25 @@ fn a_takeover_of_a_group_with_an_older_layout_is_refused_before_anything_changes
 /// would have written it: `BPF_OBJ_GET`, `BPF_MAP_LOOKUP_ELEM`,
 /// `BPF_MAP_UPDATE_ELEM`. Returns the version it replaced.
 fn set_layout_version(group: &str, version: u32) -> u32 {
-    use std::{ffi::CString, os::unix::ffi::OsStrExt};
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    #[repr(C)]
-    struct MapElem {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let path = CString::new(pin_dir(group).join("LAYOUT").as_os_str().as_bytes()).unwrap();
-    let get = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET with its size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            size_of::<ObjGet>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_OBJ_GET {path:?}: {}",
-        std::io::Error::last_os_error()
-    );
-    let key = 0u32;
+    use std::os::fd::AsFd;
+    let map = pinned_map(group, "LAYOUT");
     let mut record = [0u8; 64];
-    let call = |cmd: libc::c_long, value: *mut u8| {
-        let e = MapElem {
-            map_fd: fd as u32,
-            _pad: 0,
-            key: &key as *const u32 as u64,
-            value: value as u64,
-            flags: 0,
-        };
-        // SAFETY: as above; `key` and the value outlive the call and are
-        // as large as the map's key and value.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                &e as *const MapElem,
-                size_of::<MapElem>(),
-            )
-        };
-        assert_eq!(rc, 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
-    };
-    call(BPF_MAP_LOOKUP_ELEM, record.as_mut_ptr());
+    map_elem(
+        map.as_fd(),
+        bpf_cmd::MAP_LOOKUP_ELEM,
+        0,
+        record.as_mut_ptr(),
+    )
+    .expect("lookup");
     let was = u32::from_ne_bytes(record[4..8].try_into().unwrap());
     record[4..8].copy_from_slice(&version.to_ne_bytes());
-    call(BPF_MAP_UPDATE_ELEM, record.as_mut_ptr());
-    // SAFETY: we own the descriptor.
-    unsafe { libc::close(fd as i32) };
+    map_elem(
+        map.as_fd(),
+        bpf_cmd::MAP_UPDATE_ELEM,
+        0,
+        record.as_mut_ptr(),
+    )
+    .expect("update");
     was
 }
 
