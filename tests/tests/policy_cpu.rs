@@ -209,13 +209,14 @@ fn every_cpu_has_a_worker_whatever_the_worker_count() {
     }
 }
 
-/// The NUMA nodes of this machine that hold at least two CPUs this process
-/// may use, each as its CPU list (from `/sys/devices/system/node/node*/cpulist`).
+/// The NUMA nodes of this machine that hold CPUs this process may use, each
+/// as the list of those CPUs (from `/sys/devices/system/node/node*/cpulist`);
+/// one node of every usable CPU when sysfs has no nodes.
 fn numa_nodes() -> Vec<Vec<usize>> {
     let usable = cpus();
     let mut nodes = Vec::new();
     let Ok(dir) = std::fs::read_dir("/sys/devices/system/node") else {
-        return nodes;
+        return vec![usable];
     };
     let mut paths: Vec<_> = dir
         .flatten()
@@ -239,9 +240,12 @@ fn numa_nodes() -> Vec<Vec<usize>> {
             .map(|c| c as usize)
             .filter(|c| usable.contains(c))
             .collect();
-        if cpus.len() >= 2 {
+        if !cpus.is_empty() {
             nodes.push(cpus);
         }
+    }
+    if nodes.is_empty() {
+        nodes.push(usable);
     }
     nodes
 }
@@ -252,17 +256,22 @@ fn numa_nodes() -> Vec<Vec<usize>> {
 /// affinity, inherited from this thread), so it starts one worker there per
 /// node; then every CPU of every node connects, and each connection must be
 /// selected by the program for, and accepted by, the worker of its node.
-/// Run in the NUMA VM cell of `cargo xtask vm-test` (two nodes of four
-/// vCPUs); it fails, never skips, on a machine without two such nodes.
+/// The NUMA cell of `cargo xtask vm-test` (two nodes of four vCPUs) sets
+/// `REUSEPORT_EXPECT_NUMA=1`: there it fails unless it finds at least two
+/// nodes of two or more CPUs. Elsewhere (`cargo test` on a one-node host)
+/// the same steps run over the nodes there are: every CPU of the one node
+/// must reach its one worker, which proves less.
 #[test]
 fn cpus_without_a_worker_go_to_a_worker_of_their_numa_node() {
     netns();
     let nodes = numa_nodes();
-    assert!(
-        nodes.len() >= 2,
-        "this test needs a NUMA machine: at least 2 NUMA nodes with 2 or more usable CPUs each \
-         (run it in the NUMA cell: cargo xtask vm-test --kernel 6.1-numa); found {nodes:?}"
-    );
+    if std::env::var_os("REUSEPORT_EXPECT_NUMA").is_some() {
+        assert!(
+            nodes.iter().filter(|n| n.len() >= 2).count() >= 2,
+            "this test needs a NUMA machine: at least 2 NUMA nodes with 2 or more usable CPUs \
+             each (the NUMA cell: cargo xtask vm-test --kernel 6.1-numa); found {nodes:?}"
+        );
+    }
     let first: Vec<usize> = nodes.iter().map(|n| n[0]).collect();
     // A child inherits the affinity of the thread that forks it: restrict
     // this thread to the nodes' first CPUs while the server starts, so its

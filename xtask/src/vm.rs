@@ -476,7 +476,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 (
                     tests
                         .iter()
-                        .map(|t| (t.clone(), "RUST_TEST_NOCAPTURE=1".to_string()))
+                        .map(|t| {
+                            let env = "REUSEPORT_EXPECT_NUMA=1 RUST_TEST_NOCAPTURE=1";
+                            (t.clone(), env.to_string())
+                        })
                         .collect(),
                     vec![NUMA_CPUS],
                 )
