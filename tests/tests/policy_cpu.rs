@@ -208,3 +208,140 @@ fn every_cpu_has_a_worker_whatever_the_worker_count() {
         assert!(status.success(), "{stderr}");
     }
 }
+
+/// The NUMA nodes of this machine that hold CPUs this process may use, each
+/// as the list of those CPUs (from `/sys/devices/system/node/node*/cpulist`);
+/// one node of every usable CPU when sysfs has no nodes.
+fn numa_nodes() -> Vec<Vec<usize>> {
+    let usable = cpus();
+    let mut nodes = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/devices/system/node") else {
+        return vec![usable];
+    };
+    let mut paths: Vec<_> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.strip_prefix("node")
+                    .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+        .collect();
+    paths.sort();
+    for p in paths {
+        let Ok(list) = std::fs::read_to_string(p.join("cpulist")) else {
+            continue;
+        };
+        let cpus: Vec<usize> = reuseport::topology::parse_cpu_list(&list)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c as usize)
+            .filter(|c| usable.contains(c))
+            .collect();
+        if !cpus.is_empty() {
+            nodes.push(cpus);
+        }
+    }
+    if nodes.is_empty() {
+        nodes.push(usable);
+    }
+    nodes
+}
+
+/// Issue 12, big machines: under `--policy cpu` a CPU without a worker of
+/// its own goes to a worker of its own NUMA node (and cache domain), not to
+/// any worker. The server may run on one CPU of each node only (its
+/// affinity, inherited from this thread), so it starts one worker there per
+/// node; then every CPU of every node connects, and each connection must be
+/// selected by the program for, and accepted by, the worker of its node.
+/// The NUMA cell of `cargo xtask vm-test` (two nodes of four vCPUs) sets
+/// `REUSEPORT_EXPECT_NUMA=1`: there it fails unless it finds at least two
+/// nodes of two or more CPUs. Elsewhere (`cargo test` on a one-node host)
+/// the same steps run over the nodes there are: every CPU of the one node
+/// must reach its one worker, which proves less.
+#[test]
+fn cpus_without_a_worker_go_to_a_worker_of_their_numa_node() {
+    netns();
+    let nodes = numa_nodes();
+    if std::env::var_os("REUSEPORT_EXPECT_NUMA").is_some() {
+        assert!(
+            nodes.iter().filter(|n| n.len() >= 2).count() >= 2,
+            "this test needs a NUMA machine: at least 2 NUMA nodes with 2 or more usable CPUs \
+             each (the NUMA cell: cargo xtask vm-test --kernel 6.1-numa); found {nodes:?}"
+        );
+    }
+    let first: Vec<usize> = nodes.iter().map(|n| n[0]).collect();
+    // A child inherits the affinity of the thread that forks it: restrict
+    // this thread to the nodes' first CPUs while the server starts, so its
+    // workers are placed on those CPUs only, then restore it.
+    let saved = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    let mut set = nix::sched::CpuSet::new();
+    for &c in &first {
+        set.set(c).expect("cpu in range");
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("affinity");
+    let workers = nodes.len().to_string();
+    let started = Server::try_start(&["--policy", "cpu", "--workers", &workers]);
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &saved).expect("affinity");
+    let server = started.unwrap_or_else(|e| panic!("server: {e:?}"));
+    let placed = worker_cpus(&server);
+    let mut sorted = placed.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted, first,
+        "one worker on the first CPU of each node: {:?}",
+        server.banner
+    );
+    // The worker of each node.
+    let worker_of: Vec<usize> = first
+        .iter()
+        .map(|c| placed.iter().position(|p| p == c).expect("placed"))
+        .collect();
+    let n = nodes.len();
+    let addr = server.addr;
+    let per = PER_CPU / 5;
+    let mut served = vec![vec![0u64; n]; n];
+    for (node, cpus) in nodes.iter().enumerate() {
+        for &cpu in cpus {
+            let before = server.metrics();
+            thread::spawn(move || {
+                pin_to_cpu(cpu);
+                for i in 0..per {
+                    let payload = pattern(16, (cpu * 1000 + i) as u64);
+                    assert_eq!(echo(addr, &payload), payload, "echo on CPU {cpu}");
+                }
+            })
+            .join()
+            .expect("client thread");
+            let after = server.metrics();
+            let delta = accepted_delta(&before, &after, n);
+            let what = format!("client on CPU {cpu} of node {node}, workers on CPUs {placed:?}");
+            let mut expect = vec![0; n];
+            expect[worker_of[node]] = per as u64;
+            assert_eq!(delta, expect, "{what}: accepted per worker");
+            assert_eq!(
+                selected_delta(&before, &after, n),
+                expect,
+                "{what}: the program's selections per slot"
+            );
+            assert_eq!(
+                after.fallback(),
+                0,
+                "{what}: no connection left to the kernel's hash"
+            );
+            for (other, &w) in worker_of.iter().enumerate() {
+                served[node][other] += delta[w];
+            }
+        }
+    }
+    for (node, row) in served.iter().enumerate() {
+        println!(
+            "numa: node {node} (CPUs {:?}): connections served by the worker of each node {row:?}",
+            nodes[node]
+        );
+    }
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "{stderr}");
+}

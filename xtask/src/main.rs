@@ -81,7 +81,8 @@ enum Task {
     /// (and on the host's): a pass/fail table kernel x vCPUs x test,
     /// written to target/vm/results.md.
     VmTest {
-        /// Kernels: 5.10 (only the kernel-too-old check), 6.1, 6.12, host,
+        /// Kernels: 5.10 (only the kernel-too-old check), 6.1, 6.1-numa
+        /// (8 vCPUs in two NUMA nodes, the NUMA tests), 6.12, arm64, host,
         /// a comma-separated list, or all.
         #[arg(long, default_value = "all")]
         kernel: String,

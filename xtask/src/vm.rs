@@ -47,6 +47,10 @@ pub enum Kernel {
     V5_10,
     /// Debian bookworm's 6.1 (Debian 12's own kernel).
     V6_1,
+    /// Bookworm's 6.1 on 8 vCPUs in two NUMA nodes (two sockets of four):
+    /// the cell of [`NUMA`], where a CPU without a worker must go to the
+    /// worker of its node.
+    NumaV6_1,
     /// The 6.12 LTS line, as bookworm ships it.
     V6_12,
     /// Bookworm's 6.1 for arm64, emulated, with binaries cross-built for
@@ -64,18 +68,20 @@ impl Kernel {
             match name {
                 "5.10" => out.push(Kernel::V5_10),
                 "6.1" => out.push(Kernel::V6_1),
+                "6.1-numa" => out.push(Kernel::NumaV6_1),
                 "6.12" => out.push(Kernel::V6_12),
                 "arm64" => out.push(Kernel::Arm64V6_1),
                 "host" => out.push(Kernel::Host),
                 "all" => out.extend([
                     Kernel::V5_10,
                     Kernel::V6_1,
+                    Kernel::NumaV6_1,
                     Kernel::V6_12,
                     Kernel::Arm64V6_1,
                     Kernel::Host,
                 ]),
                 other => {
-                    bail!("unknown kernel `{other}`: expected 5.10, 6.1, 6.12, arm64, host or all")
+                    bail!("unknown kernel `{other}`: expected 5.10, 6.1, 6.1-numa, 6.12, arm64, host or all")
                 }
             }
         }
@@ -107,7 +113,9 @@ impl Kernel {
                 r"^linux-image-5\.10\.0-[0-9]+-cloud-amd64-unsigned$",
                 Some("deb http://deb.debian.org/debian bullseye main"),
             ),
-            Kernel::V6_1 => (r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$", None),
+            Kernel::V6_1 | Kernel::NumaV6_1 => {
+                (r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$", None)
+            }
             Kernel::V6_12 => (
                 r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$",
                 None,
@@ -122,6 +130,7 @@ impl fmt::Display for Kernel {
         f.write_str(match self {
             Kernel::V5_10 => "5.10",
             Kernel::V6_1 => "6.1",
+            Kernel::NumaV6_1 => "6.1-numa",
             Kernel::V6_12 => "6.12",
             Kernel::Arm64V6_1 => "arm64-6.1",
             Kernel::Host => "host",
@@ -286,6 +295,16 @@ const NEEDS_TWO_CPUS: &[&str] = &[
     "living::queued_and_half_open_connections_move_when_a_listener_closes",
 ];
 
+/// The tests of the NUMA cell ([`Kernel::NumaV6_1`]): the node test needs
+/// two NUMA nodes and fails anywhere else, so it runs only there.
+pub const NUMA: &[&str] = &[
+    "policy_cpu::cpus_without_a_worker_go_to_a_worker_of_their_numa_node",
+    "policy_cpu::every_cpu_has_a_worker_whatever_the_worker_count",
+];
+
+/// vCPUs of the NUMA cell: two sockets of four cores, one node each.
+const NUMA_CPUS: u32 = 8;
+
 /// The IPVS form of the cluster test: it must run where the modules
 /// load (the x86-64 VM cells, which carry them and `ipvsadm`).
 const IPVS: &str = "cluster::ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys";
@@ -387,6 +406,17 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
 
     let exes = build(root, Arch::X86_64)?;
     let tests = resolve_tests(&wanted, &exes)?;
+    let numa_wanted: Vec<String> = NUMA.iter().map(|s| s.to_string()).collect();
+    let numa_tests = resolve_tests(&numa_wanted, &exes)?;
+    // Every test of some cell, for the x86-64 guest image and the table.
+    let mut all_tests = tests.clone();
+    if opts.kernels.contains(&Kernel::NumaV6_1) {
+        for t in &numa_tests {
+            if !all_tests.contains(t) {
+                all_tests.push(t.clone());
+            }
+        }
+    }
     let needs_vm = opts.kernels.iter().any(|k| *k != Kernel::Host);
 
     let mut cells = Vec::new();
@@ -397,6 +427,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         for &kernel in opts.kernels.iter().filter(|k| **k != Kernel::Host) {
             let arch = kernel.arch();
             let tests: Vec<TestName> = match arch {
+                Arch::X86_64 if kernel == Kernel::NumaV6_1 => numa_tests.clone(),
                 Arch::X86_64 => tests.clone(),
                 Arch::Aarch64 => tests
                     .iter()
@@ -412,7 +443,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 None => {
                     let base = vm_dir.join(format!("initramfs-{}", arch.debian()));
                     if arch == Arch::X86_64 {
-                        stage(root, &vm_dir, arch, &exes, &tests, &base)?;
+                        stage(root, &vm_dir, arch, &exes, &all_tests, &base)?;
                     } else {
                         let cross = build(root, arch)?;
                         stage(root, &vm_dir, arch, &cross, &tests, &base)?;
@@ -439,6 +470,18 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                         format!("REUSEPORT_TEST_KERNEL_LACKS={MISSING_ON_5_10:?}"),
                     )],
                     vec![1],
+                )
+            } else if kernel == Kernel::NumaV6_1 {
+                // Its output (the per-node counts) goes to the console.
+                (
+                    tests
+                        .iter()
+                        .map(|t| {
+                            let env = "REUSEPORT_EXPECT_NUMA=1 RUST_TEST_NOCAPTURE=1";
+                            (t.clone(), env.to_string())
+                        })
+                        .collect(),
+                    vec![NUMA_CPUS],
                 )
             } else if arch == Arch::Aarch64 {
                 // Emulating another instruction set is slower: 2 vCPUs.
@@ -469,7 +512,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         cells.push(host_cell(root, &exes, &tests, &vm_dir)?);
     }
 
-    let table = render(&cells, &tests, started.elapsed());
+    let table = render(&cells, &all_tests, started.elapsed());
     println!("{table}");
     let out = root.join(&opts.results);
     fs::write(&out, &table).with_context(|| format!("writing {}", out.display()))?;
@@ -720,6 +763,7 @@ fn accel(vm_dir: &Path) -> Result<Accel> {
             Accel::Kvm,
             Duration::from_secs(30),
             Arch::X86_64,
+            false,
         )
         .map(|b| b.init_seen)
         .unwrap_or(false);
@@ -770,7 +814,15 @@ fn fetch_kernel(vm_dir: &Path, kernel: Kernel) -> Result<Image> {
                 .flatten()
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&format!("linux-image-{kernel}")))
+                .filter(|n| {
+                    // The NUMA cell boots 6.1's image.
+                    let same = if kernel == Kernel::NumaV6_1 {
+                        Kernel::V6_1
+                    } else {
+                        kernel
+                    };
+                    n.starts_with(&format!("linux-image-{same}"))
+                })
                 .max_by_key(|n| version_key(n));
             match old {
                 Some(p) => p,
@@ -1182,7 +1234,8 @@ struct Boot {
 /// Boots `image` with `initrd` and `cpus` vCPUs, its console going to
 /// `log`. Returns when the guest powers off, when /init has not started
 /// within the boot time limit (a stall), or when no test has reported for
-/// longer than one test may take.
+/// longer than one test may take. `numa`: two sockets, one NUMA node each.
+#[allow(clippy::too_many_arguments)] // one boot's settings, each used once
 fn boot(
     image: &Image,
     initrd: &Path,
@@ -1191,6 +1244,7 @@ fn boot(
     accel: Accel,
     boot_limit: Duration,
     arch: Arch,
+    numa: bool,
 ) -> Result<Boot> {
     let _ = fs::remove_file(log);
     let (qemu, console) = match arch {
@@ -1207,8 +1261,33 @@ fn boot(
     };
 
     let mem = 1024 + 128 * cpus;
-    cmd.args(["-smp", &cpus.to_string(), "-m", &mem.to_string()])
-        .arg("-kernel")
+    if numa {
+        // Two sockets, each its own NUMA node with half of the memory: the
+        // guest's /sys/devices/system/node/node{0,1}/cpulist read 0-3 and
+        // 4-7, and each socket has its own last-level cache.
+        let half = cpus / 2;
+        cmd.args([
+            "-smp",
+            &format!("{cpus},sockets=2,cores={half},threads=1"),
+            "-m",
+            &mem.to_string(),
+        ]);
+        for node in 0..2 {
+            cmd.args([
+                "-object",
+                &format!("memory-backend-ram,id=m{node},size={}M", mem / 2),
+                "-numa",
+                &format!(
+                    "node,nodeid={node},cpus={}-{},memdev=m{node}",
+                    node * half,
+                    node * half + half - 1
+                ),
+            ]);
+        }
+    } else {
+        cmd.args(["-smp", &cpus.to_string(), "-m", &mem.to_string()]);
+    }
+    cmd.arg("-kernel")
         .arg(&image.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
@@ -1310,7 +1389,11 @@ fn vm_cell(
     accel: Accel,
 ) -> Result<Cell> {
     let name = format!("{kernel}-{cpus}cpu");
-    let title = format!("{kernel} ×{cpus}");
+    let title = if kernel == Kernel::NumaV6_1 {
+        format!("6.1 ×{cpus} numa")
+    } else {
+        format!("{kernel} ×{cpus}")
+    };
     let cell_dir = vm_dir.join("cells").join(&name);
     fs::create_dir_all(&cell_dir)?;
     // The shared archive, then a second one with the plan: the kernel
@@ -1358,7 +1441,8 @@ fn vm_cell(
         plan.len()
     ));
     let arch = kernel.arch();
-    let mut attempt = boot(image, &initrd, &log, cpus, accel, boot_limit, arch)?;
+    let numa = kernel == Kernel::NumaV6_1;
+    let mut attempt = boot(image, &initrd, &log, cpus, accel, boot_limit, arch, numa)?;
     let mut retried = false;
     if !attempt.init_seen {
         say(&format!(
@@ -1366,7 +1450,7 @@ fn vm_cell(
             attempt.elapsed.as_secs()
         ));
         let _ = fs::copy(&log, cell_dir.join("console-stalled.log"));
-        attempt = boot(image, &initrd, &log, cpus, accel, boot_limit, arch)?;
+        attempt = boot(image, &initrd, &log, cpus, accel, boot_limit, arch, numa)?;
         retried = true;
     }
     let outcomes = parse_console(
@@ -1579,6 +1663,7 @@ mod tests {
             vec![
                 Kernel::V5_10,
                 Kernel::V6_1,
+                Kernel::NumaV6_1,
                 Kernel::V6_12,
                 Kernel::Arm64V6_1,
                 Kernel::Host
