@@ -1149,3 +1149,15 @@ pub fn assert_placed_by_program(selected: &[u64], accepted: &[u64], what: &str) 
         );
     }
 }
+
+/// `GET /` over a connection of its own (`Connection: close`): asserts a
+/// `200 OK` and returns the body.
+pub fn http_get(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}

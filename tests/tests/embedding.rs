@@ -4,14 +4,14 @@
 //! serves it from inside `#[tokio::main]`.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
 };
 
-use reuseport_tests::{binary, cpus, netns, pin_to_cpu, Metrics};
+use reuseport_tests::{binary, cpus, http_get, netns, pin_to_cpu, Metrics};
 
 /// A running example; SIGTERM on drop.
 struct Example {
@@ -70,16 +70,6 @@ impl Drop for Example {
         );
         let _ = self.child.wait();
     }
-}
-
-fn http_get(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
 }
 
 #[test]

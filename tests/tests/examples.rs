@@ -9,7 +9,7 @@ use std::{
     thread,
 };
 
-use reuseport_tests::{binary, cpus, netns, pin_to_cpu};
+use reuseport_tests::{binary, cpus, http_get, netns, pin_to_cpu};
 
 struct Example {
     child: Child,
@@ -51,16 +51,6 @@ impl Drop for Example {
         );
         let _ = self.child.wait();
     }
-}
-
-fn http_get(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
 }
 
 #[test]
