@@ -1161,3 +1161,71 @@ pub fn http_get(addr: SocketAddr) -> String {
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     response.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
 }
+
+/// A running Python echo server and the pid and descriptor of its socket.
+pub struct Python {
+    child: Child,
+    /// Its process.
+    pub pid: u32,
+    /// Its listening socket's descriptor number.
+    pub fd: i32,
+}
+
+impl Python {
+    /// Starts tests/fixtures/py_echo.py on `port` (bound with SO_REUSEPORT
+    /// by itself), as `user` if given (setpriv), and reads its pid and fd.
+    pub fn start(port: u16, user: Option<&str>) -> Python {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/py_echo.py");
+        let mut cmd = match user {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={u}"),
+                    "--regid=nogroup",
+                    "--clear-groups",
+                    python(),
+                    script,
+                ]);
+                c
+            }
+            None => {
+                let mut c = Command::new(python());
+                c.arg(script);
+                c
+            }
+        };
+        let mut child = cmd
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 4, "python said {line:?}");
+        Python {
+            pid: f[1].parse().unwrap(),
+            fd: f[3].parse().unwrap(),
+            child,
+        }
+    }
+}
+
+/// The system's Python (another user may not reach a per-user install).
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+impl Drop for Python {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,76 +1,7 @@
 //! `reuseport adopt`: a listening socket of another program (a Python
 //! server here) joins the group's policy, and every way it can fail.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-};
-
-use reuseport_tests::{echo, netns, reuseport, Server};
-
-/// A running Python echo server and the pid and descriptor of its socket.
-struct Python {
-    child: Child,
-    pid: u32,
-    fd: i32,
-}
-
-impl Python {
-    fn start(port: u16, user: Option<&str>) -> Python {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/py_echo.py");
-        let mut cmd = match user {
-            Some(u) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    &format!("--reuid={u}"),
-                    "--regid=nogroup",
-                    "--clear-groups",
-                    python(),
-                    script,
-                ]);
-                c
-            }
-            None => {
-                let mut c = Command::new(python());
-                c.arg(script);
-                c
-            }
-        };
-        let mut child = cmd
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f.len(), 4, "python said {line:?}");
-        Python {
-            pid: f[1].parse().unwrap(),
-            fd: f[3].parse().unwrap(),
-            child,
-        }
-    }
-}
-
-/// The system's Python (another user may not reach a per-user install).
-fn python() -> &'static str {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-impl Drop for Python {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use reuseport_tests::{echo, netns, reuseport, Python, Server};
 
 fn adopt(server: &Server, pid: u32, fd: i32) -> (i32, String, String) {
     reuseport(&[

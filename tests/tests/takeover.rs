@@ -9,7 +9,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -20,47 +20,8 @@ use std::{
 
 use reuseport_tests::{
     binary, bpf_cmd, echo, map_elem, netns, pin_dir, pinned_map, reuseport, selected_delta, Load,
-    Server,
+    Python, Server,
 };
-
-/// A Python echo server (tests/fixtures/py_echo.py) on the group's port,
-/// bound with SO_REUSEPORT by itself: the program `reuseport adopt` takes in.
-struct Python {
-    child: Child,
-    pid: u32,
-    fd: i32,
-}
-
-impl Python {
-    fn start(port: u16) -> Python {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/py_echo.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f.len(), 4, "python said {line:?}");
-        Python {
-            pid: f[1].parse().unwrap(),
-            fd: f[3].parse().unwrap(),
-            child,
-        }
-    }
-}
-
-impl Drop for Python {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A steady client load like [`Load`], for a group with an adopted Python
 /// member: its echoes start with "py:", the workers' do not; anything else
@@ -210,7 +171,7 @@ fn a_takeover_carries_joined_and_adopted_members_and_keeps_the_policy() {
         "{:?}",
         joined.banner
     );
-    let python = Python::start(addr.port());
+    let python = Python::start(addr.port(), None);
     let (code, out, err) = reuseport(&[
         "adopt",
         "--group",
