@@ -1183,13 +1183,13 @@ impl Python {
                     &format!("--reuid={u}"),
                     "--regid=nogroup",
                     "--clear-groups",
-                    python(),
+                    system_python(),
                     script,
                 ]);
                 c
             }
             None => {
-                let mut c = Command::new(python());
+                let mut c = Command::new(system_python());
                 c.arg(script);
                 c
             }
@@ -1215,7 +1215,7 @@ impl Python {
 }
 
 /// The system's Python (another user may not reach a per-user install).
-fn python() -> &'static str {
+pub fn system_python() -> &'static str {
     if std::path::Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
     } else {

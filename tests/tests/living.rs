@@ -429,6 +429,78 @@ fn another_user_cannot_join_or_steer_the_group() {
     assert_eq!(server.metrics().policy(), "cpu");
 }
 
+/// UDP has no listener to protect the port: a socket with SO_REUSEADDR may
+/// bind an address that other SO_REUSEADDR sockets hold, whoever owns them.
+/// So the group's UDP members must not set it, or any local user could bind
+/// the group's port and read its datagrams, and any socket of ours bound to
+/// port 0 could be given the group's port and answer its own datagrams.
+#[test]
+fn no_other_socket_can_bind_a_udp_groups_port() {
+    netns();
+    let server = Server::start(&[
+        "--proto",
+        "udp",
+        "--policy",
+        "round-robin",
+        "--workers",
+        "3",
+    ]);
+    let bind = |user: Option<&str>, reuseaddr: bool| {
+        let script = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, {})\n\
+             try:\n    s.bind(('{}', {}))\n    print('bound')\n\
+             except OSError as e:\n    print(e.errno)\n",
+            u8::from(reuseaddr),
+            server.addr.ip(),
+            server.addr.port()
+        );
+        let mut cmd = match user {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([&format!("--reuid={u}"), "--regid=nogroup", "--clear-groups"])
+                    .arg(reuseport_tests::system_python());
+                c
+            }
+            None => Command::new(reuseport_tests::system_python()),
+        };
+        let out = cmd.args(["-c", &script]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let eaddrinuse = libc::EADDRINUSE.to_string();
+    assert_eq!(
+        bind(Some("nobody"), true),
+        eaddrinuse,
+        "another user, SO_REUSEADDR"
+    );
+    assert_eq!(bind(Some("nobody"), false), eaddrinuse, "another user");
+    assert_eq!(
+        bind(None, true),
+        eaddrinuse,
+        "the owner's user, SO_REUSEADDR"
+    );
+    // And every datagram still reaches a worker, chosen by the program.
+    let before = server.metrics();
+    for i in 0..20 {
+        let payload = pattern(32, i);
+        assert_eq!(
+            reuseport_tests::udp_exchange("127.0.0.1:0".parse().unwrap(), server.addr, &payload),
+            payload
+        );
+    }
+    let after = server.metrics();
+    let accepted: u64 = (0..3)
+        .map(|w| accepted(&after, w) - accepted(&before, w))
+        .sum();
+    assert_eq!(accepted, 20, "every datagram was served by a worker");
+}
+
 #[test]
 fn a_group_without_a_program_turns_on_listener_migration_while_it_runs() {
     netns();
