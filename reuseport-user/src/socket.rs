@@ -32,11 +32,17 @@ pub fn bind_member(addr: SocketAddr, proto: Proto) -> Result<Socket> {
     socket
         .set_reuse_port(true)
         .map_err(|e| Error::io("setsockopt SO_REUSEPORT", e))?;
-    // Lets a restarted server bind while connections of its predecessor
-    // linger in TIME_WAIT.
-    socket
-        .set_reuse_address(true)
-        .map_err(|e| Error::io("setsockopt SO_REUSEADDR", e))?;
+    // TCP: lets a restarted server bind while connections of its
+    // predecessor linger in TIME_WAIT. Never UDP: there SO_REUSEADDR lets
+    // any socket that also sets it bind the same address, of any user
+    // (udp_lib_lport_inuse() checks no UID for it), so another user could
+    // bind the group's port, and a client socket bound to port 0 could be
+    // given it.
+    if proto == Proto::Tcp {
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| Error::io("setsockopt SO_REUSEADDR", e))?;
+    }
     socket
         .set_nonblocking(true)
         .map_err(|e| Error::io("setting O_NONBLOCK", e))?;

@@ -819,10 +819,14 @@ pub fn udp_exchange(src: SocketAddr, server: SocketAddr, payload: &[u8]) -> Vec<
     udp_exchange_on(&s, server, payload)
 }
 
-/// A UDP socket bound to `src`, with SO_REUSEADDR so a test can reuse a port.
+/// A UDP socket bound to `src`. With a given port, SO_REUSEADDR lets a
+/// test reuse it; never with port 0, where it would let the kernel hand out
+/// a port that another SO_REUSEADDR socket holds.
 pub fn udp_socket(src: SocketAddr) -> std::net::UdpSocket {
     let s = Socket::new(Domain::for_address(src), Type::DGRAM, None).expect("socket");
-    s.set_reuse_address(true).expect("SO_REUSEADDR");
+    if src.port() != 0 {
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+    }
     s.bind(&src.into())
         .expect("bind the client's source address");
     let s: std::net::UdpSocket = s.into();

@@ -382,8 +382,12 @@ fn bind_plain(addr: SocketAddr, proto: Proto) -> Result<socket2::Socket> {
     };
     let s =
         Socket::new(Domain::for_address(addr), ty, Some(p)).map_err(|e| Error::io("socket", e))?;
-    s.set_reuse_address(true)
-        .map_err(|e| Error::io("SO_REUSEADDR", e))?;
+    // As the group's own sockets: never SO_REUSEADDR on UDP (see
+    // reuseport::socket::bind_member).
+    if proto == Proto::Tcp {
+        s.set_reuse_address(true)
+            .map_err(|e| Error::io("SO_REUSEADDR", e))?;
+    }
     s.set_nonblocking(true)
         .map_err(|e| Error::io("O_NONBLOCK", e))?;
     if proto == Proto::Udp {
