@@ -10,6 +10,7 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod cookie;
 pub mod hash;
 pub mod table;
 
@@ -98,8 +99,10 @@ pub mod map {
 /// kind and socket descriptor (64 bytes); layout 4 added the worker
 /// process's start time, which made them 128 bytes; layout 5 moved the
 /// `least-loaded` load to the records' second cache line, made the counters
-/// one per-CPU record and sized the maps for 1,024 workers.
-pub const LAYOUT_VERSION: u32 = 5;
+/// one per-CPU record and sized the maps for 1,024 workers; layout 6 added
+/// the slots' socket generations, the cookie secret and the cookie, flow
+/// table and QUIC counters.
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Marks a [`Layout`] record as one of ours.
 pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"RPLY");
@@ -195,6 +198,15 @@ pub mod key {
     /// header read and no hashing in the program, but salted per boot, so
     /// user space cannot predict it.
     pub const FLOW: u32 = 4;
+    /// A [`cookie`](crate::cookie) at `payload_offset` of a UDP payload;
+    /// a datagram without a valid one goes by the policy, keyed by the
+    /// kernel's flow hash.
+    pub const COOKIE: u32 = 5;
+    /// QUIC (RFC 9000 invariants): short headers and long headers other
+    /// than Initial and 0-RTT by the [`cookie`](crate::cookie) at the start
+    /// of the destination connection ID; Initial and 0-RTT packets by the
+    /// policy, keyed by a hash of the client's destination connection ID.
+    pub const QUIC: u32 = 6;
 }
 
 /// Indices into the per-CPU [`Counters`] record of [`map::COUNTERS`].
@@ -227,8 +239,28 @@ pub mod counter {
     /// Not a count for people: `least-loaded`'s per-CPU turn counter, which
     /// rotates where its scan starts so that equally loaded workers share.
     pub const TURN: u32 = MAX_WORKERS + 6;
+    /// A valid cookie of the slot's current socket steered the datagram.
+    pub const COOKIE_OK: u32 = MAX_WORKERS + 7;
+    /// Where a cookie was expected, the bytes did not pass its check (a new
+    /// flow, or not one of ours): the policy placed the datagram.
+    pub const COOKIE_BAD: u32 = MAX_WORKERS + 8;
+    /// A valid cookie whose socket is gone or was replaced (another
+    /// generation in the slot): the policy placed the datagram.
+    pub const COOKIE_OLD: u32 = MAX_WORKERS + 9;
+    /// The flow table knew the datagram's flow and sent it to its socket.
+    pub const FLOW_HIT: u32 = MAX_WORKERS + 10;
+    /// The flow table did not know the flow: the policy placed it.
+    pub const FLOW_MISS: u32 = MAX_WORKERS + 11;
+    /// The flow table was full: a new flow could not be recorded.
+    pub const FLOW_FULL: u32 = MAX_WORKERS + 12;
+    /// A QUIC Initial or 0-RTT packet, placed by the policy on a hash of
+    /// its destination connection ID.
+    pub const QUIC_INITIAL: u32 = MAX_WORKERS + 13;
+    /// A datagram too short or malformed to read a QUIC header from (or a
+    /// version negotiation packet): placed by the policy, never dropped.
+    pub const QUIC_UNREADABLE: u32 = MAX_WORKERS + 14;
     /// Number of counters.
-    pub const LEN: u32 = MAX_WORKERS + 8;
+    pub const LEN: u32 = MAX_WORKERS + 16;
 }
 
 /// The program's counters on one CPU: the value of [`map::COUNTERS`]
@@ -282,6 +314,10 @@ pub struct Config {
     pub payload_offset: u32,
     /// Payload key: length in bytes (1 to 16).
     pub payload_len: u32,
+    /// The secret of the group's [`cookie`]s' check bits.
+    pub cookie_secret: u32,
+    /// Reserved for flow-table and generation settings; zero.
+    pub reserved: [u32; 7],
     /// The slots that hold a serving socket, in slot order.
     pub live: [u32; MAX_WORKERS as usize],
     /// `weighted`: the weight of each slot (by slot number). Kept with the
@@ -307,6 +343,8 @@ impl Config {
         n_cpus: 0,
         payload_offset: 0,
         payload_len: 0,
+        cookie_secret: 0,
+        reserved: [0; 7],
         live: [0; MAX_WORKERS as usize],
         weights: [0; MAX_WORKERS as usize],
         cpu_rows: [CpuRow { start: 0, len: 0 }; MAX_CPUS as usize],
@@ -447,8 +485,16 @@ pub struct WorkerRecord {
     /// start of the record's second cache line, away from the counters the
     /// worker writes, so the program's adds do not contend with them.
     pub load: u64,
+    /// The generation of the slot's socket: user space raises it (wrapping,
+    /// never 0) whenever the slot is given a new socket. A
+    /// [`cookie`](crate::cookie) or flow entry of another generation no
+    /// longer names this socket. Read by the program, written rarely: on
+    /// the second cache line.
+    pub generation: u32,
+    /// Unused; zero.
+    pub reserved0: u32,
     /// Unused: fills the second cache line and leaves room for later fields.
-    pub reserved: [u64; 7],
+    pub reserved: [u64; 6],
 }
 
 /// Who serves a slot ([`WorkerRecord::kind`]).
@@ -521,7 +567,7 @@ mod tests {
     fn shared_structs_have_no_padding() {
         assert_eq!(
             core::mem::size_of::<Config>(),
-            4 * (8 + 2 * MAX_WORKERS as usize) + 4 * MAX_CPUS as usize + 2 * MAX_WORKERS as usize
+            4 * (16 + 2 * MAX_WORKERS as usize) + 4 * MAX_CPUS as usize + 2 * MAX_WORKERS as usize
         );
         assert_eq!(core::mem::size_of::<CpuRow>(), 4);
         assert_eq!(core::mem::size_of::<WorkerRecord>(), 128);
@@ -558,7 +604,7 @@ mod tests {
                 l.max_workers,
                 l.counters
             ),
-            (5, 53440, 131072, 128, 56, 1024, 1032)
+            (6, 53504, 131072, 128, 56, 1024, 1040)
         );
     }
 
@@ -607,6 +653,14 @@ mod tests {
             counter::SHORT_PAYLOAD,
             counter::MIGRATED,
             counter::TURN,
+            counter::COOKIE_OK,
+            counter::COOKIE_BAD,
+            counter::COOKIE_OLD,
+            counter::FLOW_HIT,
+            counter::FLOW_MISS,
+            counter::FLOW_FULL,
+            counter::QUIC_INITIAL,
+            counter::QUIC_UNREADABLE,
         ];
         for (i, a) in all.iter().enumerate() {
             assert!(*a >= counter::SELECTED_BASE + MAX_WORKERS && *a < counter::LEN);

@@ -111,8 +111,12 @@ pub struct WorkerCounters {
     /// Work steered to the slot and not finished (see `WorkerRecord::load`),
     /// on a cache line of its own.
     pub load: AtomicU64,
+    /// The generation of the slot's socket (see `WorkerRecord::generation`).
+    pub generation: AtomicU32,
+    /// Unused (see `WorkerRecord::reserved0`).
+    pub reserved0: AtomicU32,
     /// Unused (see `WorkerRecord::reserved`).
-    pub reserved: [AtomicU64; 7],
+    pub reserved: [AtomicU64; 6],
 }
 
 const _: () = assert!(size_of::<WorkerCounters>() == size_of::<WorkerRecord>());
@@ -125,7 +129,8 @@ macro_rules! same_offset {
     };
 }
 same_offset!(
-    state, cpu, pid, queued, accepted, active, bytes, at_limit, pid_start, fd, kind, load, reserved
+    state, cpu, pid, queued, accepted, active, bytes, at_limit, pid_start, fd, kind, load,
+    generation, reserved0, reserved
 );
 const _: () = assert!(align_of::<WorkerCounters>() <= 8);
 
@@ -145,7 +150,9 @@ impl WorkerCounters {
             fd: self.fd.load(Ordering::Relaxed),
             kind: self.kind.load(Ordering::Relaxed),
             load: self.load.load(Ordering::Relaxed),
-            reserved: [0; 7],
+            generation: self.generation.load(Ordering::Relaxed),
+            reserved0: 0,
+            reserved: [0; 6],
         }
     }
 
