@@ -30,9 +30,9 @@ use crate::{
     socket::Proto,
 };
 
-pub use crate::pins::{ensure_bpffs, process_start_time, release, BPFFS, PIN_ROOT};
+pub use crate::pins::release;
 pub use crate::policy::policy_of;
-pub use crate::slots::{live_slots, name as state_name};
+pub use crate::slots::live_slots;
 
 /// The default name of a group: protocol, address and port, with the
 /// address's dots and colons written as `_` (bpffs reserves dots in names).
@@ -90,11 +90,6 @@ pub fn owner_of(dir: &Path) -> (Owner, Option<GroupInfo>) {
     let info = maps::group_info_at(dir).ok();
     let owner = pins::owner(dir, info.map(|i| (i.owner_pid, i.owner_start)));
     (owner, info)
-}
-
-/// Whether group `name` of this network namespace has a running owner.
-pub fn owner_running(name: &str) -> bool {
-    group_dir(name).is_ok_and(|dir| owner_of(&dir).0 == Owner::Alive)
 }
 
 /// Fails with [`Error::OwnerGone`] if the owner of group `name` (pinned in
@@ -187,17 +182,6 @@ pub fn claim(
         let _ = release(&dir);
     })?;
     Ok((dir, owner))
-}
-
-/// Names of the groups of this network namespace whose owner runs.
-pub fn groups() -> Vec<String> {
-    let Ok(ns) = pins::namespace_dir() else {
-        return Vec::new();
-    };
-    pins::group_names_in(&ns)
-        .into_iter()
-        .filter(|n| owner_of(&ns.join(n)).0 == Owner::Alive)
-        .collect()
 }
 
 /// A dead group removed by [`cleanup`].
@@ -773,6 +757,7 @@ fn ip_of(info: &GroupInfo) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pins::process_start_time;
 
     #[test]
     fn names_are_checked() {

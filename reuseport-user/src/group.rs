@@ -347,7 +347,7 @@ impl Group {
     }
 
     /// How this process holds the group.
-    pub fn role(&self) -> &Role {
+    pub(crate) fn role(&self) -> &Role {
         &self.role
     }
 
@@ -395,29 +395,39 @@ impl Group {
     }
 
     /// The loaded object (or, when joined, the group's maps), or `None`
-    /// when the group runs without BPF.
+    /// when the group runs without BPF. Internal (for the benchmark).
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
     pub fn steering(&self) -> Option<Arc<Mutex<Steering>>> {
+        self.steering_shared()
+    }
+
+    /// [`Group::steering`], inside the crate.
+    pub(crate) fn steering_shared(&self) -> Option<Arc<Mutex<Steering>>> {
         self.steering.clone()
     }
 
     /// Every slot's worker record (this process's and others').
-    pub fn worker_region(&self) -> Arc<WorkerRegion> {
+    pub(crate) fn worker_region(&self) -> Arc<WorkerRegion> {
         self.workers.clone()
     }
 
-    /// The shared record of the worker of `slot`.
+    /// The shared record of the worker of `slot`. Internal (for the
+    /// benchmark).
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
     pub fn worker_stats(&self, slot: u32) -> WorkerStats {
-        WorkerStats::new(self.workers.clone(), slot)
+        self.stats_of(slot)
     }
 
-    /// The program's counters (all zero when no program is attached).
-    pub fn bpf_counters(&self) -> Result<BpfCounters> {
-        self.handle().counters()
+    /// The shared record of the worker of `slot`.
+    pub(crate) fn stats_of(&self, slot: u32) -> WorkerStats {
+        WorkerStats::new(self.workers.clone(), slot)
     }
 
     /// Whether a successor took the group over (`run --takeover`): this
     /// process is to drain its workers and exit, leaving the program alone.
-    pub fn retired(&self) -> bool {
+    pub(crate) fn retired(&self) -> bool {
         self.group_info()
             .is_some_and(|i| i.flags & group_flag::RETIRED != 0)
     }
@@ -436,7 +446,7 @@ impl Group {
 
     /// Rebuilds the policy in force over the workers serving now (after one
     /// came or went). Nothing to do without a program or without workers.
-    pub fn rebalance(&self) -> Result<()> {
+    pub(crate) fn rebalance(&self) -> Result<()> {
         let Some(steering) = &self.steering else {
             return Ok(());
         };
@@ -479,7 +489,7 @@ impl Group {
     /// Adds a member in `slot` (already claimed) with a worker on `cpu`:
     /// binds and joins its socket, places it in the socket map, marks the
     /// slot serving and rebuilds the policy to include it.
-    pub fn add_member(&mut self, slot: u32, cpu: usize) -> Result<&Member> {
+    pub(crate) fn add_member(&mut self, slot: u32, cpu: usize) -> Result<&Member> {
         let socket = socket::bind_member(self.addr, self.proto)?;
         if self.proto == Proto::Tcp {
             socket::listen(&socket, self.backlog)?;
@@ -523,13 +533,13 @@ impl Group {
     /// in the socket map and rebuilds the policy without it. New work stops
     /// going there at once; what is already queued moves when its socket
     /// closes ([`Group::remove_member`]).
-    pub fn retire_slot(&self, slot: u32) -> Result<()> {
+    pub(crate) fn retire_slot(&self, slot: u32) -> Result<()> {
         self.retire_slots(&[slot])
     }
 
     /// [`Group::retire_slot`] for several slots, with one rebuild of the
     /// policy for all.
-    pub fn retire_slots(&self, slots: &[u32]) -> Result<()> {
+    pub(crate) fn retire_slots(&self, slots: &[u32]) -> Result<()> {
         for &slot in slots {
             // Only a serving slot drains; one starting or gone stays so.
             crate::slots::drain(&self.workers.slot(slot).state);
@@ -555,12 +565,12 @@ impl Group {
     /// the kernel hands the connections in its queues to the live members
     /// (the program is attached for `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, so
     /// it picks where). Its worker must have dropped its own handle too.
-    pub fn remove_member(&mut self, slot: u32) {
+    pub(crate) fn remove_member(&mut self, slot: u32) {
         self.members.retain(|m| m.slot != slot);
     }
 
     /// Marks `slot`'s record empty (its worker is gone).
-    pub fn release_slot(&self, slot: u32) {
+    pub(crate) fn release_slot(&self, slot: u32) {
         let rec = self.workers.slot(slot);
         rec.active.store(0, Ordering::Relaxed);
         rec.load.store(0, Ordering::Relaxed);
@@ -569,7 +579,7 @@ impl Group {
 
     /// Slots whose worker belongs to another process that no longer runs:
     /// marks them empty and rebuilds the policy. Returns them.
-    pub fn reap_dead_workers(&self) -> Result<Vec<(u32, u32)>> {
+    pub(crate) fn reap_dead_workers(&self) -> Result<Vec<(u32, u32)>> {
         let me = std::process::id();
         let mut dead = Vec::new();
         for (slot, r) in self.workers.snapshot().iter().enumerate() {
@@ -595,7 +605,7 @@ impl Group {
     /// runs, by its lock: its pins are where the takeover's swap put them
     /// (or still under the group's name, if the swap failed). False for a
     /// process that took nothing over.
-    pub fn previous_owner_running(&self) -> bool {
+    pub(crate) fn previous_owner_running(&self) -> bool {
         let Role::Successor { old_name, .. } = &self.role else {
             return false;
         };
@@ -616,7 +626,7 @@ impl Group {
     /// After a takeover: waits (at most `timeout`) for the old owner to
     /// exit, then moves this group's pins to the group's own name (unless
     /// the takeover's swap did already).
-    pub fn finish_takeover(&mut self, timeout: Duration) -> Result<()> {
+    pub(crate) fn finish_takeover(&mut self, timeout: Duration) -> Result<()> {
         let Role::Successor { old_pid, old_name } = self.role.clone() else {
             return Ok(());
         };
@@ -670,7 +680,7 @@ impl Group {
     /// socket map first, so that new connections go to them while this
     /// process's workers still accept what is queued for them. Returns how
     /// many of the others serve.
-    pub fn step_aside(&self) -> Result<usize> {
+    pub(crate) fn step_aside(&self) -> Result<usize> {
         let owner = matches!(self.role, Role::Owner | Role::Successor { .. });
         if !owner || self.retired() || !self.steered()? {
             return Ok(0);

@@ -12,9 +12,10 @@
 //! a running group seen from another process (and [`Control::cleanup`] for
 //! dead ones), [`SlotState`], [`Error`]), and the modules [`server`]
 //! (signals) and [`echo`] (the echo service). The modules behind them are
-//! internal: reachable only for the `reuseport-cli` crate's benchmark and
-//! this workspace's tests, hidden from the documentation (or private), and
-//! may change in any release. They form a stack; each layer uses only
+//! internal: private, unless the `internals` feature is on, which only the
+//! `reuseport-cli` crate's benchmark and this workspace's tests turn on
+//! (it makes them reachable, still hidden from the documentation, and
+//! promises nothing: they may change in any release). They form a stack; each layer uses only
 //! those below it:
 //!
 //! ```text
@@ -125,42 +126,32 @@
 //! ```
 #![deny(missing_docs)]
 
-// Internal: hidden, not part of the API (see the crate documentation).
-#[doc(hidden)]
-pub mod balance;
-#[doc(hidden)]
-pub mod control;
+/// Declares internal modules: private, unless the `internals` feature (for
+/// this workspace's benchmark and tests only, with no stability promise)
+/// makes them reachable, still hidden from the documentation.
+macro_rules! internal {
+    ($($module:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "internals")]
+            #[doc(hidden)]
+            pub mod $module;
+            #[cfg(not(feature = "internals"))]
+            mod $module;
+        )*
+    };
+}
+
+internal!(
+    balance, control, error, features, group, maps, metrics, pins, policy, socket, steering, sys,
+    topology, worker,
+);
 mod datagram;
 pub mod echo;
-#[doc(hidden)]
-pub mod error;
-#[doc(hidden)]
-pub mod features;
-#[doc(hidden)]
-pub mod group;
 mod layout;
-#[doc(hidden)]
-pub mod maps;
-#[doc(hidden)]
-pub mod metrics;
-#[doc(hidden)]
-pub mod pins;
-#[doc(hidden)]
-pub mod policy;
 mod proto;
 pub mod server;
 mod signals;
 mod slots;
-#[doc(hidden)]
-pub mod socket;
-#[doc(hidden)]
-pub mod steering;
-#[doc(hidden)]
-pub mod sys;
-#[doc(hidden)]
-pub mod topology;
-#[doc(hidden)]
-pub mod worker;
 
 pub use balance::{balance, Balance};
 pub use control::{Control, Removed, SlotStatus, Status};

@@ -33,18 +33,6 @@ use crate::{
     slots,
 };
 
-/// The maps that are pinned for other processes (the log ring buffer and
-/// the ticket counter are private to the program).
-pub const PINNED: [&str; 7] = [
-    map::LAYOUT,
-    map::SOCKETS,
-    map::STATE,
-    map::TABLE,
-    map::COUNTERS,
-    map::WORKERS,
-    map::GROUP,
-];
-
 /// The program's counters, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BpfCounters {

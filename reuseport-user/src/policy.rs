@@ -305,6 +305,7 @@ pub fn plan(policy: &Policy, live: &[LiveSlot]) -> Result<Plan, PolicyError> {
 
 /// [`plan`] on a given CPU topology (for the `cpu` policy): what a group on
 /// a machine of that shape would get.
+#[cfg(test)]
 pub fn plan_on(
     policy: &Policy,
     live: &[LiveSlot],

@@ -135,7 +135,7 @@ impl Server {
             worker::spawn_tcp_with(
                 info,
                 member.tcp_listener()?,
-                group.worker_stats(slot),
+                group.stats_of(slot),
                 // Its own: each connection takes a count of it.
                 Arc::new(limits.clone()),
                 move || factory(&info),
@@ -169,7 +169,7 @@ impl Server {
                     cpu: member.cpu,
                 },
                 member.udp_socket()?,
-                group.worker_stats(slot),
+                group.stats_of(slot),
                 handler.clone(),
                 stop,
                 on_fault,
@@ -199,7 +199,7 @@ impl Server {
                             cpu: member.cpu,
                         },
                         member.udp_socket()?,
-                        group.worker_stats(slot),
+                        group.stats_of(slot),
                         stop,
                         on_fault,
                     )
@@ -241,13 +241,13 @@ impl Server {
             .transpose()
             .map_err(|e| Error::io("getsockname", e))?;
         // Held for as long as the group runs: statistics stop when it closes.
-        let stats = match (options.bpf_stats, group.steering()) {
+        let stats = match (options.bpf_stats, group.steering_shared()) {
             (true, Some(s)) if lock(&s).has_program() => Some(crate::steering::enable_run_stats()?),
             _ => None,
         };
         let addr = group.local_addr();
         let proto = group.proto();
-        let steering = group.steering();
+        let steering = group.steering_shared();
         let stop = CancellationToken::new();
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (done_tx, done) = tokio::sync::watch::channel(false);
@@ -438,7 +438,7 @@ impl Supervisor {
         // the dying thread); the policy is rebuilt within a tick.
         // Its own handle on the socket map: the hook must not wait behind a
         // policy write that holds the group's.
-        let socket_map = match self.group.steering() {
+        let socket_map = match self.group.steering_shared() {
             Some(s) => Some(lock(&s).maps().socket_map_handle()?),
             None => None,
         };
@@ -500,7 +500,7 @@ impl Supervisor {
                 };
                 let registry = Arc::new(metrics::registry(metrics::Sources {
                     region: self.group.worker_region(),
-                    steering: self.group.steering(),
+                    steering: self.group.steering_shared(),
                 }));
                 tokio::spawn(metrics::serve(l, registry, self.shutdown.clone()));
             }

@@ -7,6 +7,7 @@ use nix::{sched::CpuSet, unistd::Pid};
 use crate::error::{Error, Result};
 
 /// The running kernel's release string, e.g. `6.18.44-fc`.
+#[cfg(feature = "internals")]
 pub fn kernel_release() -> Result<String> {
     let uts = nix::sys::utsname::uname().map_err(|e| Error::io("uname", e.into()))?;
     Ok(uts.release().to_string_lossy().into_owned())
@@ -140,6 +141,7 @@ pub fn drop_counters() -> std::collections::BTreeMap<String, u64> {
 }
 
 /// This process's resident memory (VmRSS), in bytes.
+#[cfg(feature = "internals")]
 pub fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -152,12 +154,14 @@ pub fn resident_bytes() -> u64 {
 }
 
 /// This process's open file descriptors.
+#[cfg(feature = "internals")]
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
 /// Brings up `lo` in the calling thread's network namespace (a new
 /// namespace starts with it down).
+#[cfg(feature = "internals")]
 pub fn set_loopback_up() -> Result<()> {
     let sock = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,

@@ -95,8 +95,6 @@ impl Conn {
 pub struct WorkerHandle {
     /// Who it is.
     pub info: WorkerInfo,
-    /// Its counters.
-    pub stats: WorkerStats,
     thread: thread::JoinHandle<()>,
 }
 
@@ -123,6 +121,7 @@ impl WorkerHandle {
 ///
 /// `handler` runs on the worker's own thread; its futures need not be `Send`.
 #[allow(clippy::too_many_arguments)] // each is a distinct part of a worker
+#[cfg(feature = "internals")]
 pub fn spawn_tcp<H, F>(
     info: WorkerInfo,
     listener: std::net::TcpListener,
@@ -164,7 +163,7 @@ where
     F: Future<Output = io::Result<()>> + 'static,
 {
     let thread_stats = stats.clone();
-    spawn_pinned(info, stats, on_fault, move || {
+    spawn_pinned(info, on_fault, move || {
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| Error::io("registering a listener", e))?;
         Ok(accept_loop(
@@ -226,7 +225,7 @@ pub fn spawn_udp<H: DatagramHandler>(
         .map_err(|e| Error::io("getsockname", e))?;
     let pktinfo = crate::datagram::enable_pktinfo(std::os::fd::AsFd::as_fd(&socket), local)
         .map_err(|e| Error::io("setsockopt IP_PKTINFO", e))?;
-    spawn_pinned(info, stats, on_fault, move || {
+    spawn_pinned(info, on_fault, move || {
         let socket = tokio::net::UdpSocket::from_std(socket)
             .map_err(|e| Error::io("registering a UDP socket", e))?;
         Ok(udp_loop(
@@ -245,7 +244,6 @@ pub fn spawn_udp<H: DatagramHandler>(
 /// runtime; its error is returned here.
 fn spawn_pinned<M, F>(
     info: WorkerInfo,
-    stats: WorkerStats,
     on_fault: OnFault,
     make: M,
 ) -> Result<WorkerHandle>
@@ -291,11 +289,7 @@ where
         })
         .map_err(|e| Error::io("spawning a worker thread", e))?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(WorkerHandle {
-            info,
-            stats,
-            thread,
-        }),
+        Ok(Ok(())) => Ok(WorkerHandle { info, thread }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Error::io(
             format!("worker {}", info.worker),

@@ -282,6 +282,28 @@ fn a_crate_outside_the_workspace_serves_a_group_from_tokio_main() {
     assert_eq!(lines[4], "selected [2, 2]", "{stdout}");
     assert_eq!(lines[5], "stopped", "{stdout}");
     assert_eq!(rest.trim_end(), "signalled", "{stdout}\n{stderr}");
+    // The internal modules are out of an embedder's reach (the workspace's
+    // benchmark and tests reach them with the `internals` feature only).
+    std::fs::create_dir_all(dir.join("src/bin")).unwrap();
+    for module in ["maps", "steering", "worker", "sys"] {
+        std::fs::write(
+            dir.join("src/bin/internal.rs"),
+            format!("use reuseport::{module} as _;\nfn main() {{}}\n"),
+        )
+        .unwrap();
+        let check = Command::new(&cargo)
+            .current_dir(&dir)
+            .args(["check", "--offline", "--quiet", "--bin", "internal"])
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .expect("running cargo check");
+        let err = String::from_utf8_lossy(&check.stderr);
+        assert!(!check.status.success(), "reuseport::{module} is reachable");
+        assert!(
+            err.contains(&format!("module `{module}` is private")),
+            "{err}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

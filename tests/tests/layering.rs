@@ -102,8 +102,8 @@ fn the_server_links_no_font_library() {
     );
 }
 
-/// The library's internal modules: reachable (hidden from the docs) only
-/// for the benchmark and the tests.
+/// The library's internal modules: private, reachable only with the
+/// `internals` feature, which the benchmark and the tests turn on.
 const INTERNAL: [&str; 17] = [
     "balance", "control", "datagram", "error", "group", "maps", "metrics", "policy", "slots",
     "pins", "layout", "signals", "proto", "socket", "steering", "sys", "worker",
