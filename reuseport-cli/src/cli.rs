@@ -352,6 +352,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     ),
                     None => println!("removed dead group {} (its record was unreadable)", r.name),
                 }
+                if let Some(before) = r.restored_migrate_req {
+                    println!("restored net.ipv4.tcp_migrate_req to {before}");
+                }
             }
             Ok(())
         }

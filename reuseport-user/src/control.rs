@@ -151,7 +151,7 @@ pub fn claim(
                     "removing stale pins of group {other} on {proto} {addr} left by pid {}, which is gone",
                     info.owner_pid
                 );
-                release(&dir)?;
+                release_dead(&dir, Some(&info))?;
             }
         }
     }
@@ -159,23 +159,29 @@ pub fn claim(
     if dir.exists() {
         // Another build's group: not ours to judge or to remove.
         crate::layout::check(&dir)?;
-        match owner_of(&dir) {
+        let info = match owner_of(&dir) {
             (Owner::Alive, info) => {
                 return Err(Error::GroupRunning {
                     name: name.to_string(),
                     pid: info.map_or(0, |i| i.owner_pid),
                 });
             }
-            (Owner::Gone, Some(info)) => warn!(
-                "removing stale pins of group {name} left by pid {}, which is gone",
-                info.owner_pid
-            ),
-            (Owner::Gone, None) => warn!(
-                "removing unreadable stale pins of group {name} in {}",
-                dir.display()
-            ),
-        }
-        release(&dir)?;
+            (Owner::Gone, Some(info)) => {
+                warn!(
+                    "removing stale pins of group {name} left by pid {}, which is gone",
+                    info.owner_pid
+                );
+                Some(info)
+            }
+            (Owner::Gone, None) => {
+                warn!(
+                    "removing unreadable stale pins of group {name} in {}",
+                    dir.display()
+                );
+                None
+            }
+        };
+        release_dead(&dir, info.as_ref())?;
     }
     pins::make_private_dir(&dir)?;
     let owner = pins::hold_owner(&dir).inspect_err(|_| {
@@ -186,11 +192,29 @@ pub fn claim(
 
 /// A dead group removed by [`cleanup`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Removed {
     /// The group's name.
     pub name: String,
     /// Its owner's pid, if its record could be read.
     pub owner_pid: Option<u32>,
+    /// The value `net.ipv4.tcp_migrate_req` was put back to: the group (a
+    /// group without a program) had set it, and its owner died before it
+    /// could restore it.
+    pub restored_migrate_req: Option<u32>,
+}
+
+/// Removes the pins of a group whose owner is gone (`info`: its record, if
+/// readable), first putting back `net.ipv4.tcp_migrate_req` if the group
+/// had set it, as its owner would have on a clean exit (a retired owner
+/// leaves that to its successor). Returns the value put back.
+fn release_dead(dir: &Path, info: Option<&GroupInfo>) -> Result<Option<u32>> {
+    let restored = info
+        .filter(|i| i.migrate_req_saved != 0 && i.flags & group_flag::RETIRED == 0)
+        .map(|i| i.migrate_req_saved - 1)
+        .filter(|&before| crate::group::put_back_migrate_req(before));
+    release(dir)?;
+    Ok(restored)
 }
 
 /// Removes the pins of dead group `name`, or with `None` of every dead
@@ -219,10 +243,11 @@ pub fn cleanup(name: Option<&str>) -> Result<Vec<Removed>> {
             }
             (Owner::Alive, _) => {}
             (Owner::Gone, info) => {
-                release(&dir)?;
+                let restored_migrate_req = release_dead(&dir, info.as_ref())?;
                 removed.push(Removed {
                     name: n,
                     owner_pid: info.map(|i| i.owner_pid),
+                    restored_migrate_req,
                 });
             }
         }

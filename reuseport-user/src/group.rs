@@ -754,10 +754,21 @@ impl Group {
         if info.migrate_req_saved == 0 || retired {
             return;
         }
-        let before = info.migrate_req_saved - 1;
-        match std::fs::write(MIGRATE_REQ, before.to_string()) {
-            Ok(()) => info!("restored net.ipv4.tcp_migrate_req to {before}"),
-            Err(e) => warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}"),
+        put_back_migrate_req(info.migrate_req_saved - 1);
+    }
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` back to `before`, the value a group
+/// found there; whether it could.
+pub(crate) fn put_back_migrate_req(before: u32) -> bool {
+    match std::fs::write(MIGRATE_REQ, before.to_string()) {
+        Ok(()) => {
+            info!("restored net.ipv4.tcp_migrate_req to {before}");
+            true
+        }
+        Err(e) => {
+            warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}");
+            false
         }
     }
 }

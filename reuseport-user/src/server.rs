@@ -10,7 +10,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    sync::{atomic::Ordering, mpsc, Arc, Mutex},
+    sync::{atomic::Ordering, mpsc, Arc},
     thread,
     time::{Duration, Instant},
 };
@@ -27,7 +27,6 @@ use crate::{
     group::{lock, Group, Role},
     metrics,
     socket::Proto,
-    steering::Steering,
     worker::{self, Conn, DatagramHandler, Limits, OnFault, WorkerHandle, WorkerInfo},
 };
 
@@ -65,10 +64,10 @@ type Starter =
 
 /// A group being served.
 ///
-/// Dropping a `Server` that still serves shuts it down as
-/// [`Server::shutdown`] does, blocking the dropping thread for up to the
-/// drain timeout; async code awaits [`Server::stop`] (or [`Server::run`])
-/// first.
+/// Dropping a `Server` that still serves shuts it down (see the `Drop`
+/// implementation: it waits outside an async runtime, not inside one);
+/// async code awaits [`Server::stop`] (or [`Server::run`]) to know when
+/// the shutdown is done.
 pub struct Server {
     stop: CancellationToken,
     thread: Option<thread::JoinHandle<Result<String>>>,
@@ -78,7 +77,6 @@ pub struct Server {
     addr: SocketAddr,
     proto: Proto,
     metrics_addr: Option<SocketAddr>,
-    steering: Option<Arc<Mutex<Steering>>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -247,7 +245,6 @@ impl Server {
         };
         let addr = group.local_addr();
         let proto = group.proto();
-        let steering = group.steering_shared();
         let stop = CancellationToken::new();
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (done_tx, done) = tokio::sync::watch::channel(false);
@@ -313,7 +310,6 @@ impl Server {
             addr,
             proto,
             metrics_addr,
-            steering,
         })
     }
 
@@ -330,11 +326,6 @@ impl Server {
     /// Where metrics are served, if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
-    }
-
-    /// The group's program and maps (policy, counters), if any.
-    pub fn steering(&self) -> Option<Arc<Mutex<Steering>>> {
-        self.steering.clone()
     }
 
     /// Whether serving ended on its own (every worker drained, or a
@@ -395,10 +386,21 @@ impl Server {
     }
 }
 
+/// Dropping a server that still runs starts its shutdown. Outside an async
+/// runtime the drop waits for it, as [`Server::shutdown`] does; inside one it
+/// does not block the runtime's thread: the shutdown goes on, in the same
+/// order, on the server's supervisor thread, for as long as the process
+/// lives (await [`Server::stop`] instead to know when it is done).
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.stop.cancel();
+        if self.thread.is_none() {
+            return;
+        }
+        self.stop.cancel();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            log::debug!("server dropped inside a runtime: shutting down in the background");
+            self.thread.take();
+        } else {
             let _ = self.join();
         }
     }

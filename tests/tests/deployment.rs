@@ -834,3 +834,45 @@ fn commands_under_ip_netns_exec_see_the_group_another_one_started() {
     assert!(status.success(), "{err}");
     assert!(!dir.exists(), "pins left at {}", dir.display());
 }
+
+/// A group without a program sets `net.ipv4.tcp_migrate_req` (so a closing
+/// listener hands its queued connections on) and puts it back when it
+/// stops. An owner killed with SIGKILL cannot: whoever removes its pins,
+/// `cleanup` or the next `run` on the address, puts it back instead.
+#[test]
+fn the_sysctl_a_killed_owner_set_is_put_back_by_cleanup_or_its_replacement() {
+    netns();
+    let read = || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read(), "0", "a fresh namespace starts at 0");
+    let group = unique_group();
+    let server = start(&["--policy", "kernel", "--workers", "1", "--group", &group]).unwrap();
+    assert_eq!(read(), "1");
+    let pid = kill9(server);
+    assert_eq!(read(), "1", "left set by the killed owner");
+    let (code, out, err) = reuseport(&["cleanup"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "removed dead group {group} (its owner, pid {pid}, is gone)\nrestored net.ipv4.tcp_migrate_req to 0"
+        )
+    );
+    assert_eq!(read(), "0");
+
+    // The next run on the address replaces the dead group: it restores the
+    // value, sets it again for itself, and restores it when it stops.
+    let server = start(&["--policy", "kernel", "--workers", "1", "--group", &group]).unwrap();
+    kill9(server);
+    assert_eq!(read(), "1");
+    let next = start(&["--policy", "kernel", "--workers", "1", "--group", &group]).unwrap();
+    assert_eq!(read(), "1");
+    next.signal(Signal::SIGTERM);
+    let (status, stderr) = next.wait(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert_eq!(read(), "0", "{stderr}");
+}

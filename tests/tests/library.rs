@@ -132,3 +132,53 @@ fn the_listeners_serve_threads_of_our_own_and_close_releases_the_port() {
     group.close().unwrap();
     TcpListener::bind(addr).expect("the port is free after close");
 }
+
+/// A server dropped inside an async runtime does not hold the runtime's
+/// thread for the drain: the drop returns at once, and the shutdown goes on
+/// in the background, in order, until the last connection ends.
+#[test]
+fn a_server_dropped_inside_a_runtime_shuts_down_without_blocking_it() {
+    netns();
+    let group = Group::builder()
+        .addr("127.0.0.1:0".parse().unwrap())
+        .workers(1)
+        .policy(Policy::new(PolicyKind::RoundRobin))
+        .name(reuseport_tests::unique_group())
+        .build()
+        .unwrap();
+    let addr = group.local_addr();
+    let name = group.name().unwrap().to_string();
+    let drain = Duration::from_secs(120);
+    let mut options = ServeOptions::default();
+    options.limits.drain_timeout = drain;
+    let server = Server::start_tcp(group, shout, options).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (took, mut held) = rt.block_on(async move {
+        // A connection that stays open: the drain waits for it.
+        let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+        held.write_all(b"still here").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let start = std::time::Instant::now();
+        drop(server);
+        (start.elapsed(), held)
+    });
+    assert!(
+        took < drain / 4,
+        "the drop waited {took:?} (drain timeout {drain:?})"
+    );
+    // Still draining: the open connection is served to its end.
+    assert!(pin_dir(&name).exists(), "the group shuts down in order");
+    rt.block_on(async {
+        held.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        held.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"STILL HERE");
+    });
+    assert!(
+        eventually(Duration::from_secs(20), || !pin_dir(&name).exists()),
+        "the background shutdown removed the pins once the connection ended"
+    );
+}
