@@ -190,7 +190,7 @@ pub fn claim(
     Ok((dir, owner))
 }
 
-/// A dead group removed by [`cleanup`].
+/// A dead group removed by [`Control::cleanup`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Removed {

@@ -51,7 +51,7 @@ pub enum Error {
     },
 
     /// The running kernel lacks something the program needs (found by
-    /// probing it, see [`features`](crate::features)).
+    /// probing it at load time).
     #[error("this kernel (Linux {found}) is too old for {feature}: it lacks {missing}")]
     KernelTooOld {
         /// The running kernel's release.

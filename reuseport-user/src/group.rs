@@ -835,7 +835,7 @@ impl GroupBuilder {
 
     /// The group's name: its maps are pinned in
     /// `/sys/fs/bpf/reuseport/netns-<INODE>/<name>/` (INODE: the network
-    /// namespace's, see [`pins`](crate::pins)). Default:
+    /// namespace's). Default:
     /// `<proto>-<address>-<port>`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -850,7 +850,8 @@ impl GroupBuilder {
 
     /// Takes over the running group `name` instead of creating one: binds
     /// to its address, attaches a program of our own to it, and tells the
-    /// old owner to drain and exit. See [`Group::finish_takeover`].
+    /// old owner to drain and exit; serving the group with a [`Server`](crate::Server)
+    /// finishes the takeover once it is ready.
     pub fn takeover(mut self, name: impl Into<String>) -> Self {
         self.takeover = Some(name.into());
         self
