@@ -521,3 +521,26 @@ fn a_client_that_changes_its_port_keeps_its_worker_and_its_connection() {
         ep.wait_idle().await;
     });
 }
+
+#[test]
+fn cookie_and_quic_keys_on_tcp_are_refused_with_one_line() {
+    netns();
+    for key in ["quic", "cookie:0"] {
+        // Under any policy: these keys steer before the policy runs.
+        for policy in ["round-robin", "hash"] {
+            let f = match Server::try_start(&["--hash-key", key, "--policy", policy]) {
+                Ok(_) => panic!("--hash-key {key} on TCP must be refused"),
+                Err(f) => f,
+            };
+            assert_eq!(f.status.code(), Some(1));
+            assert!(
+                f.stderr.contains(&format!(
+                    "error: --hash-key {key} needs --proto udp: a TCP SYN carries no payload"
+                )),
+                "{}",
+                f.stderr
+            );
+            assert!(!f.stderr.contains("panicked"));
+        }
+    }
+}
