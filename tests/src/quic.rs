@@ -239,6 +239,25 @@ impl Fleet {
         }
     }
 
+    /// Waits (up to `timeout`) until every connection has echoed at least
+    /// one stream since the last [`Fleet::mark`]; whether they all did.
+    pub fn wait_all_since_mark(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done = {
+                let m = self.marks.lock().unwrap();
+                self.streams
+                    .iter()
+                    .zip(m.iter())
+                    .all(|(s, m)| s.load(Ordering::Relaxed) > *m)
+            };
+            if done || Instant::now() >= deadline {
+                return done;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops: every connection finishes its stream in flight and closes.
     pub fn stop(mut self) -> FleetResult {
         self.stop.store(true, Ordering::Release);

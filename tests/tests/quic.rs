@@ -367,8 +367,16 @@ fn churn(policy: &str) -> Churn {
         .unwrap_or_else(|| panic!("the new worker's slot in {out:?}"));
     std::thread::sleep(Duration::from_millis(1500));
     fleet.mark();
-    std::thread::sleep(Duration::from_millis(2000));
+    // Every connection echoes again after the changes (a broken one never
+    // does: the kernel's run waits the whole time).
+    let all =
+        fleet.wait_all_since_mark(Duration::from_secs(if policy == "kernel" { 4 } else { 30 }));
     let result = fleet.stop();
+    assert_eq!(
+        all,
+        result.since_mark.iter().all(|&n| n > 0),
+        "the fleet's two views agree"
+    );
     let m2 = echo.server.metrics();
     Churn {
         result,
@@ -412,6 +420,15 @@ fn quic_connections_survive_a_drain_and_an_added_worker() {
     );
     assert!(m0.active(drained) > 0, "it held connections");
     assert_eq!(m2.fallback(), m0.fallback(), "no run left to the kernel");
+    // Its connections closed by their clients, the drained worker ends and
+    // frees its slot.
+    assert!(
+        eventually(Duration::from_secs(20), || slot_state(
+            &echo.server.group,
+            drained as u32
+        ) == SlotState::Empty),
+        "worker {drained} finished draining"
+    );
 
     // New connections go to the live workers, the added one among them.
     let config = quic::client_config(&echo.cert);
