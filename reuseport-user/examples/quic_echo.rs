@@ -140,6 +140,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             ..Limits::default()
         },
         metrics_addr: args.metrics,
+        // A server for many connections: the process is ours.
+        raise_fd_limit: true,
         ..ServeOptions::default()
     };
     let server = Server::start_udp_with(
