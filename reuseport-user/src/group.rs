@@ -425,6 +425,24 @@ impl Group {
         WorkerStats::new(self.workers.clone(), slot)
     }
 
+    /// The cookie minter of the socket in `slot` now: the group's cookie
+    /// secret, the slot and its socket's generation (see
+    /// [`crate::cookie`]). A group without maps has secret 0: its cookies
+    /// steer nothing.
+    pub fn cookie_minter(&self, slot: u32) -> Result<crate::cookie::Minter> {
+        let secret = match &self.steering {
+            Some(s) => lock(s).maps().config()?.cookie_secret,
+            None => 0,
+        };
+        let generation = self
+            .workers
+            .slot(slot)
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        // Kept within 16 bits by `WorkerCounters::next_generation`.
+        Ok(crate::cookie::Minter::new(secret, slot, generation as u16))
+    }
+
     /// Whether a successor took the group over (`run --takeover`): this
     /// process is to drain its workers and exit, leaving the program alone.
     pub(crate) fn retired(&self) -> bool {
@@ -944,7 +962,12 @@ impl GroupBuilder {
         live.sort_by_key(|l| l.slot);
         policy::check_key(&self.policy, self.proto)?;
         // Plan first: a bad policy setting fails before anything is bound.
-        let plan = policy::plan(&self.policy, &live)?;
+        let mut plan = policy::plan(&self.policy, &live)?;
+        if let Some(old) = &old {
+            // The old generation's cookies stay valid: flows its sockets
+            // serve (and their clients' cookies) carry on in ours.
+            plan.config.cookie_secret = old.maps().config()?.cookie_secret;
+        }
         if with_program {
             sys::check_bpf_privilege("loading the steering program")?;
             crate::features::KernelFeatures::probe().require("the steering program")?;

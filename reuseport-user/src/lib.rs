@@ -11,11 +11,13 @@
 //! its options, the handler's [`Conn`] and [`WorkerInfo`], [`Control`] for
 //! a running group seen from another process (and [`Control::cleanup`] for
 //! dead ones), [`SlotState`], [`Error`]), and the modules [`server`]
-//! (signals) and [`echo`] (the echo service). The modules behind them are
-//! internal: private, unless the `internals` feature is on, which only the
-//! `reuseport-cli` crate's benchmark and this workspace's tests turn on
+//! (signals), [`echo`] (the echo service) and [`cookie`] (cookies a UDP
+//! server mints to keep its flows on their worker). The modules behind them
+//! are internal: private, unless the `internals` feature is on, which only
+//! the `reuseport-cli` crate's benchmark and this workspace's tests turn on
 //! (it makes them reachable, still hidden from the documentation, and
-//! promises nothing: they may change in any release). They form a stack; each layer uses only
+//! promises nothing: they may change in any release). They form a stack;
+//! each layer uses only
 //! those below it:
 //!
 //! ```text
@@ -145,6 +147,7 @@ internal!(
     balance, control, error, features, group, maps, metrics, pins, policy, socket, steering, sys,
     topology, worker,
 );
+pub mod cookie;
 mod datagram;
 pub mod echo;
 mod layout;
@@ -162,7 +165,7 @@ pub use maps::BpfCounters;
 pub use policy::{HashKey, ParseError, Policy, PolicyError, PolicyKind};
 pub use proto::Proto;
 pub use reuseport_common::WorkerRecord;
-pub use server::{ServeOptions, Server};
+pub use server::{FlowCounter, OpenFlow, ServeOptions, Server, UdpWorker};
 pub use slots::SlotState;
 pub use sys::pin_current_thread;
 pub use worker::{Conn, DatagramHandler, Limits, WorkerInfo};

@@ -152,7 +152,7 @@ impl Collector for GroupCollector {
             let v = counters.selected.get(*slot as usize).copied().unwrap_or(0);
             ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
         }
-        let single: [(&str, &str, u64); 6] = [
+        let single: [(&str, &str, u64); 14] = [
             (
                 "reuseport_bpf_fallback",
                 "Program runs that left the choice to the kernel's reuseport hash.",
@@ -182,6 +182,48 @@ impl Collector for GroupCollector {
                 "reuseport_bpf_migrated",
                 "Connections moved from a closing listener to a live one.",
                 counters.migrated,
+            ),
+            // The per-stage counters of cookie, flow-table and QUIC
+            // steering (UDP), as udpgrm exports its own.
+            (
+                "reuseport_bpf_cookie_ok",
+                "Datagrams a valid cookie steered to the socket that minted it.",
+                counters.cookie_ok,
+            ),
+            (
+                "reuseport_bpf_cookie_bad",
+                "Datagrams whose cookie failed its check (new flows): placed by the policy.",
+                counters.cookie_bad,
+            ),
+            (
+                "reuseport_bpf_cookie_old",
+                "Datagrams with a valid cookie of a socket that is gone or replaced: placed by the policy.",
+                counters.cookie_old,
+            ),
+            (
+                "reuseport_bpf_flow_hit",
+                "Datagrams the flow table sent to their flow's socket.",
+                counters.flow_hit,
+            ),
+            (
+                "reuseport_bpf_flow_miss",
+                "Datagrams of flows the flow table did not know: placed by the policy.",
+                counters.flow_miss,
+            ),
+            (
+                "reuseport_bpf_flow_full",
+                "New flows the full flow table could not record.",
+                counters.flow_full,
+            ),
+            (
+                "reuseport_bpf_quic_initial",
+                "QUIC Initial and 0-RTT packets placed by the policy (on a hash of their connection ID).",
+                counters.quic_initial,
+            ),
+            (
+                "reuseport_bpf_quic_unreadable",
+                "Datagrams without a readable QUIC header (short, malformed, version negotiation): placed by the policy.",
+                counters.quic_unreadable,
             ),
         ];
         for (name, help, v) in single {
