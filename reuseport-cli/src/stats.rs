@@ -92,5 +92,12 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
         "program: fallback {}, dropped {}, empty slot {}, key unreadable {}, short payload {}, migrated {}",
         c.fallback, c.dropped, c.empty_slot, c.key_unreadable, c.short_payload, c.migrated
     );
+    if now.proto == reuseport::Proto::Udp && now.steered {
+        let _ = writeln!(
+            out,
+            "flow table: hit {}, miss {}, full {}",
+            c.flow_hit, c.flow_miss, c.flow_full
+        );
+    }
     out
 }

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod cookie;
+pub mod flow;
 pub mod hash;
 pub mod table;
 
@@ -88,6 +89,15 @@ pub mod map {
     /// of these maps the group was created with, so that another build
     /// refuses them instead of misreading them.
     pub const LAYOUT: &str = "LAYOUT";
+    /// `BPF_MAP_TYPE_LRU_HASH` from [`FlowKey`](crate::flow::FlowKey) (a
+    /// UDP datagram's addresses and ports) to
+    /// [`FlowEntry`](crate::flow::FlowEntry) (the slot and socket
+    /// generation that serve the flow, and when it was last seen): the
+    /// flow table of UDP groups (see [`flow`](crate::flow)). Its
+    /// `max_entries` is the group's flow-table size, set when it is
+    /// created; the kernel evicts the least recently used flow to make
+    /// room. A takeover reuses its predecessor's table.
+    pub const FLOWS: &str = "FLOWS";
 }
 
 /// The version of the pinned maps' layout (their records, sizes and
@@ -101,8 +111,10 @@ pub mod map {
 /// `least-loaded` load to the records' second cache line, made the counters
 /// one per-CPU record and sized the maps for 1,024 workers; layout 6 added
 /// the slots' socket generations, the cookie secret and the cookie, flow
-/// table and QUIC counters.
-pub const LAYOUT_VERSION: u32 = 6;
+/// table and QUIC counters; layout 7 added the flow table ([`map::FLOWS`])
+/// with its settings in the [`Config`] and its insert count in the
+/// [`State`].
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Marks a [`Layout`] record as one of ours.
 pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"RPLY");
@@ -129,8 +141,12 @@ pub struct Layout {
     pub max_workers: u32,
     /// [`counter::LEN`].
     pub counters: u32,
+    /// `size_of::<flow::FlowKey>()`.
+    pub flow_key_size: u32,
+    /// `size_of::<flow::FlowEntry>()`.
+    pub flow_entry_size: u32,
     /// Reserved for later fields; zero.
-    pub reserved: [u32; 8],
+    pub reserved: [u32; 6],
 }
 
 impl Layout {
@@ -144,7 +160,9 @@ impl Layout {
         group_info_size: core::mem::size_of::<GroupInfo>() as u32,
         max_workers: MAX_WORKERS,
         counters: counter::LEN,
-        reserved: [0; 8],
+        flow_key_size: core::mem::size_of::<flow::FlowKey>() as u32,
+        flow_entry_size: core::mem::size_of::<flow::FlowEntry>() as u32,
+        reserved: [0; 6],
     };
 }
 
@@ -251,7 +269,10 @@ pub mod counter {
     pub const FLOW_HIT: u32 = MAX_WORKERS + 10;
     /// The flow table did not know the flow: the policy placed it.
     pub const FLOW_MISS: u32 = MAX_WORKERS + 11;
-    /// The flow table was full: a new flow could not be recorded.
+    /// The flow table was full: a new flow was recorded by evicting the
+    /// least recently used one (an LRU map never refuses an insert: this
+    /// counts the new flows recorded once the table had taken as many as
+    /// it holds), or could not be recorded at all.
     pub const FLOW_FULL: u32 = MAX_WORKERS + 12;
     /// A QUIC Initial or 0-RTT packet, placed by the policy on a hash of
     /// its destination connection ID.
@@ -316,8 +337,16 @@ pub struct Config {
     pub payload_len: u32,
     /// The secret of the group's [`cookie`]s' check bits.
     pub cookie_secret: u32,
-    /// Reserved for flow-table and generation settings; zero.
-    pub reserved: [u32; 7],
+    /// UDP: how long a flow of the [flow table](flow) may stay silent and
+    /// still keep its socket, in milliseconds; also how long a draining UDP
+    /// worker must have received nothing before it closes. 0: no flow
+    /// table (TCP groups; UDP groups under the `kernel` policy).
+    pub flow_timeout_ms: u32,
+    /// The flow table's size (its map's `max_entries`), so that the program
+    /// can tell when a new flow evicts another ([`counter::FLOW_FULL`]).
+    pub flow_table_size: u32,
+    /// Reserved for later settings; zero.
+    pub reserved: [u32; 5],
     /// The slots that hold a serving socket, in slot order.
     pub live: [u32; MAX_WORKERS as usize],
     /// `weighted`: the weight of each slot (by slot number). Kept with the
@@ -344,7 +373,9 @@ impl Config {
         payload_offset: 0,
         payload_len: 0,
         cookie_secret: 0,
-        reserved: [0; 7],
+        flow_timeout_ms: 0,
+        flow_table_size: 0,
+        reserved: [0; 5],
         live: [0; MAX_WORKERS as usize],
         weights: [0; MAX_WORKERS as usize],
         cpu_rows: [CpuRow { start: 0, len: 0 }; MAX_CPUS as usize],
@@ -401,8 +432,13 @@ pub struct State {
     /// Ticket counter of `round-robin` and `weighted`, advanced by the
     /// program with an atomic fetch-and-add.
     pub tickets: u64,
+    /// New flows the program has recorded in the [flow table](flow)
+    /// (atomic fetch-and-add, on a miss only): once it reaches the table's
+    /// size, every new flow evicts another. A takeover that reuses its
+    /// predecessor's table starts from the predecessor's count.
+    pub flow_inserts: u64,
     /// Reserved (keeps the configurations off the tickets' cache line).
-    pub reserved2: [u64; 7],
+    pub reserved2: [u64; 6],
     /// The two generations of the configuration.
     pub config: [Config; 2],
 }
@@ -413,7 +449,8 @@ impl State {
         active: 0,
         reserved: [0; 15],
         tickets: 0,
-        reserved2: [0; 7],
+        flow_inserts: 0,
+        reserved2: [0; 6],
         config: [Config::EMPTY; 2],
     };
 }
@@ -585,6 +622,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<WorkerRecord>() % 8, 0);
         assert_eq!(core::mem::size_of::<GroupInfo>(), 16 + 4 * 6 + 8 + 4 * 2);
         assert_eq!(core::mem::size_of::<Layout>(), 64, "never changes size");
+        assert_eq!(core::mem::size_of::<flow::FlowKey>(), 36);
+        assert_eq!(core::mem::size_of::<flow::FlowEntry>(), 16);
     }
 
     /// A tripwire: the sizes of the pinned records are those of
@@ -604,7 +643,7 @@ mod tests {
                 l.max_workers,
                 l.counters
             ),
-            (6, 53504, 131072, 128, 56, 1024, 1040)
+            (7, 53504, 131072, 128, 56, 1024, 1040)
         );
     }
 

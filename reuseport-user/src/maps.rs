@@ -35,7 +35,7 @@ use crate::{
 
 /// The maps that are pinned for other processes (the log ring buffer and
 /// the ticket counter are private to the program).
-pub const PINNED: [&str; 7] = [
+pub const PINNED: [&str; 8] = [
     map::LAYOUT,
     map::SOCKETS,
     map::STATE,
@@ -43,6 +43,7 @@ pub const PINNED: [&str; 7] = [
     map::COUNTERS,
     map::WORKERS,
     map::GROUP,
+    map::FLOWS,
 ];
 
 /// The program's counters, summed over CPUs.
@@ -62,6 +63,14 @@ pub struct BpfCounters {
     pub short_payload: u64,
     /// Runs on the migration path.
     pub migrated: u64,
+    /// UDP datagrams of flows the flow table knew, sent to their socket.
+    pub flow_hit: u64,
+    /// UDP datagrams of flows the flow table did not know (placed by the
+    /// policy, then recorded).
+    pub flow_miss: u64,
+    /// New flows recorded in a full flow table (each evicted the least
+    /// recently used flow), or not recorded at all.
+    pub flow_full: u64,
 }
 
 impl BpfCounters {
@@ -204,6 +213,7 @@ impl WorkerCounters {
         self.cpu.store(from.cpu, Ordering::Relaxed);
         self.pid.store(from.pid, Ordering::Relaxed);
         self.pid_start.store(from.pid_start, Ordering::Relaxed);
+        self.generation.store(from.generation, Ordering::Relaxed);
         self.set_member(from.kind, from.fd);
         slots::serve(&self.state)
     }
@@ -309,6 +319,21 @@ impl Shared {
         // for as long as `self`; an atomic may be accessed concurrently
         // from other threads, processes and the program.
         unsafe { AtomicU32::from_ptr(self.0.as_mut_ptr().add(offset).cast()) }
+    }
+
+    /// The 8-byte word at `offset` (a count the program adds to).
+    ///
+    /// # Panics
+    ///
+    /// As [`Shared::word`], for an offset out of bounds or not a multiple
+    /// of 8.
+    fn dword(&self, offset: usize) -> &AtomicU64 {
+        assert!(
+            offset.is_multiple_of(8) && offset + 8 <= self.0.len(),
+            "offset {offset}"
+        );
+        // SAFETY: as for `word`, aligned to 8.
+        unsafe { AtomicU64::from_ptr(self.0.as_mut_ptr().add(offset).cast()) }
     }
 
     /// The 2-byte half-word at `offset` (a table entry).
@@ -461,6 +486,9 @@ pub struct Maps {
     group: Array<MapData, GroupInfo>,
     workers: Arc<WorkerRegion>,
     pin_dir: Option<PathBuf>,
+    /// The flow table (see `reuseport_common::flow`), held so that it is
+    /// pinned with the rest.
+    _flows: Map,
 }
 
 impl std::fmt::Debug for Maps {
@@ -567,6 +595,7 @@ impl Maps {
             group: typed(get(map::GROUP)?, map::GROUP)?,
             workers: Arc::new(workers),
             pin_dir: pin_dir.map(Path::to_path_buf),
+            _flows: get(map::FLOWS)?,
         })
     }
 
@@ -686,7 +715,12 @@ impl Maps {
             let current = self.current_plan()?;
             let plan = policy::rebuild(&current, &live)?;
             self.write(&plan)?;
-            self.clear_slot(slot)?;
+            // A UDP worker with a flow timeout keeps its socket in the map
+            // while it drains: its flows' datagrams still reach it (see
+            // `reuseport_common::flow`); it leaves once they are idle.
+            if current.config.flow_timeout_ms == 0 {
+                self.clear_slot(slot)?;
+            }
         }
         let state = &self.workers.slot(slot).state;
         if !slots::drain(state) {
@@ -857,6 +891,12 @@ impl Maps {
         Ok(self.state.load(Self::config_offset(self.generation())))
     }
 
+    /// New flows the program has recorded in the flow table
+    /// (`State::flow_inserts`).
+    pub fn flow_inserts(&self) -> &AtomicU64 {
+        self.state.dword(std::mem::offset_of!(State, flow_inserts))
+    }
+
     /// The plan in force: the configuration and its table.
     pub fn current_plan(&self) -> Result<Plan> {
         let g = self.generation();
@@ -905,6 +945,9 @@ impl Maps {
         c.key_unreadable = read(counter::KEY_UNREADABLE)?;
         c.short_payload = read(counter::SHORT_PAYLOAD)?;
         c.migrated = read(counter::MIGRATED)?;
+        c.flow_hit = read(counter::FLOW_HIT)?;
+        c.flow_miss = read(counter::FLOW_MISS)?;
+        c.flow_full = read(counter::FLOW_FULL)?;
         Ok(c)
     }
 }

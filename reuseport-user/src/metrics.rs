@@ -188,6 +188,28 @@ impl Collector for GroupCollector {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
         }
+        // The UDP flow table (`reuseport_common::flow`).
+        let flows: [(&str, &str, u64); 3] = [
+            (
+                "reuseport_bpf_flow_hit",
+                "UDP datagrams of flows the flow table knew, sent to the socket that serves them.",
+                counters.flow_hit,
+            ),
+            (
+                "reuseport_bpf_flow_miss",
+                "UDP datagrams of flows the flow table did not know: placed by the policy, then recorded.",
+                counters.flow_miss,
+            ),
+            (
+                "reuseport_bpf_flow_full",
+                "New UDP flows recorded in a full flow table (each evicted the least recently used flow).",
+                counters.flow_full,
+            ),
+        ];
+        for (name, help, v) in flows {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(m)?;
+        }
         let drops = crate::sys::drop_counters();
         for (name, key, help) in [
             (

@@ -259,6 +259,7 @@ impl Server {
             restarts: BTreeMap::new(),
             given_up: Vec::new(),
             rejoin_failures: 0,
+            drain_timeout: options.limits.drain_timeout,
         };
         let slots: Vec<u32> = supervisor.group.members().iter().map(|m| m.slot).collect();
         for slot in slots {
@@ -416,6 +417,50 @@ struct Running {
     handle: WorkerHandle,
     stop: CancellationToken,
     draining: bool,
+    /// A draining UDP worker that still serves its flows.
+    linger: Option<Linger>,
+}
+
+/// A draining UDP worker that keeps its socket in the socket map so that
+/// the datagrams of its flows (the flow table's, or cookies') still reach
+/// it: it closes once it has received nothing for the flow timeout (its
+/// flows are idle, and the table no longer sends them here), or at the
+/// drain deadline.
+struct Linger {
+    since: Instant,
+    /// Datagrams received when last looked at, and since when unchanged.
+    received: u64,
+    quiet_since: Instant,
+    idle: Duration,
+}
+
+impl Linger {
+    fn new(idle: Duration, received: u64) -> Self {
+        let now = Instant::now();
+        Linger {
+            since: now,
+            received,
+            quiet_since: now,
+            idle,
+        }
+    }
+
+    /// Why to close now, if it is time: the flows went idle, or the
+    /// deadline passed.
+    fn over(&mut self, received: u64, deadline: Duration) -> Option<&'static str> {
+        let now = Instant::now();
+        if received != self.received {
+            self.received = received;
+            self.quiet_since = now;
+        }
+        if now.duration_since(self.quiet_since) >= self.idle {
+            Some("its flows are idle")
+        } else if now.duration_since(self.since) >= deadline {
+            Some("the drain timeout passed")
+        } else {
+            None
+        }
+    }
 }
 
 struct Supervisor {
@@ -429,6 +474,8 @@ struct Supervisor {
     /// Failed attempts to re-join a group's new generation (a joined
     /// process whose group was taken over).
     rejoin_failures: u32,
+    /// How long a draining UDP worker may serve its flows at most.
+    drain_timeout: Duration,
 }
 
 impl Supervisor {
@@ -466,6 +513,7 @@ impl Supervisor {
                 handle,
                 stop,
                 draining: false,
+                linger: None,
             },
         );
         Ok(())
@@ -552,13 +600,35 @@ impl Supervisor {
         let records = region.snapshot();
         // Drains asked for (`ctl drain`, or a successor took over): stop
         // accepting and close the listener, whose queue then moves to the
-        // live members; open connections finish.
+        // live members; open connections finish. A UDP worker with a flow
+        // timeout serves its flows until they are idle first.
+        let linger = self.udp_flow_timeout();
         for (slot, run) in self.workers.iter_mut() {
             if records[*slot as usize].state == crate::slots::DRAINING && !run.draining {
                 run.draining = true;
-                run.stop.cancel();
-                self.group.remove_member(*slot);
-                info!("worker {slot}: draining (no new connections; closes after its open ones)");
+                if let Some(idle) = linger {
+                    let received = run.handle.stats.accepted.load(Ordering::Relaxed);
+                    run.linger = Some(Linger::new(idle, received));
+                    info!(
+                        "worker {slot}: draining (no new flows; it serves its flows until they have been idle for {idle:?}, at most {:?})",
+                        self.drain_timeout
+                    );
+                } else {
+                    run.stop.cancel();
+                    self.group.remove_member(*slot);
+                    info!(
+                        "worker {slot}: draining (no new connections; closes after its open ones)"
+                    );
+                }
+            }
+            if let Some(l) = run.linger.as_mut() {
+                let received = run.handle.stats.accepted.load(Ordering::Relaxed);
+                if let Some(why) = l.over(received, self.drain_timeout) {
+                    run.linger = None;
+                    run.stop.cancel();
+                    self.group.remove_member(*slot);
+                    info!("worker {slot}: {why}: closing its socket");
+                }
             }
         }
         // Workers that have finished: drained, or dead.
@@ -660,6 +730,23 @@ impl Supervisor {
             }));
         }
         Ok(None)
+    }
+
+    /// A UDP group's flow timeout, if it has a flow table (a program and a
+    /// timeout): how long a draining worker's flows may stay silent.
+    fn udp_flow_timeout(&self) -> Option<Duration> {
+        if self.group.proto() != Proto::Udp {
+            return None;
+        }
+        let steering = self.group.steering()?;
+        let s = lock(&steering);
+        // The group's record, not `has_program`: a joined process steers
+        // with its owner's program.
+        if s.maps().group_info().ok()?.flags & reuseport_common::group_flag::PROGRAM == 0 {
+            return None;
+        }
+        let ms = s.maps().config().ok()?.flow_timeout_ms;
+        (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
     }
 
     /// Starts a new worker in `slot` after one died there, unless workers
