@@ -212,9 +212,9 @@ pub struct RunArgs {
 
     /// UDP: flows the flow table remembers at once (each keeps the worker
     /// that served it through drains and takeovers); past it, each new flow
-    /// evicts the least recently used one. A takeover keeps the old table.
-    #[arg(long, default_value_t = reuseport_common::flow::DEFAULT_TABLE_SIZE,
-          value_parser = clap::value_parser!(u32).range(1..))]
+    /// evicts the least recently used one; 0: no flow table (datagrams are
+    /// placed one by one). A takeover keeps the old table.
+    #[arg(long, default_value_t = reuseport_common::flow::DEFAULT_TABLE_SIZE)]
     pub flow_table_size: u32,
 
     /// UDP: how long a flow may stay silent and keep its worker (e.g. 30s);

@@ -92,12 +92,18 @@ pub fn render(now: &Status, previous: Option<(&Status, f64)>) -> String {
         "program: fallback {}, dropped {}, empty slot {}, key unreadable {}, short payload {}, migrated {}",
         c.fallback, c.dropped, c.empty_slot, c.key_unreadable, c.short_payload, c.migrated
     );
-    if now.proto == reuseport::Proto::Udp && now.steered {
-        let _ = writeln!(
-            out,
-            "flow table: hit {}, miss {}, full {}",
-            c.flow_hit, c.flow_miss, c.flow_full
-        );
-    }
+    // The UDP stages: cookies, flow table, QUIC (zero on other groups).
+    let _ = writeln!(
+        out,
+        "udp: cookie ok {}, bad {}, old {}; flow hit {}, miss {}, full {}; quic initial {}, unreadable {}",
+        c.cookie_ok,
+        c.cookie_bad,
+        c.cookie_old,
+        c.flow_hit,
+        c.flow_miss,
+        c.flow_full,
+        c.quic_initial,
+        c.quic_unreadable
+    );
     out
 }

@@ -3,8 +3,10 @@
 //! worker drained, added, or a takeover's new generation serving).
 //!
 //! For every UDP datagram, under any policy but `kernel` and with a key
-//! that carries no [`cookie`](crate::cookie), the program looks the flow
-//! (its [`FlowKey`]) up in [`map::FLOWS`](crate::map::FLOWS):
+//! that does not name the flow itself (a [`cookie`](crate::cookie) key, or
+//! a payload key of a hashing policy; see
+//! [`Config::flow_table_on`](crate::Config::flow_table_on)), the program
+//! looks the flow (its [`FlowKey`]) up in [`map::FLOWS`](crate::map::FLOWS):
 //! - **hit**: the entry is younger than [`Config::flow_timeout_ms`](crate::Config::flow_timeout_ms),
 //!   its slot's socket is still the one it names (the same
 //!   [`WorkerRecord::generation`](crate::WorkerRecord::generation)) and is

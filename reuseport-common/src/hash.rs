@@ -111,6 +111,17 @@ pub fn hash_payload(seed: u32, bytes: &[u8; 16]) -> u32 {
     Murmur3::new(seed).bytes16(bytes).finish()
 }
 
+/// The `quic` key's hash: the first 8 bytes of a QUIC destination
+/// connection ID (every Initial's is at least 8 bytes long, RFC 9000
+/// section 7.2), as two little-endian words: `MurmurHash3_x86_32(dcid, 8, seed)`.
+#[inline(always)]
+pub fn hash_dcid(seed: u32, dcid: &[u8; 8]) -> u32 {
+    Murmur3::new(seed)
+        .word(u32::from_le_bytes([dcid[0], dcid[1], dcid[2], dcid[3]]))
+        .word(u32::from_le_bytes([dcid[4], dcid[5], dcid[6], dcid[7]]))
+        .finish()
+}
+
 /// MurmurHash3 x86_32 of a `u32` (as 4 little-endian bytes) with `seed`.
 #[inline(always)]
 pub fn hash_u32(seed: u32, value: u32) -> u32 {
@@ -169,6 +180,7 @@ mod tests {
                 reference(seed, b"0123456789abcdef")
             );
             assert_eq!(hash_u32(seed, 42), reference(seed, &42u32.to_le_bytes()));
+            assert_eq!(hash_dcid(seed, b"quic-cid"), reference(seed, b"quic-cid"));
         }
     }
 

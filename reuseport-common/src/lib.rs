@@ -243,8 +243,9 @@ pub mod counter {
     pub const FALLBACK: u32 = MAX_WORKERS;
     /// The program returned `SK_DROP`: the SYN or datagram was dropped.
     pub const DROPPED: u32 = MAX_WORKERS + 1;
-    /// A slot the policy picked held no socket (worker gone); the program
-    /// moved on to other live slots (at most [`PROBES`](crate::PROBES)).
+    /// A slot the policy (or the flow table, for a flow it knew) picked
+    /// held no socket (worker gone); the program moved on to other live
+    /// slots (at most [`PROBES`](crate::PROBES)), or to the policy.
     pub const EMPTY_SLOT: u32 = MAX_WORKERS + 2;
     /// The packet's addresses or ports could not be read; the kernel's flow
     /// hash of the 4-tuple was used as the key instead.
@@ -381,6 +382,31 @@ impl Config {
         cpu_rows: [CpuRow { start: 0, len: 0 }; MAX_CPUS as usize],
         cpu_slots: [0; MAX_WORKERS as usize],
     };
+
+    /// Whether the program consults the [flow table](flow): a UDP group
+    /// (a flow timeout) with a table (a size), under a key that does not
+    /// name the flow itself: not a cookie key, and not a payload key of a
+    /// hashing policy (the session in the payload is then the flow, which
+    /// a 4-tuple would contradict: one socket may carry many sessions).
+    #[inline(always)]
+    pub fn flow_table_on(&self) -> bool {
+        let hashes = self.policy == policy::HASH || self.policy == policy::CONSISTENT;
+        self.flow_timeout_ms != 0
+            && self.flow_table_size != 0
+            && self.policy != policy::NONE
+            && self.key != key::COOKIE
+            && self.key != key::QUIC
+            && !(hashes && self.key == key::PAYLOAD)
+    }
+
+    /// Whether a drained UDP socket has flows to finish: those of the
+    /// flow table or those its cookies name. It then stays in the socket
+    /// map while it drains, and a takeover carries it over, draining.
+    #[inline(always)]
+    pub fn keeps_flows(&self) -> bool {
+        self.flow_timeout_ms != 0
+            && (self.flow_table_on() || self.key == key::COOKIE || self.key == key::QUIC)
+    }
 
     /// The live slot at position `x` modulo the number of live slots.
     #[inline(always)]
@@ -645,6 +671,29 @@ mod tests {
             ),
             (7, 53504, 131072, 128, 56, 1024, 1040)
         );
+    }
+
+    #[test]
+    fn the_flow_table_is_off_where_the_key_names_the_flow() {
+        let mut c = Config::EMPTY;
+        c.policy = policy::ROUND_ROBIN;
+        c.key = key::PAYLOAD;
+        assert!(!c.flow_table_on() && !c.keeps_flows(), "TCP: no timeout");
+        c.flow_timeout_ms = 30_000;
+        c.flow_table_size = 8;
+        assert!(c.flow_table_on(), "a payload key that round robin ignores");
+        c.policy = policy::HASH;
+        assert!(!c.flow_table_on() && !c.keeps_flows(), "the payload names it");
+        c.key = key::SRC_IP;
+        assert!(c.flow_table_on() && c.keeps_flows());
+        c.key = key::QUIC;
+        assert!(!c.flow_table_on() && c.keeps_flows(), "cookies name it");
+        c.key = key::SRC_IP;
+        c.flow_table_size = 0;
+        assert!(!c.flow_table_on() && !c.keeps_flows(), "no table");
+        c.flow_table_size = 8;
+        c.policy = policy::NONE;
+        assert!(!c.flow_table_on(), "the kernel policy");
     }
 
     #[test]

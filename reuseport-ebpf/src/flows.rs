@@ -13,7 +13,7 @@ use reuseport_common::{
     counter,
     flow::{fresh, FlowEntry, FlowKey},
     hash::v4_mapped,
-    key, policy, Config, Counters, State,
+    Config, Counters, State,
 };
 
 use crate::{add, l4_ports, load, select, ETH_P_IPV6_BE, ETH_P_IP_BE, IPPROTO_UDP, WORKERS};
@@ -49,12 +49,7 @@ pub(crate) fn lookup(
     cfg: &Config,
     counters: Option<*mut Counters>,
 ) -> Flow {
-    if cfg.flow_timeout_ms == 0
-        || cfg.policy == policy::NONE
-        || cfg.key == key::COOKIE
-        || cfg.key == key::QUIC
-        || ctx.ip_protocol() != IPPROTO_UDP
-    {
+    if !cfg.flow_table_on() || ctx.ip_protocol() != IPPROTO_UDP {
         return Flow::Off;
     }
     let Some(key) = flow_key(ctx) else {
@@ -81,14 +76,18 @@ pub(crate) fn lookup(
     };
     // Its socket still there, the same one (not a later worker's in the
     // same slot): draining or serving, it gets the datagram.
-    if fresh(seen, now, cfg.flow_timeout_ms)
-        && generation_of(slot) == Some(generation)
-        && select(ctx, cfg, slot).is_ok()
-    {
-        // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*entry).last_seen_ns), now) };
-        add(counters, counter::FLOW_HIT);
-        return Flow::Hit(slot);
+    if fresh(seen, now, cfg.flow_timeout_ms) && generation_of(slot) == Some(generation) {
+        if select(ctx, cfg, slot).is_ok() {
+            // SAFETY: as above.
+            unsafe {
+                core::ptr::write_volatile(core::ptr::addr_of_mut!((*entry).last_seen_ns), now)
+            };
+            add(counters, counter::FLOW_HIT);
+            return Flow::Hit(slot);
+        }
+        // Its worker is gone (a fault hook emptied the slot): the policy
+        // places the flow anew.
+        add(counters, counter::EMPTY_SLOT);
     }
     add(counters, counter::FLOW_MISS);
     Flow::Miss {

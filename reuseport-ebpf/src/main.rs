@@ -36,8 +36,8 @@ use aya_log_ebpf::trace;
 
 mod flows;
 use reuseport_common::{
-    counter,
-    hash::{hash_four_tuple, hash_payload, hash_src_ip, v4_mapped},
+    cookie, counter,
+    hash::{hash_dcid, hash_four_tuple, hash_payload, hash_src_ip, v4_mapped},
     key, policy, Config, Counters, GroupInfo, Layout, State, Table, WorkerRecord,
     LEAST_LOADED_CHOICES, MAX_WORKERS, PROBES, TABLE_CAPACITY,
 };
@@ -129,6 +129,11 @@ fn try_steer(ctx: &SkReuseportContext, counters: Option<*mut Counters>) -> Resul
     // only the generation not in force, then flips `active`.
     let generation = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
     let cfg: &Config = unsafe { &(*state).config[generation as usize] };
+    // A flow the server already named (a cookie it minted) goes to its
+    // socket, whatever the policy.
+    if let Some(slot) = cookie_slot(ctx, cfg, counters) {
+        return Ok(slot);
+    }
     // A UDP flow the flow table knows keeps its socket; a new one is
     // recorded where the policy puts it.
     let flow = flows::lookup(ctx, cfg, counters);
@@ -348,6 +353,9 @@ fn key_hash(ctx: &SkReuseportContext, cfg: &Config) -> Result<u32, ()> {
         key::SRC_IP => src_ip_hash(ctx, cfg),
         key::FOUR_TUPLE => addr_hash(ctx, cfg),
         key::PAYLOAD => payload_hash(ctx, cfg),
+        key::QUIC => quic_dcid_hash(ctx, cfg),
+        // `cookie`: a datagram without a valid cookie is a new flow, placed
+        // on the kernel's flow hash (below).
         // `flow`, and any key this program does not know: the kernel's.
         _ => None,
     };
@@ -487,6 +495,195 @@ fn payload_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
     // SAFETY: initialised above; any bytes are a valid [u8; 16].
     let bytes: [u8; 16] = unsafe { core::mem::transmute(buf.assume_init()) };
     Some(hash_payload(cfg.seed, &bytes))
+}
+
+// ---------------------------------------------------------------------
+// Cookies and QUIC (keys `cookie:OFFSET` and `quic`; see
+// `reuseport_common::cookie`).
+
+/// QUIC version 1 (RFC 9000) and version 2 (RFC 9369): the two whose long
+/// header packet types the program knows.
+const QUIC_V1: u32 = 0x0000_0001;
+const QUIC_V2: u32 = 0x6b33_43cf;
+/// Smallest datagram with a cookie in a QUIC header: a short header's
+/// first byte and 8 bytes of destination connection ID.
+const QUIC_MIN_SHORT: u32 = 1 + cookie::LEN as u32;
+/// A long header: first byte, version (4), DCID length (1), then the DCID.
+const QUIC_LONG_DCID_AT: u32 = 6;
+
+/// Where a QUIC datagram's server-minted cookie may be.
+enum Quic {
+    /// A short header, or a long header the client sends once it has the
+    /// server's connection ID (Handshake): the first 8 bytes of its DCID
+    /// must be one of our cookies.
+    Cookie([u8; cookie::LEN]),
+    /// Initial or 0-RTT: the DCID is the client's own choice until the
+    /// server's first answer, the server's (a cookie) after it.
+    Initial([u8; cookie::LEN]),
+}
+
+/// The slot whose socket the datagram's cookie names, if the group's key
+/// carries cookies and this one is valid and names a socket that still
+/// serves in that slot; the datagram is then selected there (the caller
+/// counts the selection). `None`: the policy places the datagram (and
+/// why is counted: `COOKIE_BAD`, `COOKIE_OLD`, `QUIC_INITIAL`,
+/// `QUIC_UNREADABLE`).
+#[inline(always)]
+fn cookie_slot(
+    ctx: &SkReuseportContext,
+    cfg: &Config,
+    counters: Option<*mut Counters>,
+) -> Option<u32> {
+    let (bytes, initial) = match cfg.key {
+        key::COOKIE => (payload_cookie(ctx, cfg, counters)?, false),
+        key::QUIC => match quic_header(ctx, counters)? {
+            Quic::Cookie(b) => (b, false),
+            Quic::Initial(b) => (b, true),
+        },
+        _ => return None,
+    };
+    let Some(c) = cookie::read(cfg.cookie_secret, &bytes) else {
+        // A client's own connection ID is no cookie: a new connection.
+        add(
+            counters,
+            if initial {
+                counter::QUIC_INITIAL
+            } else {
+                counter::COOKIE_BAD
+            },
+        );
+        return None;
+    };
+    let slot = u32::from(c.slot);
+    // The check held, so a server of this group minted it, for a slot
+    // below MAX_WORKERS; the map lookup bounds it anyway.
+    let Some(rec) = WORKERS.get_ptr(slot) else {
+        add(counters, counter::COOKIE_BAD);
+        return None;
+    };
+    // SAFETY: a map value, valid while the map exists; an aligned 4-byte
+    // load is atomic. User space raises the generation before it puts a
+    // new socket in the slot.
+    let now = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rec).generation)) };
+    if now != u32::from(c.generation) || SOCKETS.select_reuseport(ctx, slot).is_err() {
+        // The socket the cookie was minted for is gone (the slot is empty
+        // or holds a newer socket): its flow cannot be served any more,
+        // and the policy treats the datagram as new.
+        add(counters, counter::COOKIE_OLD);
+        return None;
+    }
+    add(counters, counter::COOKIE_OK);
+    Some(slot)
+}
+
+/// `cookie:OFFSET`: the cookie bytes at `payload_offset` of a UDP payload.
+#[inline(always)]
+fn payload_cookie(
+    ctx: &SkReuseportContext,
+    cfg: &Config,
+    counters: Option<*mut Counters>,
+) -> Option<[u8; cookie::LEN]> {
+    let start = UDP_HEADER_LEN.checked_add(cfg.payload_offset)?;
+    if ctx.ip_protocol() != IPPROTO_UDP
+        || (ctx.len() as u32) < start.checked_add(cookie::LEN as u32)?
+    {
+        add(counters, counter::SHORT_PAYLOAD);
+        return None;
+    }
+    let b = load_l4(ctx, start);
+    if b.is_none() {
+        add(counters, counter::SHORT_PAYLOAD);
+    }
+    b
+}
+
+/// Reads what steering needs from a QUIC header (the invariants of RFC
+/// 8999, and the long header types of versions 1 and 2). `None` for a
+/// datagram to place by the policy without a cookie, counted
+/// `QUIC_UNREADABLE`: too short, a version negotiation packet, a version
+/// this program does not know, a Retry (a server's packet), or a long
+/// header whose DCID is shorter than a cookie.
+#[inline(always)]
+fn quic_header(ctx: &SkReuseportContext, counters: Option<*mut Counters>) -> Option<Quic> {
+    let unreadable = || {
+        add(counters, counter::QUIC_UNREADABLE);
+        None
+    };
+    let len = ctx.len() as u32;
+    if ctx.ip_protocol() != IPPROTO_UDP || len < UDP_HEADER_LEN + QUIC_MIN_SHORT {
+        return unreadable();
+    }
+    // A short header is at least as long as the 6 bytes read here.
+    let Some(h) = load_l4::<6>(ctx, UDP_HEADER_LEN) else {
+        return unreadable();
+    };
+    if h[0] & 0x80 == 0 {
+        // Short header: the DCID, of the length the server chose, right
+        // after the first byte; ours start with the cookie.
+        return match load_l4(ctx, UDP_HEADER_LEN + 1) {
+            Some(b) => Some(Quic::Cookie(b)),
+            None => unreadable(),
+        };
+    }
+    let version = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+    // Long packet type (RFC 9000 17.2, RFC 9369 3.2): 0 Initial, 1 0-RTT,
+    // 2 Handshake, 3 Retry in version 1; version 2 rotates them by one.
+    let bits = (h[0] >> 4) & 3;
+    let ty = match version {
+        QUIC_V1 => bits,
+        QUIC_V2 => bits.wrapping_sub(1) & 3,
+        // 0 is version negotiation (sent by servers, not clients); any
+        // other version's types are unknown: the server will answer with
+        // version negotiation, whichever worker gets it.
+        _ => return unreadable(),
+    };
+    if h[5] < cookie::LEN as u8 || len < UDP_HEADER_LEN + QUIC_LONG_DCID_AT + cookie::LEN as u32 {
+        return unreadable();
+    }
+    let Some(dcid) = load_l4(ctx, UDP_HEADER_LEN + QUIC_LONG_DCID_AT) else {
+        return unreadable();
+    };
+    match ty {
+        0 | 1 => Some(Quic::Initial(dcid)),
+        2 => Some(Quic::Cookie(dcid)),
+        _ => unreadable(),
+    }
+}
+
+/// The `quic` key's hash for the policy: the first 8 bytes of the DCID
+/// ([`hash_dcid`]), so that every packet of one handshake (the client's
+/// Initials with its own DCID, retransmissions, 0-RTT) reaches the same
+/// worker whatever its source port. `None` (the kernel's flow hash) where
+/// there is no such DCID; [`quic_header`] has counted it.
+#[inline(always)]
+fn quic_dcid_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
+    let len = ctx.len() as u32;
+    if ctx.ip_protocol() != IPPROTO_UDP || len < UDP_HEADER_LEN + QUIC_MIN_SHORT {
+        return None;
+    }
+    let h = load_l4::<6>(ctx, UDP_HEADER_LEN)?;
+    let at = if h[0] & 0x80 == 0 {
+        1
+    } else {
+        if h[5] < cookie::LEN as u8 || len < UDP_HEADER_LEN + QUIC_LONG_DCID_AT + cookie::LEN as u32
+        {
+            return None;
+        }
+        QUIC_LONG_DCID_AT
+    };
+    Some(hash_dcid(cfg.seed, &load_l4(ctx, UDP_HEADER_LEN + at)?))
+}
+
+/// `N` bytes at `offset` from the start of the L4 header, or `None`;
+/// not counted (the callers count what it means).
+#[inline(always)]
+fn load_l4<const N: usize>(ctx: &SkReuseportContext, offset: u32) -> Option<[u8; N]> {
+    let mut buf = MaybeUninit::<[u8; N]>::uninit();
+    // SAFETY: the helper writes at most `N` bytes into `buf`.
+    let ret =
+        unsafe { bpf_skb_load_bytes(ctx.as_ptr(), offset, buf.as_mut_ptr().cast(), N as u32) };
+    // SAFETY: on success the helper filled all `N` bytes.
+    (ret == 0).then(|| unsafe { buf.assume_init() })
 }
 
 /// Adds one to counter `index` of this CPU's record (`counters`, looked up

@@ -416,6 +416,24 @@ impl Group {
         WorkerStats::new(self.workers.clone(), slot)
     }
 
+    /// The cookie minter of the socket in `slot` now: the group's cookie
+    /// secret, the slot and its socket's generation (see
+    /// [`crate::cookie`]). A group without maps has secret 0: its cookies
+    /// steer nothing.
+    pub fn cookie_minter(&self, slot: u32) -> Result<crate::cookie::Minter> {
+        let secret = match &self.steering {
+            Some(s) => lock(s).maps().config()?.cookie_secret,
+            None => 0,
+        };
+        let generation = self
+            .workers
+            .slot(slot)
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        // Kept within 16 bits by `WorkerCounters::next_generation`.
+        Ok(crate::cookie::Minter::new(secret, slot, generation as u16))
+    }
+
     /// The program's counters (all zero when no program is attached).
     pub fn bpf_counters(&self) -> Result<BpfCounters> {
         self.handle().counters()
@@ -845,8 +863,10 @@ impl GroupBuilder {
 
     /// UDP: how many flows the flow table remembers at once (default
     /// 65,536); past that, each new flow evicts the least recently used
-    /// one. Fixed when the group is made; a takeover keeps its
-    /// predecessor's table. See `reuseport_common::flow`.
+    /// one; 0: no flow table (datagrams are placed one by one, and a
+    /// drained worker closes at once). Fixed when the group is made; a
+    /// takeover keeps its predecessor's table. See
+    /// `reuseport_common::flow`.
     pub fn flow_table_size(mut self, flows: u32) -> Self {
         self.flow_table_size = flows;
         self
@@ -883,19 +903,13 @@ impl GroupBuilder {
                 reuse: None,
             });
         }
-        if self.flow_table_size == 0 {
-            return Err(Error::io(
-                "the flow table",
-                std::io::Error::other("--flow-table-size must be at least 1"),
-            ));
-        }
         if let (Some(old), true) = (old, keeps_flows) {
             let pin = old
                 .maps()
                 .pin_dir()
                 .map(|d| d.join(reuseport_common::map::FLOWS));
             if let Some(pin) = pin.filter(|p| p.exists()) {
-                let size = old.maps().config()?.flow_table_size.max(1);
+                let size = old.maps().config()?.flow_table_size;
                 if size != self.flow_table_size {
                     info!("the takeover keeps the group's flow table ({size} flows), whatever its own size");
                 }
@@ -960,7 +974,7 @@ impl GroupBuilder {
         // too, draining, so that its flows keep them (see `takeover`).
         let keeps_flows = match (&old, &old_info) {
             (Some(old), Some(info)) => {
-                control::addr_of(info).1 == Proto::Udp && old.maps().config()?.flow_timeout_ms > 0
+                control::addr_of(info).1 == Proto::Udp && old.maps().config()?.keeps_flows()
             }
             _ => false,
         };
@@ -1004,6 +1018,11 @@ impl GroupBuilder {
             plan.config.flow_timeout_ms =
                 u32::try_from(self.flow_timeout.as_millis().max(1)).unwrap_or(u32::MAX);
             plan.config.flow_table_size = flows.size;
+        }
+        if let Some(old) = &old {
+            // The old generation's cookies stay valid: flows its sockets
+            // serve (and their clients' cookies) carry on in ours.
+            plan.config.cookie_secret = old.maps().config()?.cookie_secret;
         }
         if with_program {
             sys::check_bpf_privilege("loading the steering program")?;

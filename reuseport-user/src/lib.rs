@@ -11,7 +11,8 @@
 //! its options, the handler's [`Conn`] and [`WorkerInfo`], [`Control`] for
 //! a running group seen from another process (and [`Control::cleanup`] for
 //! dead ones), [`SlotState`], [`Error`]), and the modules [`server`]
-//! (signals) and [`echo`] (the echo service). The modules behind them are
+//! (signals), [`echo`] (the echo service) and [`cookie`] (cookies a UDP
+//! server mints to keep its flows on their worker). The modules behind them are
 //! internal: reachable only for the `reuseport-cli` crate's benchmark and
 //! this workspace's tests, hidden from the documentation (or private), and
 //! may change in any release. They form a stack; each layer uses only
@@ -130,6 +131,7 @@
 pub mod balance;
 #[doc(hidden)]
 pub mod control;
+pub mod cookie;
 mod datagram;
 pub mod echo;
 #[doc(hidden)]
@@ -171,7 +173,7 @@ pub use maps::BpfCounters;
 pub use policy::{HashKey, ParseError, Policy, PolicyError, PolicyKind};
 pub use proto::Proto;
 pub use reuseport_common::WorkerRecord;
-pub use server::{ServeOptions, Server};
+pub use server::{FlowCounter, OpenFlow, ServeOptions, Server, UdpWorker};
 pub use slots::SlotState;
 pub use sys::pin_current_thread;
 pub use worker::{Conn, DatagramHandler, Limits, WorkerInfo};

@@ -63,14 +63,26 @@ pub struct BpfCounters {
     pub short_payload: u64,
     /// Runs on the migration path.
     pub migrated: u64,
-    /// UDP datagrams of flows the flow table knew, sent to their socket.
+    /// Datagrams a valid cookie of the slot's current socket steered.
+    pub cookie_ok: u64,
+    /// Datagrams whose cookie bytes failed the check (new flows, or not
+    /// ours): placed by the policy.
+    pub cookie_bad: u64,
+    /// Datagrams with a valid cookie of a socket that is gone or was
+    /// replaced: placed by the policy.
+    pub cookie_old: u64,
+    /// Datagrams the flow table sent to their flow's socket.
     pub flow_hit: u64,
-    /// UDP datagrams of flows the flow table did not know (placed by the
-    /// policy, then recorded).
+    /// Datagrams of flows the flow table did not know.
     pub flow_miss: u64,
     /// New flows recorded in a full flow table (each evicted the least
     /// recently used flow), or not recorded at all.
     pub flow_full: u64,
+    /// QUIC Initial and 0-RTT packets placed by the policy.
+    pub quic_initial: u64,
+    /// Datagrams without a readable QUIC header (too short, malformed,
+    /// version negotiation, unknown version): placed by the policy.
+    pub quic_unreadable: u64,
 }
 
 impl BpfCounters {
@@ -186,6 +198,7 @@ impl WorkerCounters {
     /// false if the slot was given up or taken meanwhile.
     #[must_use]
     pub fn start_serving(&self, cpu: u32, pid: u32, kind: u32, fd: i32) -> bool {
+        self.next_generation();
         for c in [
             &self.accepted,
             &self.active,
@@ -213,9 +226,27 @@ impl WorkerCounters {
         self.cpu.store(from.cpu, Ordering::Relaxed);
         self.pid.store(from.pid, Ordering::Relaxed);
         self.pid_start.store(from.pid_start, Ordering::Relaxed);
-        self.generation.store(from.generation, Ordering::Relaxed);
+        // The same socket: the cookies minted for it stay valid.
+        self.generation.store(from.generation, Ordering::Release);
         self.set_member(from.kind, from.fd);
         slots::serve(&self.state)
+    }
+
+    /// Raises the generation of the slot's socket (wrapping within the
+    /// 16 bits a cookie carries, never 0): cookies minted for the slot's
+    /// previous socket no longer name this one. Returns the new generation.
+    pub fn next_generation(&self) -> u16 {
+        let mut next = 0;
+        let _ = self
+            .generation
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
+                next = match (g as u16).wrapping_add(1) {
+                    0 => 1,
+                    n => n,
+                };
+                Some(u32::from(next))
+            });
+        next
     }
 
     /// Counts that only grow: this record's become at least `from`'s.
@@ -253,6 +284,21 @@ impl WorkerCounters {
     pub fn set_member(&self, kind: u32, fd: i32) {
         self.fd.store(fd, Ordering::Relaxed);
         self.kind.store(kind, Ordering::Relaxed);
+    }
+}
+
+/// A random, non-zero cookie secret from the kernel's generator.
+fn random_secret() -> Result<u32> {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    loop {
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .map_err(|e| Error::io("reading /dev/urandom for the cookie secret", e))?;
+        // 0 means "none yet" (a new group's zeroed record).
+        if b != [0; 4] {
+            return Ok(u32::from_ne_bytes(b));
+        }
     }
 }
 
@@ -715,10 +761,19 @@ impl Maps {
             let current = self.current_plan()?;
             let plan = policy::rebuild(&current, &live)?;
             self.write(&plan)?;
-            // A UDP worker with a flow timeout keeps its socket in the map
-            // while it drains: its flows' datagrams still reach it (see
-            // `reuseport_common::flow`); it leaves once they are idle.
-            if current.config.flow_timeout_ms == 0 {
+            // A UDP worker with a flow timeout, or under a key whose
+            // datagrams carry cookies, keeps its socket in the map while it
+            // drains: out of the policy, it gets no new flows, but its
+            // flows' datagrams (the flow table's, or their cookies) still
+            // reach it (see `reuseport_common::flow`). Closing it empties
+            // the slot (the kernel detaches a closed socket from its
+            // REUSEPORT_SOCKARRAY).
+            if !current.config.keeps_flows()
+                && !matches!(
+                    current.config.key,
+                    reuseport_common::key::COOKIE | reuseport_common::key::QUIC
+                )
+            {
                 self.clear_slot(slot)?;
             }
         }
@@ -804,7 +859,8 @@ impl Maps {
         let _lock = self.lock()?;
         let live = slots::live_slots(&self.workers.snapshot());
         let current = self.current_plan()?;
-        let plan = next(&current, &live)?;
+        let mut plan = next(&current, &live)?;
+        plan.config.cookie_secret = self.cookie_secret(&plan.config)?;
         if plan == current {
             return Ok(());
         }
@@ -817,6 +873,8 @@ impl Maps {
         // still be reading that generation. Runs are RCU read-side sections
         // (socket lookup), so after a grace period none is left.
         wait_for_program_runs();
+        let mut config = plan.config;
+        config.cookie_secret = self.cookie_secret(&plan.config)?;
         let next = self.generation() ^ 1;
         if plan.table.len() > TABLE_CAPACITY as usize {
             return Err(Error::bpf(
@@ -833,10 +891,24 @@ impl Maps {
                 .half(base + 2 * i)
                 .store(slot as u16, Ordering::Relaxed);
         }
-        self.state.store(Self::config_offset(next), &plan.config);
+        self.state.store(Self::config_offset(next), &config);
         // Release: the writes above are visible before the flip.
         self.active().store(next, Ordering::Release);
         Ok(())
+    }
+
+    /// The cookie secret a plan is written with: the plan's own if it has
+    /// one (a takeover carries the old generation's), else the one in
+    /// force (plans are built from scratch, and the secret is the group's,
+    /// not the policy's), else, for a new group, a fresh random one.
+    fn cookie_secret(&self, next: &Config) -> Result<u32> {
+        if next.cookie_secret != 0 {
+            return Ok(next.cookie_secret);
+        }
+        match self.config()?.cookie_secret {
+            0 => random_secret(),
+            s => Ok(s),
+        }
     }
 
     /// Where generation `g`'s table is in the TABLE mapping.
@@ -945,9 +1017,14 @@ impl Maps {
         c.key_unreadable = read(counter::KEY_UNREADABLE)?;
         c.short_payload = read(counter::SHORT_PAYLOAD)?;
         c.migrated = read(counter::MIGRATED)?;
+        c.cookie_ok = read(counter::COOKIE_OK)?;
+        c.cookie_bad = read(counter::COOKIE_BAD)?;
+        c.cookie_old = read(counter::COOKIE_OLD)?;
         c.flow_hit = read(counter::FLOW_HIT)?;
         c.flow_miss = read(counter::FLOW_MISS)?;
         c.flow_full = read(counter::FLOW_FULL)?;
+        c.quic_initial = read(counter::QUIC_INITIAL)?;
+        c.quic_unreadable = read(counter::QUIC_UNREADABLE)?;
         Ok(c)
     }
 }

@@ -152,7 +152,7 @@ impl Collector for GroupCollector {
             let v = counters.selected.get(*slot as usize).copied().unwrap_or(0);
             ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
         }
-        let single: [(&str, &str, u64); 6] = [
+        let single: [(&str, &str, u64); 14] = [
             (
                 "reuseport_bpf_fallback",
                 "Program runs that left the choice to the kernel's reuseport hash.",
@@ -183,30 +183,50 @@ impl Collector for GroupCollector {
                 "Connections moved from a closing listener to a live one.",
                 counters.migrated,
             ),
-        ];
-        for (name, help, v) in single {
-            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            ConstCounter::new(v).encode(m)?;
-        }
-        // The UDP flow table (`reuseport_common::flow`).
-        let flows: [(&str, &str, u64); 3] = [
+            // The per-stage counters of cookie, flow-table and QUIC
+            // steering (UDP), as udpgrm exports its own.
+            (
+                "reuseport_bpf_cookie_ok",
+                "Datagrams a valid cookie steered to the socket that minted it.",
+                counters.cookie_ok,
+            ),
+            (
+                "reuseport_bpf_cookie_bad",
+                "Datagrams whose cookie failed its check (new flows): placed by the policy.",
+                counters.cookie_bad,
+            ),
+            (
+                "reuseport_bpf_cookie_old",
+                "Datagrams with a valid cookie of a socket that is gone or replaced: placed by the policy.",
+                counters.cookie_old,
+            ),
             (
                 "reuseport_bpf_flow_hit",
-                "UDP datagrams of flows the flow table knew, sent to the socket that serves them.",
+                "Datagrams the flow table sent to their flow's socket.",
                 counters.flow_hit,
             ),
             (
                 "reuseport_bpf_flow_miss",
-                "UDP datagrams of flows the flow table did not know: placed by the policy, then recorded.",
+                "Datagrams of flows the flow table did not know: placed by the policy.",
                 counters.flow_miss,
             ),
             (
                 "reuseport_bpf_flow_full",
-                "New UDP flows recorded in a full flow table (each evicted the least recently used flow).",
+                "New flows recorded in a full flow table (each evicted the least recently used flow), or not recorded.",
                 counters.flow_full,
             ),
+            (
+                "reuseport_bpf_quic_initial",
+                "QUIC Initial and 0-RTT packets placed by the policy (on a hash of their connection ID).",
+                counters.quic_initial,
+            ),
+            (
+                "reuseport_bpf_quic_unreadable",
+                "Datagrams without a readable QUIC header (short, malformed, version negotiation): placed by the policy.",
+                counters.quic_unreadable,
+            ),
         ];
-        for (name, help, v) in flows {
+        for (name, help, v) in single {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
         }

@@ -155,6 +155,20 @@ pub enum HashKey {
         /// Length in bytes.
         len: u8,
     },
+    /// UDP: a [`cookie`](crate::cookie) the server minted, at `offset` of
+    /// the payload, sends the datagram to the socket that minted it,
+    /// whatever the policy; a datagram without a valid one is a new flow,
+    /// placed by the policy (hashing policies use the kernel's flow hash).
+    Cookie {
+        /// Offset of the cookie in the payload.
+        offset: u16,
+    },
+    /// UDP: QUIC. Short headers and Handshake packets go by the cookie at
+    /// the start of the destination connection ID (which the server chose);
+    /// Initial and 0-RTT packets are placed by the policy (hashing policies
+    /// hash the first 8 bytes of the destination connection ID, so a
+    /// handshake stays on one worker).
+    Quic,
 }
 
 impl HashKey {
@@ -164,7 +178,23 @@ impl HashKey {
             HashKey::FourTuple => key::FOUR_TUPLE,
             HashKey::Flow => key::FLOW,
             HashKey::Payload { .. } => key::PAYLOAD,
+            HashKey::Cookie { .. } => key::COOKIE,
+            HashKey::Quic => key::QUIC,
         }
+    }
+
+    /// Whether the key steers by a cookie before any policy runs (and so
+    /// matters under every policy, not only the hashing ones).
+    pub fn carries_cookies(self) -> bool {
+        matches!(self, HashKey::Cookie { .. } | HashKey::Quic)
+    }
+
+    /// Whether the key reads the payload (so needs a UDP group).
+    pub fn reads_payload(self) -> bool {
+        matches!(
+            self,
+            HashKey::Payload { .. } | HashKey::Cookie { .. } | HashKey::Quic
+        )
     }
 }
 
@@ -175,6 +205,8 @@ impl fmt::Display for HashKey {
             HashKey::FourTuple => f.write_str("four-tuple"),
             HashKey::Flow => f.write_str("flow"),
             HashKey::Payload { offset, len } => write!(f, "payload:{offset}:{len}"),
+            HashKey::Cookie { offset } => write!(f, "cookie:{offset}"),
+            HashKey::Quic => f.write_str("quic"),
         }
     }
 }
@@ -187,14 +219,19 @@ impl FromStr for HashKey {
             "src-ip" => Ok(HashKey::SrcIp),
             "four-tuple" => Ok(HashKey::FourTuple),
             "flow" => Ok(HashKey::Flow),
+            "quic" => Ok(HashKey::Quic),
             _ => {
                 let bad = || {
                     ParseError {
                     message: format!(
-                        "unknown hash key `{s}`: use src-ip, four-tuple, flow or payload:OFFSET:LEN (LEN 1 to 16)"
+                        "unknown hash key `{s}`: use src-ip, four-tuple, flow, payload:OFFSET:LEN (LEN 1 to 16), cookie:OFFSET or quic"
                     ),
                 }
                 };
+                if let Some(offset) = s.strip_prefix("cookie:") {
+                    let offset: u16 = offset.parse().map_err(|_| bad())?;
+                    return Ok(HashKey::Cookie { offset });
+                }
                 let rest = s.strip_prefix("payload:").ok_or_else(bad)?;
                 let (offset, len) = rest.split_once(':').ok_or_else(bad)?;
                 let offset: u16 = offset.parse().map_err(|_| bad())?;
@@ -238,6 +275,8 @@ impl fmt::Display for Policy {
         write!(f, "{}", self.kind)?;
         if self.kind.hashes() {
             write!(f, " (key {}, seed {})", self.key, self.seed)?;
+        } else if self.key.carries_cookies() && self.kind != PolicyKind::Kernel {
+            write!(f, " (key {})", self.key)?;
         }
         if self.kind == PolicyKind::Weighted {
             let w: Vec<String> = self.weights.iter().map(u32::to_string).collect();
@@ -267,7 +306,8 @@ pub enum PolicyError {
         /// The worker's slot.
         slot: u32,
     },
-    /// A payload key on a TCP group: a SYN carries no payload.
+    /// A payload, cookie or QUIC key on a TCP group: a SYN carries no
+    /// payload.
     #[error("hash key {0} needs a UDP group: a TCP SYN carries no payload")]
     PayloadKeyOnTcp(HashKey),
     /// The table could not be built.
@@ -333,6 +373,10 @@ pub fn policy_of(config: &Config) -> Policy {
             offset: config.payload_offset as u16,
             len: config.payload_len as u8,
         },
+        key::COOKIE => HashKey::Cookie {
+            offset: config.payload_offset as u16,
+        },
+        key::QUIC => HashKey::Quic,
         _ => HashKey::SrcIp,
     };
     let used = config
@@ -348,10 +392,14 @@ pub fn policy_of(config: &Config) -> Policy {
     }
 }
 
-/// Refuses a payload key on a TCP group.
+/// Refuses a key that reads the payload on a TCP group (a payload key
+/// under a hashing policy; a cookie or QUIC key under any policy, since
+/// they steer before the policy runs).
 pub fn check_key(policy: &Policy, proto: Proto) -> Result<(), PolicyError> {
-    match (policy.kind.hashes(), policy.key, proto) {
-        (true, key @ HashKey::Payload { .. }, Proto::Tcp) => Err(PolicyError::PayloadKeyOnTcp(key)),
+    let used =
+        policy.kind.hashes() || (policy.key.carries_cookies() && policy.kind != PolicyKind::Kernel);
+    match (used && policy.key.reads_payload(), proto) {
+        (true, Proto::Tcp) => Err(PolicyError::PayloadKeyOnTcp(policy.key)),
         _ => Ok(()),
     }
 }
@@ -403,10 +451,19 @@ fn plan_with(
         config.flow_timeout_ms = c.config.flow_timeout_ms;
         config.flow_table_size = c.config.flow_table_size;
     }
-    if let HashKey::Payload { offset, len } = policy.key {
-        config.payload_offset = offset.into();
-        config.payload_len = len.into();
+    match policy.key {
+        HashKey::Payload { offset, len } => {
+            config.payload_offset = offset.into();
+            config.payload_len = len.into();
+        }
+        HashKey::Cookie { offset } => {
+            config.payload_offset = offset.into();
+            config.payload_len = reuseport_common::cookie::LEN as u32;
+        }
+        _ => {}
     }
+    // The group's cookie secret is not the policy's: `Maps` keeps the one
+    // in force across every plan it writes.
     let mut table = vec![0u32; TABLE_CAPACITY as usize];
     match policy.kind {
         // With a program attached, "kernel" selects nothing: every run
@@ -489,6 +546,9 @@ mod tests {
             "flow",
             "payload:0:4",
             "payload:12:16",
+            "cookie:0",
+            "cookie:12",
+            "quic",
         ] {
             assert_eq!(s.parse::<HashKey>().unwrap().to_string(), s);
         }
@@ -498,6 +558,10 @@ mod tests {
             "payload:1:0",
             "payload:1:17",
             "payload:x:4",
+            "cookie:",
+            "cookie:x",
+            "cookie:1:2",
+            "quic:1",
         ] {
             assert!(bad.parse::<HashKey>().is_err(), "{bad}");
         }
@@ -571,6 +635,30 @@ mod tests {
         );
         assert_eq!(&p.config.live[..3], &[0, 1, 2]);
         assert!(p.table.is_empty());
+    }
+
+    #[test]
+    fn cookie_and_quic_keys_round_trip_and_need_udp() {
+        for key in [HashKey::Cookie { offset: 3 }, HashKey::Quic] {
+            for kind in [PolicyKind::Hash, PolicyKind::RoundRobin, PolicyKind::Cpu] {
+                let mut policy = Policy::new(kind);
+                policy.key = key;
+                let p = plan(&policy, &live(2)).unwrap();
+                assert_eq!(policy_of(&p.config), policy, "{key} under {kind}");
+                assert!(check_key(&policy, Proto::Udp).is_ok());
+                assert_eq!(
+                    check_key(&policy, Proto::Tcp),
+                    Err(PolicyError::PayloadKeyOnTcp(key)),
+                    "{key} under {kind} on TCP"
+                );
+            }
+        }
+        let mut policy = Policy::new(PolicyKind::RoundRobin);
+        policy.key = HashKey::Payload { offset: 0, len: 4 };
+        assert!(
+            check_key(&policy, Proto::Tcp).is_ok(),
+            "round-robin does not read a payload key"
+        );
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl Server {
                 on_fault,
             )
         });
-        Server::start(group, starter, options)
+        Server::start(group, starter, options, false)
     }
 
     /// Serves `group` (UDP) with `handler`: each worker answers the
@@ -175,7 +175,66 @@ impl Server {
                 on_fault,
             )
         });
-        Server::start(group, starter, options)
+        Server::start(group, starter, options, true)
+    }
+
+    /// Serves `group` (UDP) with a server of your own per worker, such as
+    /// a QUIC endpoint: on each worker's own thread (pinned, with a
+    /// current-thread runtime), `factory` is given the worker's
+    /// [`UdpWorker`] (its socket of the group, its cookie [`Minter`] and
+    /// its drain signal) and returns the future that serves it. The
+    /// worker ends when that future does; before
+    /// [`UdpWorker::until_drain`] fires, that counts as a fault and a new
+    /// worker takes the slot.
+    ///
+    /// On a drain (`reuseport ctl drain`, a shutdown) the worker is out of
+    /// the policy: no new flow reaches it. Under a cookie-carrying key
+    /// ([`HashKey::Cookie`](crate::HashKey::Cookie),
+    /// [`HashKey::Quic`](crate::HashKey::Quic)) its socket stays in the
+    /// socket map until the future returns, so that the flows it serves
+    /// (their cookies) still reach it: finish them, within
+    /// [`UdpWorker::drain_timeout`], then return.
+    ///
+    /// [`Minter`]: crate::cookie::Minter
+    pub fn start_udp_with<M, F>(group: Group, factory: M, options: ServeOptions) -> Result<Server>
+    where
+        M: Fn(UdpWorker) -> F + Send + Sync + 'static,
+        F: Future<Output = io::Result<()>> + 'static,
+    {
+        if group.proto() != Proto::Udp {
+            return Err(Error::io(
+                "serving a group",
+                io::Error::other("start_udp_with needs a UDP group"),
+            ));
+        }
+        let factory = Arc::new(factory);
+        let drain_timeout = options.limits.drain_timeout;
+        let starter: Starter = Arc::new(move |group: &Group, slot, stop, on_fault| {
+            let member = member(group, slot)?;
+            let info = WorkerInfo {
+                worker: slot,
+                cpu: member.cpu,
+            };
+            let worker = UdpWorker {
+                info,
+                socket: member.udp_socket()?,
+                // Read after the slot got this socket (and its generation).
+                minter: group.cookie_minter(slot)?,
+                drain_timeout,
+                stats: group.worker_stats(slot),
+                stop,
+            };
+            let factory = factory.clone();
+            worker::spawn_own(info, group.worker_stats(slot), on_fault, move || {
+                let fut = factory(worker);
+                async move {
+                    if let Err(e) = fut.await {
+                        error!("worker {}: {e}", info.worker);
+                    }
+                }
+            })
+        });
+        Server::start(group, starter, options, false)
     }
 
     /// Serves `group` with the echo service: every byte of a TCP
@@ -204,12 +263,21 @@ impl Server {
                         on_fault,
                     )
                 });
-                Server::start(group, starter, options)
+                Server::start(group, starter, options, true)
             }
         }
     }
 
-    fn start(group: Group, starter: Starter, options: ServeOptions) -> Result<Server> {
+    /// `lingers`: the workers are plain datagram loops, which the
+    /// supervisor keeps serving a drained worker's flows until they are
+    /// idle (a UDP group with a flow table); otherwise the worker's stop
+    /// token is its drain signal and it finishes its flows itself.
+    fn start(
+        group: Group,
+        starter: Starter,
+        options: ServeOptions,
+        lingers: bool,
+    ) -> Result<Server> {
         if let Err(e) = crate::signals::checkpoint("built") {
             let _ = group.close();
             return Err(e);
@@ -260,6 +328,7 @@ impl Server {
             given_up: Vec::new(),
             rejoin_failures: 0,
             drain_timeout: options.limits.drain_timeout,
+            lingers,
         };
         let slots: Vec<u32> = supervisor.group.members().iter().map(|m| m.slot).collect();
         for slot in slots {
@@ -405,6 +474,97 @@ impl Drop for Server {
     }
 }
 
+/// What a worker of [`Server::start_udp_with`] serves with.
+#[non_exhaustive]
+pub struct UdpWorker {
+    /// Who it is: its slot and CPU.
+    pub info: WorkerInfo,
+    /// Its own socket of the group (nonblocking not yet set): hand it to
+    /// your server (`quinn::Endpoint::new`, `tokio::net::UdpSocket::from_std`
+    /// after `set_nonblocking(true)`).
+    pub socket: std::net::UdpSocket,
+    /// Mints the cookies that steer datagrams back to this socket.
+    pub minter: crate::cookie::Minter,
+    /// How long its flows may take to finish once it drains.
+    pub drain_timeout: Duration,
+    stats: crate::maps::WorkerStats,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for UdpWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpWorker")
+            .field("info", &self.info)
+            .field("minter", &self.minter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpWorker {
+    /// Completes when the worker is to drain: take no new flows, finish
+    /// those it serves within [`UdpWorker::drain_timeout`], then return.
+    pub fn until_drain(&self) -> impl Future<Output = ()> + 'static {
+        let stop = self.stop.clone();
+        async move { stop.cancelled().await }
+    }
+
+    /// Whether the worker is asked to drain.
+    pub fn draining(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Counts a flow (a QUIC connection) the worker took on, in its record
+    /// (`accepted` and `open` in `reuseport stats`, and the metrics) until
+    /// the returned guard is dropped.
+    pub fn open_flow(&self) -> OpenFlow {
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        OpenFlow(self.stats.clone())
+    }
+
+    /// Adds `n` to the bytes the worker has served.
+    pub fn add_bytes(&self, n: u64) {
+        self.stats.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A handle that counts this worker's flows and bytes, for its tasks
+    /// (the [`UdpWorker`] itself gives up its socket).
+    pub fn counter(&self) -> FlowCounter {
+        FlowCounter(self.stats.clone())
+    }
+}
+
+/// Counts a worker's flows and bytes from any of its tasks
+/// ([`UdpWorker::counter`]).
+#[derive(Clone, Debug)]
+pub struct FlowCounter(crate::maps::WorkerStats);
+
+impl FlowCounter {
+    /// See [`UdpWorker::open_flow`].
+    pub fn open_flow(&self) -> OpenFlow {
+        self.0.accepted.fetch_add(1, Ordering::Relaxed);
+        self.0.active.fetch_add(1, Ordering::Relaxed);
+        OpenFlow(self.0.clone())
+    }
+
+    /// See [`UdpWorker::add_bytes`].
+    pub fn add_bytes(&self, n: u64) {
+        self.0.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// An open flow of a worker ([`UdpWorker::open_flow`]): counted open until
+/// dropped.
+#[derive(Debug)]
+pub struct OpenFlow(crate::maps::WorkerStats);
+
+impl Drop for OpenFlow {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.finish_one();
+    }
+}
+
 fn member(group: &Group, slot: u32) -> Result<&crate::group::Member> {
     group
         .members()
@@ -476,6 +636,8 @@ struct Supervisor {
     rejoin_failures: u32,
     /// How long a draining UDP worker may serve its flows at most.
     drain_timeout: Duration,
+    /// Whether a drained UDP worker lingers (see [`Server::start`]).
+    lingers: bool,
 }
 
 impl Supervisor {
@@ -735,7 +897,7 @@ impl Supervisor {
     /// A UDP group's flow timeout, if it has a flow table (a program and a
     /// timeout): how long a draining worker's flows may stay silent.
     fn udp_flow_timeout(&self) -> Option<Duration> {
-        if self.group.proto() != Proto::Udp {
+        if !self.lingers || self.group.proto() != Proto::Udp {
             return None;
         }
         let steering = self.group.steering()?;
@@ -745,8 +907,10 @@ impl Supervisor {
         if s.maps().group_info().ok()?.flags & reuseport_common::group_flag::PROGRAM == 0 {
             return None;
         }
-        let ms = s.maps().config().ok()?.flow_timeout_ms;
-        (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
+        let config = s.maps().config().ok()?;
+        config
+            .keeps_flows()
+            .then(|| Duration::from_millis(u64::from(config.flow_timeout_ms)))
     }
 
     /// Starts a new worker in `slot` after one died there, unless workers

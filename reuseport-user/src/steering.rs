@@ -104,6 +104,7 @@ impl Steering {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &level, true)
+            // An LRU map has at least one entry; a table of size 0 is off.
             .map_max_entries(reuseport_common::map::FLOWS, flows.size.max(1));
         if let Some(path) = &flows.reuse {
             // Opens the map pinned there (aya creates and pins one only if

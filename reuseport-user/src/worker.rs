@@ -240,6 +240,21 @@ pub fn spawn_udp<H: DatagramHandler>(
     })
 }
 
+/// Starts a worker thread that runs the future `make` returns (made on
+/// that thread, inside its runtime) until it ends.
+pub fn spawn_own<M, F>(
+    info: WorkerInfo,
+    stats: WorkerStats,
+    on_fault: OnFault,
+    make: M,
+) -> Result<WorkerHandle>
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    spawn_pinned(info, stats, on_fault, move || Ok(make()))
+}
+
 /// Runs `make`'s future on a new thread pinned to `info.cpu`, on a
 /// current-thread runtime of its own. `make` runs on that thread inside the
 /// runtime; its error is returned here.
