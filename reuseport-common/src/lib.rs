@@ -683,7 +683,10 @@ mod tests {
         c.flow_table_size = 8;
         assert!(c.flow_table_on(), "a payload key that round robin ignores");
         c.policy = policy::HASH;
-        assert!(!c.flow_table_on() && !c.keeps_flows(), "the payload names it");
+        assert!(
+            !c.flow_table_on() && !c.keeps_flows(),
+            "the payload names it"
+        );
         c.key = key::SRC_IP;
         assert!(c.flow_table_on() && c.keeps_flows());
         c.key = key::QUIC;
