@@ -186,7 +186,11 @@ pub struct RunArgs {
     /// What the hash policies (hash, consistent) hash: src-ip (client
     /// affinity), four-tuple (predictable), flow (the kernel's 4-tuple
     /// hash: cheapest, not predictable), or payload:OFFSET:LEN (UDP: LEN
-    /// bytes, 1 to 16, at OFFSET of the payload, e.g. a QUIC connection ID).
+    /// bytes, 1 to 16, at OFFSET of the payload). UDP keys that steer
+    /// before any policy: cookie:OFFSET (a datagram carrying a cookie its
+    /// server minted at OFFSET goes to that server's socket) and quic (the
+    /// cookie in a QUIC connection ID; Initial packets by the policy, on a
+    /// hash of their connection ID).
     #[arg(long, default_value = "src-ip")]
     pub hash_key: HashKey,
 
@@ -292,8 +296,8 @@ pub enum CtlAction {
         /// `weighted`: one weight per worker, in slot order [default: the current ones].
         #[arg(long)]
         weights: Option<Weights>,
-        /// Hash policies: src-ip, four-tuple, flow or payload:OFFSET:LEN
-        /// [default: the current key].
+        /// Hash policies: src-ip, four-tuple, flow or payload:OFFSET:LEN;
+        /// UDP, any policy: cookie:OFFSET or quic [default: the current key].
         #[arg(long)]
         hash_key: Option<HashKey>,
         /// Seed of the key hash [default: the current seed].

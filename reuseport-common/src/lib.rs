@@ -550,7 +550,7 @@ pub struct WorkerRecord {
     pub load: u64,
     /// The generation of the slot's socket: user space raises it (wrapping,
     /// never 0) whenever the slot is given a new socket. A
-    /// [`cookie`](crate::cookie) or flow entry of another generation no
+    /// [`cookie`] or flow entry of another generation no
     /// longer names this socket. Read by the program, written rarely: on
     /// the second cache line.
     pub generation: u32,

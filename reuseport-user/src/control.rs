@@ -418,6 +418,26 @@ impl Control {
         })
     }
 
+    /// The cookie minter of the socket in `slot` now (see
+    /// [`crate::cookie`]): for a server that runs its own sockets in the
+    /// group (`join`, `adopt`), or a client that tests the steering.
+    pub fn cookie_minter(&self, slot: u32) -> Result<crate::cookie::Minter> {
+        if slot >= reuseport_common::MAX_WORKERS {
+            return Err(Error::NotServing {
+                slot,
+                state: "out of range",
+            });
+        }
+        let secret = self.maps.config()?.cookie_secret;
+        let generation = self
+            .maps
+            .workers()
+            .slot(slot)
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        Ok(crate::cookie::Minter::new(secret, slot, generation as u16))
+    }
+
     /// Switches the running group to policy `kind`, keeping the key, seed
     /// and weights in force unless given. The merge reads the policy in
     /// force under the group's lock and writes the result in the same

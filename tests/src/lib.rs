@@ -18,6 +18,7 @@ use std::{
 };
 
 pub mod cluster;
+pub mod quic;
 
 use nix::{sched::CpuSet, unistd::Pid};
 use socket2::{Domain, Socket, Type};
