@@ -908,8 +908,11 @@ impl Supervisor {
             return None;
         }
         let config = s.maps().config().ok()?;
+        // Under a cookie key the datagram loop keeps no flows of its own
+        // (a cookie names the socket, and one of a closed socket counts
+        // old and goes by the policy): only the flow table's flows wait.
         config
-            .keeps_flows()
+            .flow_table_on()
             .then(|| Duration::from_millis(u64::from(config.flow_timeout_ms)))
     }
 
