@@ -417,3 +417,73 @@ fn a_flow_table_smaller_than_the_flows_counts_each_new_flow_that_evicts_one() {
     assert_eq!(code, 0);
     println!("{out}");
 }
+
+#[test]
+fn a_drained_worker_whose_flows_never_go_quiet_closes_at_the_drain_timeout() {
+    netns();
+    let server = Server::start(&[
+        "--proto",
+        "udp",
+        "--workers",
+        "2",
+        "--policy",
+        "round-robin",
+        "--flow-timeout",
+        "60s",
+        "--drain-timeout",
+        "2s",
+    ]);
+    let addr = server.addr;
+    let p = Processes::of(&[&server]);
+    let old = flows(4);
+    let placed = serve_all(&p, addr, &old, 0);
+    let drained = busiest(&placed);
+    let (code, out, err) = server.ctl(&["drain", &drained.to_string()]);
+    assert_eq!(code, 0, "ctl drain: {out}{err}");
+    let start = Instant::now();
+    // The drained worker's flows keep talking: it serves them until the
+    // deadline, then closes, and they go by the policy to the live worker.
+    let (mut kept, mut lost) = (0, 0);
+    let mut seq = 100;
+    while !server.stderr().contains("the drain timeout passed") {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the drained worker closes at its drain timeout:\n{}",
+            server.stderr()
+        );
+        for (i, s) in old.iter().enumerate() {
+            seq += 1;
+            match p.exchange(s, addr, seq) {
+                Ok(w) if w == placed[i] => kept += 1,
+                // The close came during this round: the flow went by the
+                // policy to the live worker.
+                Ok(w) => assert!(
+                    start.elapsed() >= Duration::from_millis(1_500),
+                    "flow {i} moved to {w:?} {:?} into a 2s drain",
+                    start.elapsed()
+                ),
+                // A datagram queued on the socket as it closes is lost
+                // with it: one per flow at most.
+                Err(_) => lost += 1,
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_500),
+        "served until its deadline (2s): closed after {took:?}"
+    );
+    assert!(
+        kept >= 3 * old.len(),
+        "its flows kept their workers until then ({kept} datagrams)"
+    );
+    assert!(lost <= old.len(), "{lost} datagrams lost at the close");
+    assert!(eventually_in_stderr(
+        &server,
+        &format!("worker {drained}: drained and closed"),
+        Duration::from_secs(5)
+    ));
+    let after = serve_all(&p, addr, &old, 10_000);
+    assert!(after.iter().all(|w| w.1 != drained), "{after:?}");
+}
