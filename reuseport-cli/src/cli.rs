@@ -214,6 +214,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "GROUP", conflicts_with = "group")]
     pub takeover: Option<String>,
 
+    /// UDP: flows the flow table remembers at once (each keeps the worker
+    /// that served it through drains and takeovers); past it, each new flow
+    /// evicts the least recently used one; 0: no flow table (datagrams are
+    /// placed one by one). A takeover keeps the old table.
+    #[arg(long, default_value_t = reuseport_common::flow::DEFAULT_TABLE_SIZE)]
+    pub flow_table_size: u32,
+
+    /// UDP: how long a flow may stay silent and keep its worker (e.g. 30s);
+    /// a draining UDP worker closes once it has received nothing for this
+    /// long, or at --drain-timeout.
+    #[arg(long, default_value = "30s", value_parser = flow_timeout)]
+    pub flow_timeout: Duration,
+
     /// Options of the serving process.
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -456,6 +469,16 @@ fn watch_stats(args: StatsArgs) -> Result<()> {
     }
 }
 
+/// A flow timeout: a duration from 1 ms to 49 days (the program keeps it
+/// in milliseconds, in 32 bits).
+fn flow_timeout(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) || d.as_millis() > u128::from(u32::MAX) {
+        return Err("a flow timeout is from 1ms to 49 days".into());
+    }
+    Ok(d)
+}
+
 fn run_group(a: RunArgs) -> Result<()> {
     let policy = match (a.policy, &a.takeover) {
         // Taking over without a policy: keep the old group's.
@@ -481,7 +504,9 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
         // for the pins, and queued connections handed on at close under
         // the kernel policy.
         .mount_bpffs(true)
-        .tcp_migrate_req(true);
+        .tcp_migrate_req(true)
+        .flow_table_size(a.flow_table_size)
+        .flow_timeout(a.flow_timeout);
     if let Some(n) = a.workers {
         builder = builder.workers(n);
     }

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod cookie;
+pub mod flow;
 pub mod hash;
 pub mod table;
 
@@ -88,6 +89,15 @@ pub mod map {
     /// of these maps the group was created with, so that another build
     /// refuses them instead of misreading them.
     pub const LAYOUT: &str = "LAYOUT";
+    /// `BPF_MAP_TYPE_LRU_HASH` from [`FlowKey`](crate::flow::FlowKey) (a
+    /// UDP datagram's addresses and ports) to
+    /// [`FlowEntry`](crate::flow::FlowEntry) (the slot and socket
+    /// generation that serve the flow, and when it was last seen): the
+    /// flow table of UDP groups (see [`flow`](crate::flow)). Its
+    /// `max_entries` is the group's flow-table size, set when it is
+    /// created; the kernel evicts the least recently used flow to make
+    /// room. A takeover reuses its predecessor's table.
+    pub const FLOWS: &str = "FLOWS";
 }
 
 /// The version of the pinned maps' layout (their records, sizes and
@@ -101,8 +111,10 @@ pub mod map {
 /// `least-loaded` load to the records' second cache line, made the counters
 /// one per-CPU record and sized the maps for 1,024 workers; layout 6 added
 /// the slots' socket generations, the cookie secret and the cookie, flow
-/// table and QUIC counters.
-pub const LAYOUT_VERSION: u32 = 6;
+/// table and QUIC counters; layout 7 added the flow table ([`map::FLOWS`])
+/// with its settings in the [`Config`] and its insert count in the
+/// [`State`].
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Marks a [`Layout`] record as one of ours.
 pub const LAYOUT_MAGIC: u32 = u32::from_le_bytes(*b"RPLY");
@@ -129,8 +141,12 @@ pub struct Layout {
     pub max_workers: u32,
     /// [`counter::LEN`].
     pub counters: u32,
+    /// `size_of::<flow::FlowKey>()`.
+    pub flow_key_size: u32,
+    /// `size_of::<flow::FlowEntry>()`.
+    pub flow_entry_size: u32,
     /// Reserved for later fields; zero.
-    pub reserved: [u32; 8],
+    pub reserved: [u32; 6],
 }
 
 impl Layout {
@@ -144,7 +160,9 @@ impl Layout {
         group_info_size: core::mem::size_of::<GroupInfo>() as u32,
         max_workers: MAX_WORKERS,
         counters: counter::LEN,
-        reserved: [0; 8],
+        flow_key_size: core::mem::size_of::<flow::FlowKey>() as u32,
+        flow_entry_size: core::mem::size_of::<flow::FlowEntry>() as u32,
+        reserved: [0; 6],
     };
 }
 
@@ -225,8 +243,9 @@ pub mod counter {
     pub const FALLBACK: u32 = MAX_WORKERS;
     /// The program returned `SK_DROP`: the SYN or datagram was dropped.
     pub const DROPPED: u32 = MAX_WORKERS + 1;
-    /// A slot the policy picked held no socket (worker gone); the program
-    /// moved on to other live slots (at most [`PROBES`](crate::PROBES)).
+    /// A slot the policy (or the flow table, for a flow it knew) picked
+    /// held no socket (worker gone); the program moved on to other live
+    /// slots (at most [`PROBES`](crate::PROBES)), or to the policy.
     pub const EMPTY_SLOT: u32 = MAX_WORKERS + 2;
     /// The packet's addresses or ports could not be read; the kernel's flow
     /// hash of the 4-tuple was used as the key instead.
@@ -251,7 +270,10 @@ pub mod counter {
     pub const FLOW_HIT: u32 = MAX_WORKERS + 10;
     /// The flow table did not know the flow: the policy placed it.
     pub const FLOW_MISS: u32 = MAX_WORKERS + 11;
-    /// The flow table was full: a new flow could not be recorded.
+    /// The flow table was full: a new flow was recorded by evicting the
+    /// least recently used one (an LRU map never refuses an insert: this
+    /// counts the new flows recorded once the table had taken as many as
+    /// it holds), or could not be recorded at all.
     pub const FLOW_FULL: u32 = MAX_WORKERS + 12;
     /// A QUIC Initial or 0-RTT packet, placed by the policy on a hash of
     /// its destination connection ID.
@@ -316,8 +338,16 @@ pub struct Config {
     pub payload_len: u32,
     /// The secret of the group's [`cookie`]s' check bits.
     pub cookie_secret: u32,
-    /// Reserved for flow-table and generation settings; zero.
-    pub reserved: [u32; 7],
+    /// UDP: how long a flow of the [flow table](flow) may stay silent and
+    /// still keep its socket, in milliseconds; also how long a draining UDP
+    /// worker must have received nothing before it closes. 0: no flow
+    /// table (TCP groups; UDP groups under the `kernel` policy).
+    pub flow_timeout_ms: u32,
+    /// The flow table's size (its map's `max_entries`), so that the program
+    /// can tell when a new flow evicts another ([`counter::FLOW_FULL`]).
+    pub flow_table_size: u32,
+    /// Reserved for later settings; zero.
+    pub reserved: [u32; 5],
     /// The slots that hold a serving socket, in slot order.
     pub live: [u32; MAX_WORKERS as usize],
     /// `weighted`: the weight of each slot (by slot number). Kept with the
@@ -344,12 +374,39 @@ impl Config {
         payload_offset: 0,
         payload_len: 0,
         cookie_secret: 0,
-        reserved: [0; 7],
+        flow_timeout_ms: 0,
+        flow_table_size: 0,
+        reserved: [0; 5],
         live: [0; MAX_WORKERS as usize],
         weights: [0; MAX_WORKERS as usize],
         cpu_rows: [CpuRow { start: 0, len: 0 }; MAX_CPUS as usize],
         cpu_slots: [0; MAX_WORKERS as usize],
     };
+
+    /// Whether the program consults the [flow table](flow): a UDP group
+    /// (a flow timeout) with a table (a size), under a key that does not
+    /// name the flow itself: not a cookie key, and not a payload key of a
+    /// hashing policy (the session in the payload is then the flow, which
+    /// a 4-tuple would contradict: one socket may carry many sessions).
+    #[inline(always)]
+    pub fn flow_table_on(&self) -> bool {
+        let hashes = self.policy == policy::HASH || self.policy == policy::CONSISTENT;
+        self.flow_timeout_ms != 0
+            && self.flow_table_size != 0
+            && self.policy != policy::NONE
+            && self.key != key::COOKIE
+            && self.key != key::QUIC
+            && !(hashes && self.key == key::PAYLOAD)
+    }
+
+    /// Whether a drained UDP socket has flows to finish: those of the
+    /// flow table or those its cookies name. It then stays in the socket
+    /// map while it drains, and a takeover carries it over, draining.
+    #[inline(always)]
+    pub fn keeps_flows(&self) -> bool {
+        self.flow_timeout_ms != 0
+            && (self.flow_table_on() || self.key == key::COOKIE || self.key == key::QUIC)
+    }
 
     /// The live slot at position `x` modulo the number of live slots.
     #[inline(always)]
@@ -401,8 +458,13 @@ pub struct State {
     /// Ticket counter of `round-robin` and `weighted`, advanced by the
     /// program with an atomic fetch-and-add.
     pub tickets: u64,
+    /// New flows the program has recorded in the [flow table](flow)
+    /// (atomic fetch-and-add, on a miss only): once it reaches the table's
+    /// size, every new flow evicts another. A takeover that reuses its
+    /// predecessor's table starts from the predecessor's count.
+    pub flow_inserts: u64,
     /// Reserved (keeps the configurations off the tickets' cache line).
-    pub reserved2: [u64; 7],
+    pub reserved2: [u64; 6],
     /// The two generations of the configuration.
     pub config: [Config; 2],
 }
@@ -413,7 +475,8 @@ impl State {
         active: 0,
         reserved: [0; 15],
         tickets: 0,
-        reserved2: [0; 7],
+        flow_inserts: 0,
+        reserved2: [0; 6],
         config: [Config::EMPTY; 2],
     };
 }
@@ -585,6 +648,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<WorkerRecord>() % 8, 0);
         assert_eq!(core::mem::size_of::<GroupInfo>(), 16 + 4 * 6 + 8 + 4 * 2);
         assert_eq!(core::mem::size_of::<Layout>(), 64, "never changes size");
+        assert_eq!(core::mem::size_of::<flow::FlowKey>(), 36);
+        assert_eq!(core::mem::size_of::<flow::FlowEntry>(), 16);
     }
 
     /// A tripwire: the sizes of the pinned records are those of
@@ -604,8 +669,34 @@ mod tests {
                 l.max_workers,
                 l.counters
             ),
-            (6, 53504, 131072, 128, 56, 1024, 1040)
+            (7, 53504, 131072, 128, 56, 1024, 1040)
         );
+    }
+
+    #[test]
+    fn the_flow_table_is_off_where_the_key_names_the_flow() {
+        let mut c = Config::EMPTY;
+        c.policy = policy::ROUND_ROBIN;
+        c.key = key::PAYLOAD;
+        assert!(!c.flow_table_on() && !c.keeps_flows(), "TCP: no timeout");
+        c.flow_timeout_ms = 30_000;
+        c.flow_table_size = 8;
+        assert!(c.flow_table_on(), "a payload key that round robin ignores");
+        c.policy = policy::HASH;
+        assert!(
+            !c.flow_table_on() && !c.keeps_flows(),
+            "the payload names it"
+        );
+        c.key = key::SRC_IP;
+        assert!(c.flow_table_on() && c.keeps_flows());
+        c.key = key::QUIC;
+        assert!(!c.flow_table_on() && c.keeps_flows(), "cookies name it");
+        c.key = key::SRC_IP;
+        c.flow_table_size = 0;
+        assert!(!c.flow_table_on() && !c.keeps_flows(), "no table");
+        c.flow_table_size = 8;
+        c.policy = policy::NONE;
+        assert!(!c.flow_table_on(), "the kernel policy");
     }
 
     #[test]

@@ -33,6 +33,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::trace;
+
+mod flows;
 use reuseport_common::{
     cookie, counter,
     hash::{hash_dcid, hash_four_tuple, hash_payload, hash_src_ip, v4_mapped},
@@ -132,6 +134,27 @@ fn try_steer(ctx: &SkReuseportContext, counters: Option<*mut Counters>) -> Resul
     if let Some(slot) = cookie_slot(ctx, cfg, counters) {
         return Ok(slot);
     }
+    // A UDP flow the flow table knows keeps its socket; a new one is
+    // recorded where the policy puts it.
+    let flow = flows::lookup(ctx, cfg, counters);
+    if let flows::Flow::Hit(slot) = flow {
+        return Ok(slot);
+    }
+    let slot = by_policy(ctx, state, cfg, generation, counters)?;
+    flows::record(&flow, state, cfg, slot, counters);
+    Ok(slot)
+}
+
+/// The policy's choice, or further live slots if that one is empty; see
+/// [`try_steer`].
+#[inline(always)]
+fn by_policy(
+    ctx: &SkReuseportContext,
+    state: *mut State,
+    cfg: &Config,
+    generation: u32,
+    counters: Option<*mut Counters>,
+) -> Result<u32, ()> {
     // Each policy returns its first choice and a position in the live list
     // from which to look further if that slot turns out empty. A policy
     // without a choice for this packet (a CPU without a row, an empty

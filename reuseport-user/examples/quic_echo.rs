@@ -20,7 +20,9 @@
 //! Options: `--workers N`, `--policy NAME` (default `hash`; `kernel`: no
 //! program, for comparison), `--group NAME` (default `quic-echo`),
 //! `--cert PATH` (where to write the self-signed certificate, DER),
-//! `--metrics ADDR`, `--drain-timeout SECONDS` (default 10).
+//! `--metrics ADDR`, `--drain-timeout SECONDS` (default 10), `--takeover
+//! GROUP` (restart: take the running group over; the old process's
+//! connections go on in it, by their cookies, until they close).
 
 use std::{net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
 
@@ -54,12 +56,13 @@ struct Args {
     cert: Option<std::path::PathBuf>,
     metrics: Option<SocketAddr>,
     drain_timeout: Duration,
+    takeover: Option<String>,
 }
 
 fn usage(what: &str) -> Box<dyn std::error::Error> {
     format!(
         "{what}; usage: quic_echo [ADDRESS] [--workers N] [--policy NAME] [--group NAME] \
-         [--cert PATH] [--metrics ADDR] [--drain-timeout SECONDS]"
+         [--cert PATH] [--metrics ADDR] [--drain-timeout SECONDS] [--takeover GROUP]"
     )
     .into()
 }
@@ -73,6 +76,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         cert: None,
         metrics: None,
         drain_timeout: Duration::from_secs(10),
+        takeover: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -87,6 +91,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--cert" => args.cert = Some(value()?.into()),
             "--metrics" => args.metrics = Some(value()?.parse()?),
             "--drain-timeout" => args.drain_timeout = Duration::from_secs(value()?.parse()?),
+            "--takeover" => args.takeover = Some(value()?),
             _ if !a.starts_with('-') => {
                 args.addr = a
                     .parse()
@@ -125,15 +130,22 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = Group::builder()
         .addr(args.addr)
         .proto(Proto::Udp)
-        .name(args.group.clone())
         .policy(policy);
+    builder = match &args.takeover {
+        // The old group's address and name; its connections stay with it.
+        Some(old) => builder.takeover(old.clone()),
+        None => builder.name(args.group.clone()),
+    };
     if let Some(n) = args.workers {
         builder = builder.workers(n);
     }
     let group = builder.build()?;
     let addr = group.local_addr();
     let workers = group.members().len();
-    println!("group {} on udp {addr}", args.group);
+    println!(
+        "group {} on udp {addr}",
+        group.name().unwrap_or(args.group.as_str())
+    );
     let options = ServeOptions {
         limits: Limits {
             drain_timeout: args.drain_timeout,

@@ -57,6 +57,8 @@ pub struct GroupBuilder {
     takeover: Option<String>,
     mount_bpffs: bool,
     tcp_migrate_req: bool,
+    flow_table_size: u32,
+    flow_timeout: Duration,
 }
 
 /// One member of the group: the socket of one worker slot.
@@ -273,6 +275,10 @@ impl Group {
             takeover: None,
             mount_bpffs: false,
             tcp_migrate_req: false,
+            flow_table_size: reuseport_common::flow::DEFAULT_TABLE_SIZE,
+            flow_timeout: Duration::from_millis(u64::from(
+                reuseport_common::flow::DEFAULT_TIMEOUT_MS,
+            )),
         }
     }
 
@@ -521,6 +527,8 @@ impl Group {
         // finds it to carry it over.
         let (kind, fd) = match self.role {
             Role::Joined => (member_kind::JOINED, socket.as_raw_fd()),
+            // A UDP owner's too: a takeover carries them, draining.
+            _ if self.proto == Proto::Udp => (member_kind::OWNER, socket.as_raw_fd()),
             _ => (member_kind::OWNER, -1),
         };
         let me = std::process::id();
@@ -875,12 +883,68 @@ impl GroupBuilder {
         self
     }
 
+    /// UDP: how many flows the flow table remembers at once (default
+    /// 65,536); past that, each new flow evicts the least recently used
+    /// one; 0: no flow table (datagrams are placed one by one, and a
+    /// drained worker closes at once). Fixed when the group is made; a
+    /// takeover keeps its predecessor's table. See
+    /// `reuseport_common::flow`.
+    pub fn flow_table_size(mut self, flows: u32) -> Self {
+        self.flow_table_size = flows;
+        self
+    }
+
+    /// UDP: how long a flow may stay silent and keep its socket (default
+    /// 30 s, at least 1 ms); also how long a draining UDP worker must have
+    /// received nothing before it closes (within the drain timeout).
+    pub fn flow_timeout(mut self, timeout: Duration) -> Self {
+        self.flow_timeout = timeout;
+        self
+    }
+
     /// Loads another program of the object instead of the steering program
     /// (benchmarks load the cost floor; tests load one the verifier rejects).
     #[doc(hidden)]
     pub fn program(mut self, name: &str) -> Self {
         self.program = name.to_string();
         self
+    }
+
+    /// The flow table the group's object is loaded with: a UDP group's
+    /// of the size asked for, or, for a takeover of a group that keeps its
+    /// flows, the predecessor's own (pinned).
+    fn flow_table(
+        &self,
+        with_program: bool,
+        old: Option<&control::Control>,
+        keeps_flows: bool,
+    ) -> Result<crate::steering::FlowTable> {
+        if self.proto != Proto::Udp || !with_program {
+            return Ok(crate::steering::FlowTable {
+                size: 1,
+                reuse: None,
+            });
+        }
+        if let (Some(old), true) = (old, keeps_flows) {
+            let pin = old
+                .maps()
+                .pin_dir()
+                .map(|d| d.join(reuseport_common::map::FLOWS));
+            if let Some(pin) = pin.filter(|p| p.exists()) {
+                let size = old.maps().config()?.flow_table_size;
+                if size != self.flow_table_size {
+                    info!("the takeover keeps the group's flow table ({size} flows), whatever its own size");
+                }
+                return Ok(crate::steering::FlowTable {
+                    size,
+                    reuse: Some(pin),
+                });
+            }
+        }
+        Ok(crate::steering::FlowTable {
+            size: self.flow_table_size,
+            reuse: None,
+        })
     }
 
     /// Creates the group: binds every member, loads and attaches the program,
@@ -928,8 +992,16 @@ impl GroupBuilder {
         let with_program = self.policy.kind != PolicyKind::Kernel;
         // Members of other processes keep their slots (and weights) in the
         // new generation; ours take the first slots they leave free.
+        // A UDP group with a flow table: the old owner's own sockets come
+        // too, draining, so that its flows keep them (see `takeover`).
+        let keeps_flows = match (&old, &old_info) {
+            (Some(old), Some(info)) => {
+                control::addr_of(info).1 == Proto::Udp && old.maps().config()?.keeps_flows()
+            }
+            _ => false,
+        };
         let (carried, starting) = match (&old, &old_info) {
-            (Some(old), Some(info)) if with_program => takeover::collect(old, info)?,
+            (Some(old), Some(info)) if with_program => takeover::collect(old, info, keeps_flows)?,
             _ => (Vec::new(), Vec::new()),
         };
         let taken: Vec<u32> = carried.iter().map(|c| c.slot).chain(starting).collect();
@@ -946,7 +1018,7 @@ impl GroupBuilder {
             return Err(Error::NoFreeSlot { max: MAX_WORKERS });
         }
         let mut live = placement.clone();
-        for c in &carried {
+        for c in carried.iter().filter(|c| !c.draining) {
             live.push(LiveSlot {
                 slot: c.slot,
                 cpu: c.record.cpu,
@@ -963,6 +1035,12 @@ impl GroupBuilder {
         policy::check_key(&self.policy, self.proto)?;
         // Plan first: a bad policy setting fails before anything is bound.
         let mut plan = policy::plan(&self.policy, &live)?;
+        let flows = self.flow_table(with_program, old.as_ref(), keeps_flows)?;
+        if self.proto == Proto::Udp && with_program {
+            plan.config.flow_timeout_ms =
+                u32::try_from(self.flow_timeout.as_millis().max(1)).unwrap_or(u32::MAX);
+            plan.config.flow_table_size = flows.size;
+        }
         if let Some(old) = &old {
             // The old generation's cookies stay valid: flows its sockets
             // serve (and their clients' cookies) carry on in ours.
@@ -1041,6 +1119,7 @@ impl GroupBuilder {
             Some(Steering::load(
                 program,
                 pins.as_ref().map(|p| p.dir.as_path()),
+                &flows,
             )?)
         } else {
             None
@@ -1086,6 +1165,23 @@ impl GroupBuilder {
         // Our sockets are visible now: another start may look.
         drop(start_lock);
         signals::checkpoint("listening")?;
+        if let Some(old) = &old {
+            // Each slot's socket generation goes on from the old
+            // generation's, so that a socket new in a slot never takes the
+            // number of the one that was there (flows and cookies name it).
+            for (slot, r) in old.maps().workers().snapshot().iter().enumerate() {
+                workers
+                    .slot(slot as u32)
+                    .generation
+                    .store(r.generation, Ordering::Relaxed);
+            }
+            if flows.reuse.is_some() {
+                if let Some(s) = &steering {
+                    let done = old.maps().flow_inserts().load(Ordering::Relaxed);
+                    s.maps().flow_inserts().store(done, Ordering::Relaxed);
+                }
+            }
+        }
         for m in &members {
             // A new group's own maps: nobody else has a slot in them.
             if !workers.slot(m.slot).reset(m.cpu as u32) {
@@ -1093,6 +1189,12 @@ impl GroupBuilder {
                     slot: m.slot,
                     state: "taken in a group that was just made",
                 });
+            }
+            if self.proto == Proto::Udp {
+                // Where a successor finds the socket to carry it over.
+                workers
+                    .slot(m.slot)
+                    .set_member(member_kind::OWNER, m.socket.as_raw_fd());
             }
         }
         let mut migrate_req_saved = old_info.map_or(0, |i| i.migrate_req_saved);

@@ -62,7 +62,8 @@ pub struct BpfCounters {
     pub flow_hit: u64,
     /// Datagrams of flows the flow table did not know.
     pub flow_miss: u64,
-    /// New flows the full flow table could not record.
+    /// New flows recorded in a full flow table (each evicted the least
+    /// recently used flow), or not recorded at all.
     pub flow_full: u64,
     /// QUIC Initial and 0-RTT packets placed by the policy.
     pub quic_initial: u64,
@@ -353,6 +354,21 @@ impl Shared {
         unsafe { AtomicU32::from_ptr(self.0.as_mut_ptr().add(offset).cast()) }
     }
 
+    /// The 8-byte word at `offset` (a count the program adds to).
+    ///
+    /// # Panics
+    ///
+    /// As [`Shared::word`], for an offset out of bounds or not a multiple
+    /// of 8.
+    fn dword(&self, offset: usize) -> &AtomicU64 {
+        assert!(
+            offset.is_multiple_of(8) && offset + 8 <= self.0.len(),
+            "offset {offset}"
+        );
+        // SAFETY: as for `word`, aligned to 8.
+        unsafe { AtomicU64::from_ptr(self.0.as_mut_ptr().add(offset).cast()) }
+    }
+
     /// The 2-byte half-word at `offset` (a table entry).
     ///
     /// # Panics
@@ -503,6 +519,9 @@ pub struct Maps {
     group: Array<MapData, GroupInfo>,
     workers: Arc<WorkerRegion>,
     pin_dir: Option<PathBuf>,
+    /// The flow table (see `reuseport_common::flow`), held so that it is
+    /// pinned with the rest.
+    _flows: Map,
 }
 
 impl std::fmt::Debug for Maps {
@@ -609,6 +628,7 @@ impl Maps {
             group: typed(get(map::GROUP)?, map::GROUP)?,
             workers: Arc::new(workers),
             pin_dir: pin_dir.map(Path::to_path_buf),
+            _flows: get(map::FLOWS)?,
         })
     }
 
@@ -728,15 +748,19 @@ impl Maps {
             let current = self.current_plan()?;
             let plan = policy::rebuild(&current, &live)?;
             self.write(&plan)?;
-            // Under a key whose datagrams carry cookies (UDP), the socket
-            // stays in the map while it drains: out of the policy, it gets
-            // no new flows, but the cookies of the flows it serves still
-            // reach it. Closing it empties the slot (the kernel detaches a
-            // closed socket from its REUSEPORT_SOCKARRAY).
-            if !matches!(
-                current.config.key,
-                reuseport_common::key::COOKIE | reuseport_common::key::QUIC
-            ) {
+            // A UDP worker with a flow timeout, or under a key whose
+            // datagrams carry cookies, keeps its socket in the map while it
+            // drains: out of the policy, it gets no new flows, but its
+            // flows' datagrams (the flow table's, or their cookies) still
+            // reach it (see `reuseport_common::flow`). Closing it empties
+            // the slot (the kernel detaches a closed socket from its
+            // REUSEPORT_SOCKARRAY).
+            if !current.config.keeps_flows()
+                && !matches!(
+                    current.config.key,
+                    reuseport_common::key::COOKIE | reuseport_common::key::QUIC
+                )
+            {
                 self.clear_slot(slot)?;
             }
         }
@@ -924,6 +948,12 @@ impl Maps {
     /// [`Maps::update`], no writer runs meanwhile.)
     pub fn config(&self) -> Result<Config> {
         Ok(self.state.load(Self::config_offset(self.generation())))
+    }
+
+    /// New flows the program has recorded in the flow table
+    /// (`State::flow_inserts`).
+    pub fn flow_inserts(&self) -> &AtomicU64 {
+        self.state.dword(std::mem::offset_of!(State, flow_inserts))
     }
 
     /// The plan in force: the configuration and its table.

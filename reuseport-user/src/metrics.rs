@@ -212,7 +212,7 @@ impl Collector for GroupCollector {
             ),
             (
                 "reuseport_bpf_flow_full",
-                "New flows the full flow table could not record.",
+                "New flows recorded in a full flow table (each evicted the least recently used flow), or not recorded.",
                 counters.flow_full,
             ),
             (

@@ -446,6 +446,12 @@ fn plan_with(
     // hash policy and back without losing the key and seed.
     config.key = policy.key.id();
     config.seed = policy.seed;
+    // The flow table's settings are the group's, not the policy's: kept
+    // across switches and rebuilds (set once, when the group is built).
+    if let Some(c) = current {
+        config.flow_timeout_ms = c.config.flow_timeout_ms;
+        config.flow_table_size = c.config.flow_table_size;
+    }
     match policy.key {
         HashKey::Payload { offset, len } => {
             config.payload_offset = offset.into();

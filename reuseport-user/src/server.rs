@@ -141,7 +141,7 @@ impl Server {
                 on_fault,
             )
         });
-        Server::start(group, starter, options)
+        Server::start(group, starter, options, false)
     }
 
     /// Serves `group` (UDP) with `handler`: each worker answers the
@@ -173,7 +173,7 @@ impl Server {
                 on_fault,
             )
         });
-        Server::start(group, starter, options)
+        Server::start(group, starter, options, true)
     }
 
     /// Serves `group` (UDP) with a server of your own per worker, such as
@@ -232,7 +232,7 @@ impl Server {
                 }
             })
         });
-        Server::start(group, starter, options)
+        Server::start(group, starter, options, false)
     }
 
     /// Serves `group` with the echo service: every byte of a TCP
@@ -261,12 +261,21 @@ impl Server {
                         on_fault,
                     )
                 });
-                Server::start(group, starter, options)
+                Server::start(group, starter, options, true)
             }
         }
     }
 
-    fn start(group: Group, starter: Starter, options: ServeOptions) -> Result<Server> {
+    /// `lingers`: the workers are plain datagram loops, which the
+    /// supervisor keeps serving a drained worker's flows until they are
+    /// idle (a UDP group with a flow table); otherwise the worker's stop
+    /// token is its drain signal and it finishes its flows itself.
+    fn start(
+        group: Group,
+        starter: Starter,
+        options: ServeOptions,
+        lingers: bool,
+    ) -> Result<Server> {
         if let Err(e) = crate::signals::checkpoint("built") {
             let _ = group.close();
             return Err(e);
@@ -315,6 +324,8 @@ impl Server {
             restarts: BTreeMap::new(),
             given_up: Vec::new(),
             rejoin_failures: 0,
+            drain_timeout: options.limits.drain_timeout,
+            lingers,
         };
         let slots: Vec<u32> = supervisor.group.members().iter().map(|m| m.slot).collect();
         for slot in slots {
@@ -568,6 +579,50 @@ struct Running {
     handle: WorkerHandle,
     stop: CancellationToken,
     draining: bool,
+    /// A draining UDP worker that still serves its flows.
+    linger: Option<Linger>,
+}
+
+/// A draining UDP worker that keeps its socket in the socket map so that
+/// the datagrams of its flows (the flow table's, or cookies') still reach
+/// it: it closes once it has received nothing for the flow timeout (its
+/// flows are idle, and the table no longer sends them here), or at the
+/// drain deadline.
+struct Linger {
+    since: Instant,
+    /// Datagrams received when last looked at, and since when unchanged.
+    received: u64,
+    quiet_since: Instant,
+    idle: Duration,
+}
+
+impl Linger {
+    fn new(idle: Duration, received: u64) -> Self {
+        let now = Instant::now();
+        Linger {
+            since: now,
+            received,
+            quiet_since: now,
+            idle,
+        }
+    }
+
+    /// Why to close now, if it is time: the flows went idle, or the
+    /// deadline passed.
+    fn over(&mut self, received: u64, deadline: Duration) -> Option<&'static str> {
+        let now = Instant::now();
+        if received != self.received {
+            self.received = received;
+            self.quiet_since = now;
+        }
+        if now.duration_since(self.quiet_since) >= self.idle {
+            Some("its flows are idle")
+        } else if now.duration_since(self.since) >= deadline {
+            Some("the drain timeout passed")
+        } else {
+            None
+        }
+    }
 }
 
 struct Supervisor {
@@ -581,6 +636,10 @@ struct Supervisor {
     /// Failed attempts to re-join a group's new generation (a joined
     /// process whose group was taken over).
     rejoin_failures: u32,
+    /// How long a draining UDP worker may serve its flows at most.
+    drain_timeout: Duration,
+    /// Whether a drained UDP worker lingers (see [`Server::start`]).
+    lingers: bool,
 }
 
 impl Supervisor {
@@ -618,6 +677,7 @@ impl Supervisor {
                 handle,
                 stop,
                 draining: false,
+                linger: None,
             },
         );
         Ok(())
@@ -704,13 +764,35 @@ impl Supervisor {
         let records = region.snapshot();
         // Drains asked for (`ctl drain`, or a successor took over): stop
         // accepting and close the listener, whose queue then moves to the
-        // live members; open connections finish.
+        // live members; open connections finish. A UDP worker with a flow
+        // timeout serves its flows until they are idle first.
+        let linger = self.udp_flow_timeout();
         for (slot, run) in self.workers.iter_mut() {
             if records[*slot as usize].state == crate::slots::DRAINING && !run.draining {
                 run.draining = true;
-                run.stop.cancel();
-                self.group.remove_member(*slot);
-                info!("worker {slot}: draining (no new connections; closes after its open ones)");
+                if let Some(idle) = linger {
+                    let received = records[*slot as usize].accepted;
+                    run.linger = Some(Linger::new(idle, received));
+                    info!(
+                        "worker {slot}: draining (no new flows; it serves its flows until they have been idle for {idle:?}, at most {:?})",
+                        self.drain_timeout
+                    );
+                } else {
+                    run.stop.cancel();
+                    self.group.remove_member(*slot);
+                    info!(
+                        "worker {slot}: draining (no new connections; closes after its open ones)"
+                    );
+                }
+            }
+            if let Some(l) = run.linger.as_mut() {
+                let received = records[*slot as usize].accepted;
+                if let Some(why) = l.over(received, self.drain_timeout) {
+                    run.linger = None;
+                    run.stop.cancel();
+                    self.group.remove_member(*slot);
+                    info!("worker {slot}: {why}: closing its socket");
+                }
             }
         }
         // Workers that have finished: drained, or dead.
@@ -812,6 +894,28 @@ impl Supervisor {
             }));
         }
         Ok(None)
+    }
+
+    /// A UDP group's flow timeout, if it has a flow table (a program and a
+    /// timeout): how long a draining worker's flows may stay silent.
+    fn udp_flow_timeout(&self) -> Option<Duration> {
+        if !self.lingers || self.group.proto() != Proto::Udp {
+            return None;
+        }
+        let steering = self.group.steering_shared()?;
+        let s = lock(&steering);
+        // The group's record, not `has_program`: a joined process steers
+        // with its owner's program.
+        if s.maps().group_info().ok()?.flags & reuseport_common::group_flag::PROGRAM == 0 {
+            return None;
+        }
+        let config = s.maps().config().ok()?;
+        // Under a cookie key the datagram loop keeps no flows of its own
+        // (a cookie names the socket, and one of a closed socket counts
+        // old and goes by the policy): only the flow table's flows wait.
+        config
+            .flow_table_on()
+            .then(|| Duration::from_millis(u64::from(config.flow_timeout_ms)))
     }
 
     /// Starts a new worker in `slot` after one died there, unless workers

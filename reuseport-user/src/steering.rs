@@ -31,6 +31,16 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/re
 /// crate's module path).
 pub const EBPF_LOG_TARGET: &str = "reuseport_ebpf";
 
+/// Where a group's flow table (`reuseport_common::flow`) comes from.
+#[derive(Clone, Debug, Default)]
+pub struct FlowTable {
+    /// Entries of a new table (at least 1: a TCP group's is unused).
+    pub size: u32,
+    /// The pin of an existing table to use instead: a takeover's
+    /// predecessor's, so that the flows it knows keep their sockets.
+    pub reuse: Option<std::path::PathBuf>,
+}
+
 /// A loaded steering object: its maps and, unless the group runs on the
 /// kernel's hash, the steering program.
 pub struct Steering {
@@ -59,7 +69,10 @@ impl Steering {
     /// the error. Without listener migration (before 5.14) the steering
     /// program is loaded as [`STEER_SELECT`](reuseport_common::program::STEER_SELECT),
     /// for selection only, and the loss is logged once.
-    pub fn load(program: Option<&str>, pin_dir: Option<&Path>) -> Result<Self> {
+    ///
+    /// The flow table is made `flows.size` entries large, or is the one
+    /// pinned at `flows.reuse` (a takeover's predecessor's).
+    pub fn load(program: Option<&str>, pin_dir: Option<&Path>, flows: &FlowTable) -> Result<Self> {
         let mut program = program;
         if program.is_some() {
             // Privilege first: without it every probe fails, and the
@@ -88,8 +101,17 @@ impl Steering {
         // verifier prunes them unless this read-only global allows their
         // level, so they cost nothing at run time when the level is off.
         let level = ebpf_log_level();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(aya_log::LEVEL, &level, true)
+            // An LRU map has at least one entry; a table of size 0 is off.
+            .map_max_entries(reuseport_common::map::FLOWS, flows.size.max(1));
+        if let Some(path) = &flows.reuse {
+            // Opens the map pinned there (aya creates and pins one only if
+            // none is: the caller checked it is).
+            loader.map_pin_path(reuseport_common::map::FLOWS, path.as_path());
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| classify_load_error("loading the BPF object", e))?;
 

@@ -112,7 +112,7 @@ fn pins_are_private_and_removed_on_clean_exit() {
     names.sort();
     assert_eq!(
         names,
-        ["COUNTERS", "GROUP", "LAYOUT", "SOCKETS", "STATE", "TABLE", "WORKERS", "owner"]
+        ["COUNTERS", "FLOWS", "GROUP", "LAYOUT", "SOCKETS", "STATE", "TABLE", "WORKERS", "owner"]
     );
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");

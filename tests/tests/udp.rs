@@ -151,7 +151,16 @@ fn weighted_datagram_shares_follow_the_weights() {
 #[test]
 fn least_loaded_spreads_idle_work_and_leaves_no_load_behind() {
     netns();
-    let server = udp(&["--policy", "least-loaded", "--workers", "2"]);
+    // Datagrams placed one by one: without a flow table, which would keep
+    // this one socket's datagrams (one flow) on one worker.
+    let server = udp(&[
+        "--policy",
+        "least-loaded",
+        "--workers",
+        "2",
+        "--flow-table-size",
+        "0",
+    ]);
     let s = udp_socket("127.0.0.1:0".parse().unwrap());
     for i in 0..400 {
         let p = pattern(16, i);

@@ -33,6 +33,15 @@
 //!
 //! An adopted socket's program knows nothing of all this: its socket is
 //! simply in the new generation's map.
+//!
+//! A UDP group with a flow table (`reuseport_common::flow`) carries the
+//! old owner's own sockets too, the same way, into the same slots with
+//! the same socket generations, but **draining**: out of the new policy,
+//! yet in the new socket map, so that the datagrams of the flows they
+//! serve (the flow table, which the new generation reuses, or cookies)
+//! still reach them, in the old owner, which keeps reading them until
+//! they have been idle for the flow timeout or its drain timeout passes.
+//! New flows go to the new generation's workers.
 
 use std::{
     os::fd::{AsRawFd, OwnedFd},
@@ -63,6 +72,9 @@ pub(super) struct Carried {
     pub record: WorkerRecord,
     /// Its weight under `weighted` in the old generation.
     pub weight: u32,
+    /// One of the old owner's own UDP sockets: carried draining, for the
+    /// flows it serves, and out of the new policy.
+    pub draining: bool,
     /// Our duplicate of its socket (dropped once it is in the new map, so
     /// that the member's process alone keeps the socket open).
     socket: OwnedFd,
@@ -77,11 +89,17 @@ fn kind_name(kind: u32) -> &'static str {
 }
 
 /// Step 1: duplicates the socket of every serving member of another
-/// process than the old owner. Fails, before anything changes, if one of
-/// them cannot be carried. Also returns the slots of members that were
-/// still starting: the new generation leaves them free, for their process
-/// to place its socket there when it re-joins.
-pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<(Vec<Carried>, Vec<u32>)> {
+/// process than the old owner, and with `owners` (a UDP group that keeps
+/// its flows) of the old owner's serving and draining ones. Fails, before
+/// anything changes, if one of them cannot be carried. Also returns the
+/// slots of members that were still starting: the new generation leaves
+/// them free, for their process to place its socket there when it
+/// re-joins.
+pub(super) fn collect(
+    old: &Control,
+    info: &GroupInfo,
+    owners: bool,
+) -> Result<(Vec<Carried>, Vec<u32>)> {
     let (addr, proto) = control::addr_of(info);
     let config = old.maps().config()?;
     let records = old.maps().workers().snapshot();
@@ -105,6 +123,11 @@ pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<(Vec<Carried>, 
         let slot = slot as u32;
         let foreign = r.pid != info.owner_pid && r.pid != 0;
         if !foreign {
+            if owners && r.pid != 0 && matches!(r.state, slots::SERVING | slots::DRAINING) {
+                if let Some(c) = collect_owners(slot, r, addr, proto) {
+                    carried.push(c);
+                }
+            }
             continue;
         }
         if !pins::process_alive(r.pid, r.pid_start) {
@@ -144,10 +167,41 @@ pub(super) fn collect(old: &Control, info: &GroupInfo) -> Result<(Vec<Carried>, 
             slot,
             record: r,
             weight: config.weights[slot as usize],
+            draining: false,
             socket,
         });
     }
     Ok((carried, starting))
+}
+
+/// One of the old owner's own UDP sockets, to carry draining; `None` (and
+/// its flows move to the new generation) if it cannot be duplicated. Not
+/// a reason to stop the takeover: the old owner serves on either way.
+fn collect_owners(
+    slot: u32,
+    r: WorkerRecord,
+    addr: std::net::SocketAddr,
+    proto: crate::socket::Proto,
+) -> Option<Carried> {
+    if r.fd < 0 {
+        warn!("worker {slot} of the previous owner names no socket: its flows go to the new generation");
+        return None;
+    }
+    match sys::take_fd(r.pid, r.fd)
+        .and_then(|s| control::check_adoptable(&s, r.pid, r.fd, addr, proto).map(|()| s))
+    {
+        Ok(socket) => Some(Carried {
+            slot,
+            record: r,
+            weight: 0,
+            draining: true,
+            socket,
+        }),
+        Err(e) => {
+            warn!("cannot carry worker {slot} of the previous owner (pid {}): {e}; its flows go to the new generation", r.pid);
+            None
+        }
+    }
 }
 
 /// Step 2: moves the carried sockets from the old socket map to the same
@@ -167,7 +221,8 @@ pub(super) fn place(old: &mut Control, new: &mut Maps, carried: &[Carried]) -> R
             return Err(e);
         }
         // The new maps are ours alone until we attach: the slot is free.
-        if !new.workers().slot(c.slot).carry(&c.record) {
+        let rec = new.workers().slot(c.slot);
+        if !rec.carry(&c.record) || (c.draining && !slots::drain(&rec.state)) {
             for back in &carried[..=i] {
                 let _ = new.clear_slot(back.slot);
                 let _ = old.maps_mut().set_slot(back.slot, &back.socket);
@@ -178,10 +233,15 @@ pub(super) fn place(old: &mut Control, new: &mut Maps, carried: &[Carried]) -> R
             });
         }
         info!(
-            "carried the {} worker {} of process {} into the new generation",
+            "carried the {} worker {} of process {} into the new generation{}",
             kind_name(c.record.kind),
             c.slot,
-            c.record.pid
+            c.record.pid,
+            if c.draining {
+                ", draining: it serves its flows until they are idle"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
