@@ -38,6 +38,10 @@ pub fn netns() {
         .status()
         .expect("running `ip link set lo up`");
     assert!(st.success(), "ip link set lo up failed");
+    // A new namespace can have the inode of one that is gone, and bpffs
+    // keeps what was pinned under that inode (a test run that was killed
+    // leaves its groups there): none of it belongs to this namespace.
+    let _ = std::fs::remove_dir_all(namespace_pin_dir());
 }
 
 /// The `reuseport` binary under test: `$REUSEPORT_BIN` (set by
