@@ -12,7 +12,7 @@ use clap::{
 };
 use reuseport::{
     server::{self, ServeOptions, Server},
-    Control, EchoOptions, Group, HashKey, Limits, Policy, PolicyKind, Proto, Result,
+    Control, EchoOptions, Error, Group, HashKey, Limits, Policy, PolicyKind, Proto, Result,
     DEFAULT_BACKLOG,
 };
 
@@ -222,6 +222,12 @@ pub struct RunArgs {
     /// Program of the eBPF object to load (tests and benchmarks).
     #[arg(long, hide = true, default_value = reuseport_common::program::STEER)]
     pub bpf_program: String,
+
+    /// eBPF object to load the program and maps from instead of the one
+    /// built in (tests: the test object, which has programs the built-in
+    /// one has not).
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub bpf_object: Option<std::path::PathBuf>,
 }
 
 /// Options of `reuseport join`.
@@ -477,6 +483,11 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
         .tcp_migrate_req(true);
     if let Some(n) = a.workers {
         builder = builder.workers(n);
+    }
+    if let Some(path) = &a.bpf_object {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::io(format!("reading the eBPF object {}", path.display()), e))?;
+        builder = builder.object(bytes);
     }
     if let Some(name) = a.group {
         builder = builder.name(name);

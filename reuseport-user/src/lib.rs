@@ -24,6 +24,7 @@
 //!   (group::takeover)     takeover with other processes' members
 //! control               a running group seen through its pins
 //! steering              loading and attaching the program
+//! objects               the eBPF objects (production; test, by feature)
 //! echo                  the echo service
 //! worker                the thread-per-core workers
 //! maps                  typed handles on the pinned maps (the ABI)
@@ -143,6 +144,8 @@ mod layout;
 pub mod maps;
 #[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
+pub mod objects;
 #[doc(hidden)]
 pub mod pins;
 #[doc(hidden)]

@@ -1,6 +1,7 @@
 //! Loading, attaching, configuring and detaching the steering program.
 //!
-//! The eBPF object is built by `build.rs` and embedded in this library. One
+//! The eBPF object is built by `build.rs` and embedded in this library
+//! (see [`objects`](crate::objects)). One
 //! [`Steering`] owns one loaded copy of it: its maps (the socket map, the
 //! configuration, the counters) and the program attached to one group.
 
@@ -22,10 +23,8 @@ use crate::{
     error::{Error, Result},
     features::{Feature, KernelFeatures},
     maps::Maps,
+    objects::Object,
 };
-
-/// The eBPF object, aligned as aya requires.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-ebpf"));
 
 /// Log target of the program's own log records (aya-log uses the eBPF
 /// crate's module path).
@@ -60,6 +59,17 @@ impl Steering {
     /// program is loaded as [`STEER_SELECT`](reuseport_common::program::STEER_SELECT),
     /// for selection only, and the loss is logged once.
     pub fn load(program: Option<&str>, pin_dir: Option<&Path>) -> Result<Self> {
+        Self::load_from(&Object::default(), program, pin_dir)
+    }
+
+    /// [`load`](Self::load) from another object than the production one
+    /// (the benchmark's and the tests' test object, see
+    /// [`objects`](crate::objects)).
+    pub fn load_from(
+        object: &Object,
+        program: Option<&str>,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self> {
         let mut program = program;
         if program.is_some() {
             // Privilege first: without it every probe fails, and the
@@ -90,7 +100,7 @@ impl Steering {
         let level = ebpf_log_level();
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
-            .load(OBJECT)
+            .load(object.bytes())
             .map_err(|e| classify_load_error("loading the BPF object", e))?;
 
         if let Some(program) = program {

@@ -44,6 +44,7 @@ fn a_quick_run_measures_every_model_cleanly() {
         [
             "connection-rate",
             "bpf-cost",
+            "bpf-cost-by-workers",
             "distribution",
             "persistent-echo",
             "open-loop-latency",
@@ -74,16 +75,44 @@ fn a_quick_run_measures_every_model_cleanly() {
                     models,
                     [
                         "cpu",
-                        "hash",
+                        "hash/flow",
+                        "hash/src-ip",
+                        "hash/four-tuple",
                         "round-robin",
                         "least-loaded",
                         "weighted",
-                        "consistent",
-                        "floor"
+                        "consistent/flow",
+                        "consistent/four-tuple",
+                        "floor",
+                        "empty",
+                        "cost_counter",
+                        "cost_config",
+                        "cost_load_bytes",
+                        "cost_atomic",
+                        "cost_murmur",
+                        "round_robin_per_cpu"
                     ]
                 );
                 for r in rows {
                     assert!(r["bpf_ns"].as_f64().unwrap() > 0.0, "{r}");
+                    assert!(r["bpf_ratio"].as_f64().unwrap() > 0.0, "{r}");
+                }
+            }
+            "bpf-cost-by-workers" => {
+                // Every policy, the floor and cost_config at each group
+                // size, each measured (its program ran) next to the floor
+                // of its size.
+                for n in [1, 4, 16, 64] {
+                    let at: Vec<&serde_json::Value> = rows
+                        .iter()
+                        .filter(|r| r["workers"].as_u64() == Some(n))
+                        .collect();
+                    assert_eq!(at.len(), 11, "{n} workers: {at:?}");
+                    assert!(at.iter().any(|r| r["model"] == "floor"));
+                    for r in at {
+                        assert!(r["bpf_ns"].as_f64().unwrap() > 0.0, "{r}");
+                        assert!(r["bpf_ratio"].as_f64().unwrap() > 0.0, "{r}");
+                    }
                 }
             }
             "udp-echo" => assert_eq!(models[0], "shared-socket"),

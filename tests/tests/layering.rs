@@ -104,9 +104,9 @@ fn the_server_links_no_font_library() {
 
 /// The library's internal modules: reachable (hidden from the docs) only
 /// for the benchmark and the tests.
-const INTERNAL: [&str; 17] = [
-    "balance", "control", "datagram", "error", "group", "maps", "metrics", "policy", "slots",
-    "pins", "layout", "signals", "proto", "socket", "steering", "sys", "worker",
+const INTERNAL: [&str; 18] = [
+    "balance", "control", "datagram", "error", "group", "maps", "metrics", "objects", "policy",
+    "slots", "pins", "layout", "signals", "proto", "socket", "steering", "sys", "worker",
 ];
 
 /// The modules named by `reuseport::MODULE::` paths in `text`, also inside

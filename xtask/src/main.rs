@@ -213,6 +213,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut cmd = Command::new("rustup");
             cmd.current_dir(&root)
                 .args(["run", "nightly", "cargo", "clippy", "-p", "reuseport-ebpf"])
+                // The test build's programs too (they include the others).
+                .args(["--features", "test-programs"])
                 .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
                 .args(["--", "-D", "warnings"])
                 .env_remove("RUSTC")
