@@ -180,3 +180,27 @@ fn a_short_soak_stays_flat_and_loses_nothing() {
     assert!(connections > 1_000, "{stdout}");
     assert_eq!(last[3], "0", "failed connections: {stdout}");
 }
+
+/// The README's benchmark figures are the committed run's
+/// (`docs/bench/results.csv`), as `reuseport-bench readme` generates them:
+/// a figure edited by hand, or a new run committed without regenerating
+/// them, fails here (and in `cargo xtask lint`).
+#[test]
+fn the_readme_figures_are_the_committed_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf();
+    let out = Command::new(binary())
+        .args(["bench", "readme", "--check", "--results"])
+        .arg(root.join("docs/bench"))
+        .arg("--readme")
+        .arg(root.join("README.md"))
+        .output()
+        .expect("running reuseport bench readme");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

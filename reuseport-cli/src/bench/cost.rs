@@ -65,25 +65,59 @@ pub fn steered(workers: usize) -> Vec<Model> {
     v
 }
 
-/// The test object's reference programs: each the floor plus one step.
+/// The test object's reference programs, each the floor plus one step of
+/// the steering path (see `reuseport-ebpf/src/test_programs.rs`): name,
+/// the plan it runs over, and the step.
+pub const REFERENCES: [(&str, PolicyKind, &str); 7] = [
+    (
+        "empty",
+        PolicyKind::Cpu,
+        "a run that selects nothing (no helper call)",
+    ),
+    (
+        "cost_counter",
+        PolicyKind::Cpu,
+        "+ the per-CPU counter record: one lookup, one add",
+    ),
+    (
+        "cost_config",
+        PolicyKind::Cpu,
+        "+ the plan: state lookup, generation, the live slot at the flow hash (selected: every worker in turn)",
+    ),
+    (
+        "cost_load_bytes",
+        PolicyKind::Cpu,
+        "+ one `bpf_skb_load_bytes_relative` (the 4 bytes of the source address)",
+    ),
+    (
+        "cost_atomic",
+        PolicyKind::Cpu,
+        "+ the shared ticket's atomic fetch-and-add",
+    ),
+    (
+        "cost_murmur",
+        PolicyKind::Cpu,
+        "+ MurmurHash3 of a four-tuple (no packet read)",
+    ),
+    (
+        "round_robin_per_cpu",
+        PolicyKind::RoundRobin,
+        "round robin with per-CPU tickets instead of the shared one (not exact: not offered)",
+    ),
+];
+
+/// The reference programs as models.
 pub fn references() -> Vec<Model> {
-    let reference = |program: &'static str, kind: PolicyKind| Model {
-        name: program.to_string(),
-        design: Design::Reference {
-            program,
-            policy: models::policy(kind, HashKey::Flow, 0),
-        },
-    };
-    vec![
-        reference("empty", PolicyKind::Cpu),
-        reference("cost_counter", PolicyKind::Cpu),
-        select_by_flow_hash(),
-        reference("cost_load_bytes", PolicyKind::Cpu),
-        reference("cost_atomic", PolicyKind::Cpu),
-        reference("cost_murmur", PolicyKind::Cpu),
-        // Per-CPU tickets: the plan of round robin, another ticket.
-        reference("round_robin_per_cpu", PolicyKind::RoundRobin),
-    ]
+    REFERENCES
+        .iter()
+        .map(|&(program, kind, _)| Model {
+            name: program.to_string(),
+            design: Design::Reference {
+                program,
+                policy: models::policy(kind, HashKey::Flow, 0),
+            },
+        })
+        .collect()
 }
 
 /// `cost_config`: the floor plus the plan's live slot at the flow hash,
@@ -91,13 +125,10 @@ pub fn references() -> Vec<Model> {
 /// the policies do: next to them in a large group it shows what selecting
 /// among many sockets costs the kernel, whatever the policy.
 fn select_by_flow_hash() -> Model {
-    Model {
-        name: "cost_config".into(),
-        design: Design::Reference {
-            program: "cost_config",
-            policy: models::policy(PolicyKind::Cpu, HashKey::Flow, 0),
-        },
-    }
+    references()
+        .into_iter()
+        .find(|m| m.name == "cost_config")
+        .expect("cost_config is a reference program")
 }
 
 /// The models of `bpf-cost`, in their order in the tables.

@@ -15,6 +15,7 @@
 mod cost;
 mod load;
 mod models;
+mod readme;
 mod report;
 
 use std::{
@@ -62,6 +63,20 @@ enum Child {
         #[arg(long)]
         count: usize,
     },
+    /// Write the README's figures (the block between its markers) from a
+    /// committed run; with --check, only fail if they differ.
+    Readme {
+        /// The run's directory (its results.csv and report.md).
+        #[arg(long, default_value = "docs/bench")]
+        results: PathBuf,
+        /// The README to write.
+        #[arg(long, default_value = "README.md")]
+        readme: PathBuf,
+        /// Change nothing; exit non-zero if the README's figures are not
+        /// the run's.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +88,11 @@ fn main() -> ExitCode {
         Some(Child::BenchHold { addr, count }) => {
             load::hold_child(addr, count).map_err(|e| one_line(&e))
         }
+        Some(Child::Readme {
+            results,
+            readme,
+            check,
+        }) => readme::update(&results, &readme, check),
         None => bench(cli.args),
     };
     match done {
