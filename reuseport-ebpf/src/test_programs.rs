@@ -6,7 +6,8 @@
 //! slot and nothing else, and each `cost_*` program adds one step of the
 //! steering path to it (one helper call, one atomic add, ...), so its
 //! excess over the floor is that step's cost alone. [`round_robin_per_cpu`]
-//! is the per-CPU ticket variant of round robin, measured but not offered.
+//! is the per-CPU ticket variant of round robin, measured but not offered,
+//! and [`round_robin_shared`] the same path with the shared ticket.
 //! [`verifier_reject`] is the verifier-rejection test's program.
 
 use aya_ebpf::{
@@ -110,22 +111,41 @@ pub fn round_robin_per_cpu(ctx: SkReuseportContext) -> u32 {
     finish(&ctx, counters, per_cpu_ticket(&ctx))
 }
 
+/// The same path as [`round_robin_per_cpu`] with the shared ticket
+/// instead: what the shared ticket costs, everything else equal.
+#[sk_reuseport]
+pub fn round_robin_shared(ctx: SkReuseportContext) -> u32 {
+    let counters = COUNTERS.get_ptr_mut(0);
+    finish(&ctx, counters, ticket_turn(&ctx, false))
+}
+
 #[inline(always)]
 fn per_cpu_ticket(ctx: &SkReuseportContext) -> Result<u32, ()> {
+    ticket_turn(ctx, true)
+}
+
+/// Round robin by a per-CPU ticket (from this CPU's offset) or the shared
+/// one.
+#[inline(always)]
+fn ticket_turn(ctx: &SkReuseportContext, per_cpu: bool) -> Result<u32, ()> {
     let state = STATE.get_ptr_mut(0).ok_or(())?;
     // SAFETY: as in `try_steer`.
     let generation = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
     let cfg: &Config = unsafe { &(*state).config[generation as usize] };
-    let t = TICKETS.get_ptr_mut(0).ok_or(())?;
-    // SAFETY: this CPU's own value; runs on one CPU do not overlap.
-    let ticket = unsafe {
-        let v = *t;
-        *t = v + 1;
-        v as u32
+    let ticket = if per_cpu {
+        let t = TICKETS.get_ptr_mut(0).ok_or(())?;
+        // SAFETY: this CPU's own value; runs on one CPU do not overlap.
+        let ticket = unsafe {
+            let v = *t;
+            *t = v + 1;
+            v as u32
+        };
+        // SAFETY: a helper without arguments or side effects.
+        ticket.wrapping_add(unsafe { bpf_get_smp_processor_id() })
+    } else {
+        next_ticket(state) as u32
     };
-    // SAFETY: a helper without arguments or side effects.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let slot = cfg.live_at(ticket.wrapping_add(cpu)).ok_or(())?;
+    let slot = cfg.live_at(ticket).ok_or(())?;
     select(ctx, cfg, slot)?;
     Ok(slot)
 }

@@ -90,6 +90,7 @@ fn a_quick_run_measures_every_model_cleanly() {
                         "cost_load_bytes",
                         "cost_atomic",
                         "cost_murmur",
+                        "round_robin_shared",
                         "round_robin_per_cpu"
                     ]
                 );

@@ -68,7 +68,7 @@ pub fn steered(workers: usize) -> Vec<Model> {
 /// The test object's reference programs, each the floor plus one step of
 /// the steering path (see `reuseport-ebpf/src/test_programs.rs`): name,
 /// the plan it runs over, and the step.
-pub const REFERENCES: [(&str, PolicyKind, &str); 7] = [
+pub const REFERENCES: [(&str, PolicyKind, &str); 8] = [
     (
         "empty",
         PolicyKind::Cpu,
@@ -100,9 +100,14 @@ pub const REFERENCES: [(&str, PolicyKind, &str); 7] = [
         "+ MurmurHash3 of a four-tuple (no packet read)",
     ),
     (
+        "round_robin_shared",
+        PolicyKind::RoundRobin,
+        "round robin by the shared ticket, on the same short path as the next one",
+    ),
+    (
         "round_robin_per_cpu",
         PolicyKind::RoundRobin,
-        "round robin with per-CPU tickets instead of the shared one (not exact: not offered)",
+        "round robin by per-CPU tickets instead (not exact: not offered)",
     ),
 ];
 
@@ -137,6 +142,15 @@ fn cost_models(workers: usize) -> Vec<Model> {
     v.push(models::floor());
     v.extend(references());
     v
+}
+
+/// `models` without those `--only` leaves out; the floor stays, as every
+/// ratio needs it.
+fn kept(bench: &Bench, models: Vec<Model>) -> Vec<Model> {
+    models
+        .into_iter()
+        .filter(|m| bench.only.is_empty() || m.name == "floor" || bench.only.contains(&m.name))
+        .collect()
 }
 
 /// Epochs the two workloads take (for the progress bar).
@@ -256,7 +270,7 @@ fn stop(models: Vec<Running>) {
 /// groups of one worker per CPU.
 pub fn bpf_cost(bench: &Bench, base_port: u16) -> Result<Workload> {
     let models = start(
-        &cost_models(bench.cpus.len()),
+        &kept(bench, cost_models(bench.cpus.len())),
         base_port,
         &bench.cpus,
         bench.cpus.len(),
@@ -280,6 +294,7 @@ pub fn by_workers(bench: &Bench, base_port: u16) -> Result<Workload> {
         let mut models = steered(n);
         models.push(models::floor());
         models.push(select_by_flow_hash());
+        let models = kept(bench, models);
         let running = start(&models, base_port + 100 * k as u16, &bench.cpus, n)?;
         let measured = measure(bench, &format!("BPF cost, {n} workers"), &running);
         let rows = measured.map(|m| rows(&running, &m, Some(n)));

@@ -383,6 +383,8 @@ struct Bench {
     settings: Settings,
     cpus: Vec<usize>,
     progress: ProgressBar,
+    /// `--only`: the models to run (all when empty).
+    only: Vec<String>,
 }
 
 impl Bench {
@@ -556,6 +558,7 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
         settings: settings.clone(),
         cpus: cpus.clone(),
         progress,
+        only: options.only.clone(),
     };
     let before = drop_counters();
 
