@@ -2,7 +2,7 @@
 //!
 //! [`PRODUCTION`] is the object every group loads: the steering program
 //! (`steer`, and `steer_select` for kernels without listener migration)
-//! and its maps, nothing else. The test object ([`TEST`], feature
+//! and its maps, nothing else. The test object (`TEST`, feature
 //! `test-programs`) has the same programs and maps plus the benchmark's
 //! reference programs (the cost floor and the cost of each step alone) and
 //! a program the verifier rejects; only this project's benchmark and tests
