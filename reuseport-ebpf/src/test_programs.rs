@@ -10,6 +10,8 @@
 //! and [`round_robin_shared`] the same path with the shared ticket.
 //! [`verifier_reject`] is the verifier-rejection test's program.
 
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action},
     helpers::bpf_get_smp_processor_id,
@@ -20,10 +22,10 @@ use aya_ebpf::{
 use reuseport_common::{
     counter,
     hash::{hash_four_tuple, v4_mapped},
-    Config,
+    Config, LEAST_LOADED_CHOICES,
 };
 
-use super::{add, finish, load, next_ticket, select, COUNTERS, SOCKETS, STATE};
+use super::{add, finish, load, next_ticket, select, table, COUNTERS, SOCKETS, STATE, WORKERS};
 
 /// The cost floor: selects slot 0 and does nothing else. Benchmarks compare
 /// every policy with it in the same epochs.
@@ -94,6 +96,71 @@ pub fn cost_murmur(ctx: SkReuseportContext) -> u32 {
     let a = v4_mapped(h.to_ne_bytes());
     let x = hash_four_tuple(h, &a, &a, h.to_be_bytes());
     let _ = SOCKETS.select_reuseport(&ctx, u32::from(x == 0x5eed_5eed));
+    sk_action::SK_PASS
+}
+
+/// The floor plus the Maglev table: one entry of the generation's table
+/// at the flow hash (a second map lookup and a read at random in 16 KiB),
+/// which it selects, as `consistent` does. Next to [`cost_config`] (which
+/// also selects every worker in turn) it shows the table's own cost.
+#[sk_reuseport]
+pub fn cost_table(ctx: SkReuseportContext) -> u32 {
+    if let Some(state) = STATE.get_ptr_mut(0) {
+        // SAFETY: a map value (see `try_steer`).
+        let generation =
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
+        let cfg: &Config = unsafe { &(*state).config[generation as usize] };
+        if cfg.table_len > 0 {
+            if let Ok(slot) = table(generation, ctx.hash() % cfg.table_len) {
+                let _ = SOCKETS.select_reuseport(&ctx, slot);
+            }
+        }
+    }
+    sk_action::SK_PASS
+}
+
+/// The floor plus what `least-loaded` reads and writes: the load of up to
+/// [`LEAST_LOADED_CHOICES`] live workers (each on a cache line of its own,
+/// which its worker writes) and the atomic add on the least loaded one's.
+/// It still selects slot 0.
+#[sk_reuseport]
+pub fn cost_loads(ctx: SkReuseportContext) -> u32 {
+    if let Some(state) = STATE.get_ptr_mut(0) {
+        // SAFETY: a map value (see `try_steer`).
+        let generation =
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
+        let cfg: &Config = unsafe { &(*state).config[generation as usize] };
+        let mut best = 0;
+        let mut best_load = u64::MAX;
+        let mut i = 0;
+        while i < LEAST_LOADED_CHOICES {
+            if i >= cfg.n_live {
+                break;
+            }
+            if let Some(slot) = cfg.live_at(i) {
+                // SAFETY: see `select`; an aligned 8-byte load is atomic.
+                let load = WORKERS
+                    .get_ptr(slot)
+                    .map(|r| unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*r).load)) })
+                    .unwrap_or(u64::MAX);
+                if load < best_load {
+                    best = slot;
+                    best_load = load;
+                }
+            }
+            i += 1;
+        }
+        if let Some(rec) = WORKERS.get_ptr_mut(best) {
+            // SAFETY: see `select`.
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
+                    core::ptr::addr_of_mut!((*rec).load),
+                    1,
+                )
+            };
+        }
+    }
+    let _ = SOCKETS.select_reuseport(&ctx, 0);
     sk_action::SK_PASS
 }
 

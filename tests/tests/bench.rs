@@ -90,6 +90,8 @@ fn a_quick_run_measures_every_model_cleanly() {
                         "cost_load_bytes",
                         "cost_atomic",
                         "cost_murmur",
+                        "cost_table",
+                        "cost_loads",
                         "round_robin_shared",
                         "round_robin_per_cpu"
                     ]

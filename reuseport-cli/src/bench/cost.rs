@@ -68,7 +68,7 @@ pub fn steered(workers: usize) -> Vec<Model> {
 /// The test object's reference programs, each the floor plus one step of
 /// the steering path (see `reuseport-ebpf/src/test_programs.rs`): name,
 /// the plan it runs over, and the step.
-pub const REFERENCES: [(&str, PolicyKind, &str); 8] = [
+pub const REFERENCES: [(&str, PolicyKind, &str); 10] = [
     (
         "empty",
         PolicyKind::Cpu,
@@ -98,6 +98,16 @@ pub const REFERENCES: [(&str, PolicyKind, &str); 8] = [
         "cost_murmur",
         PolicyKind::Cpu,
         "+ MurmurHash3 of a four-tuple (no packet read)",
+    ),
+    (
+        "cost_table",
+        PolicyKind::Consistent,
+        "+ the plan and one Maglev table entry at the flow hash (selected: every worker in turn)",
+    ),
+    (
+        "cost_loads",
+        PolicyKind::LeastLoaded,
+        "+ the loads of up to 4 live workers (a cache line each, which the workers write) and the atomic add on the least loaded one's",
     ),
     (
         "round_robin_shared",
