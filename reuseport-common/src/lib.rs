@@ -182,10 +182,6 @@ pub mod policy {
     pub const WEIGHTED: u32 = 5;
     /// A Maglev lookup table indexed by the seeded hash of a key.
     pub const CONSISTENT: u32 = 6;
-    /// Round robin over the live slots by per-CPU tickets (each CPU from
-    /// its own offset): no cache line shared between CPUs, but only each
-    /// CPU's turn is exact.
-    pub const ROUND_ROBIN_PER_CPU: u32 = 7;
 }
 
 /// Hash key ids as stored in [`Config::key`]; see [`hash`] for the exact bytes.
@@ -241,8 +237,7 @@ pub mod counter {
     /// connections still queued) and picked their new socket.
     pub const MIGRATED: u32 = MAX_WORKERS + 5;
     /// Not a count for people: `least-loaded`'s per-CPU turn counter, which
-    /// rotates where its scan starts so that equally loaded workers share,
-    /// and `round-robin-per-cpu`'s per-CPU ticket.
+    /// rotates where its scan starts so that equally loaded workers share.
     pub const TURN: u32 = MAX_WORKERS + 6;
     /// A valid cookie of the slot's current socket steered the datagram.
     pub const COOKIE_OK: u32 = MAX_WORKERS + 7;

@@ -136,7 +136,6 @@ fn try_steer(ctx: &SkReuseportContext, counters: Option<*mut Counters>) -> Resul
         policy::CPU => by_cpu(ctx, cfg),
         policy::HASH => by_hash(ctx, cfg),
         policy::ROUND_ROBIN => round_robin(state, cfg),
-        policy::ROUND_ROBIN_PER_CPU => round_robin_per_cpu(cfg, counters),
         policy::LEAST_LOADED => least_loaded(ctx, cfg, counters),
         policy::WEIGHTED => weighted(state, cfg, generation),
         policy::CONSISTENT => consistent(ctx, cfg, generation),
@@ -230,25 +229,6 @@ fn by_hash(ctx: &SkReuseportContext, cfg: &Config) -> Result<(u32, u32), ()> {
 #[inline(always)]
 fn round_robin(state: *mut State, cfg: &Config) -> Result<(u32, u32), ()> {
     let ticket = next_ticket(state) as u32;
-    Ok((cfg.live_at(ticket).ok_or(())?, ticket))
-}
-
-/// `round-robin-per-cpu`: this CPU's next ticket (its turn counter in the
-/// per-CPU record), from an offset of its own, modulo the live slots. No
-/// cache line moves between CPUs (the shared ticket's does, on every run);
-/// each CPU deals its packets exactly in turn, so the workers' totals are
-/// within one per CPU that sent, not within one.
-#[inline(always)]
-fn round_robin_per_cpu(cfg: &Config, counters: Option<*mut Counters>) -> Result<(u32, u32), ()> {
-    let c = counters.ok_or(())?;
-    // SAFETY: this CPU's own record; runs on one CPU do not overlap.
-    let ticket = unsafe {
-        let t = &mut (*c).values[counter::TURN as usize];
-        *t += 1;
-        *t as u32
-    };
-    // SAFETY: a helper without arguments or side effects.
-    let ticket = ticket.wrapping_add(unsafe { bpf_get_smp_processor_id() });
     Ok((cfg.live_at(ticket).ok_or(())?, ticket))
 }
 

@@ -5,14 +5,18 @@
 //! epochs, to show what bounds a policy's cost: [`floor`] selects a fixed
 //! slot and nothing else, and each `cost_*` program adds one step of the
 //! steering path to it (one helper call, one atomic add, ...), so its
-//! excess over the floor is that step's cost alone.
+//! excess over the floor is that step's cost alone. [`round_robin_per_cpu`]
+//! is the per-CPU ticket variant of round robin, measured but not offered,
+//! and [`round_robin_shared`] the same path with the shared ticket.
 //! [`verifier_reject`] is the verifier-rejection test's program.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action},
-    macros::sk_reuseport,
+    helpers::bpf_get_smp_processor_id,
+    macros::{map, sk_reuseport},
+    maps::PerCpuArray,
     programs::SkReuseportContext,
 };
 use reuseport_common::{
@@ -21,7 +25,7 @@ use reuseport_common::{
     Config, LEAST_LOADED_CHOICES,
 };
 
-use super::{add, load, next_ticket, table, COUNTERS, SOCKETS, STATE, WORKERS};
+use super::{add, finish, load, next_ticket, select, table, COUNTERS, SOCKETS, STATE, WORKERS};
 
 /// The cost floor: selects slot 0 and does nothing else. Benchmarks compare
 /// every policy with it in the same epochs.
@@ -158,6 +162,59 @@ pub fn cost_loads(ctx: SkReuseportContext) -> u32 {
     }
     let _ = SOCKETS.select_reuseport(&ctx, 0);
     sk_action::SK_PASS
+}
+
+/// Per-CPU tickets: each CPU's own counter, no shared cache line.
+#[map]
+static TICKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `round-robin` with per-CPU tickets: each CPU walks the live slots from
+/// its own offset. No cache line moves between CPUs, but the promise of
+/// exact round robin (every worker within one of the others) no longer
+/// holds: each CPU's walk is exact, their sum is only within one per CPU.
+#[sk_reuseport]
+pub fn round_robin_per_cpu(ctx: SkReuseportContext) -> u32 {
+    let counters = COUNTERS.get_ptr_mut(0);
+    finish(&ctx, counters, per_cpu_ticket(&ctx))
+}
+
+/// The same path as [`round_robin_per_cpu`] with the shared ticket
+/// instead: what the shared ticket costs, everything else equal.
+#[sk_reuseport]
+pub fn round_robin_shared(ctx: SkReuseportContext) -> u32 {
+    let counters = COUNTERS.get_ptr_mut(0);
+    finish(&ctx, counters, ticket_turn(&ctx, false))
+}
+
+#[inline(always)]
+fn per_cpu_ticket(ctx: &SkReuseportContext) -> Result<u32, ()> {
+    ticket_turn(ctx, true)
+}
+
+/// Round robin by a per-CPU ticket (from this CPU's offset) or the shared
+/// one.
+#[inline(always)]
+fn ticket_turn(ctx: &SkReuseportContext, per_cpu: bool) -> Result<u32, ()> {
+    let state = STATE.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: as in `try_steer`.
+    let generation = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).active)) } & 1;
+    let cfg: &Config = unsafe { &(*state).config[generation as usize] };
+    let ticket = if per_cpu {
+        let t = TICKETS.get_ptr_mut(0).ok_or(())?;
+        // SAFETY: this CPU's own value; runs on one CPU do not overlap.
+        let ticket = unsafe {
+            let v = *t;
+            *t = v + 1;
+            v as u32
+        };
+        // SAFETY: a helper without arguments or side effects.
+        ticket.wrapping_add(unsafe { bpf_get_smp_processor_id() })
+    } else {
+        next_ticket(state) as u32
+    };
+    let slot = cfg.live_at(ticket).ok_or(())?;
+    select(ctx, cfg, slot)?;
+    Ok(slot)
 }
 
 /// Reads packet data without a bounds check, which the verifier must

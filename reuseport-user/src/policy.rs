@@ -28,10 +28,6 @@ pub enum PolicyKind {
     Hash,
     /// Each worker in turn.
     RoundRobin,
-    /// Each worker in turn from each CPU's own ticket: cheaper than
-    /// [`RoundRobin`](PolicyKind::RoundRobin) (no cache line shared between
-    /// CPUs), but the workers' totals are within one per CPU, not within one.
-    RoundRobinPerCpu,
     /// To the worker with the fewest open connections.
     LeastLoaded,
     /// In proportion to per-worker weights ([`Policy::weights`]).
@@ -50,7 +46,6 @@ impl PolicyKind {
             PolicyKind::Cpu => "cpu",
             PolicyKind::Hash => "hash",
             PolicyKind::RoundRobin => "round-robin",
-            PolicyKind::RoundRobinPerCpu => "round-robin-per-cpu",
             PolicyKind::LeastLoaded => "least-loaded",
             PolicyKind::Weighted => "weighted",
             PolicyKind::Consistent => "consistent",
@@ -64,7 +59,6 @@ impl PolicyKind {
             PolicyKind::Cpu => id::CPU,
             PolicyKind::Hash => id::HASH,
             PolicyKind::RoundRobin => id::ROUND_ROBIN,
-            PolicyKind::RoundRobinPerCpu => id::ROUND_ROBIN_PER_CPU,
             PolicyKind::LeastLoaded => id::LEAST_LOADED,
             PolicyKind::Weighted => id::WEIGHTED,
             PolicyKind::Consistent => id::CONSISTENT,
@@ -73,22 +67,20 @@ impl PolicyKind {
     }
 
     /// The policies the program carries out (every one but `kernel`).
-    pub const STEERED: [PolicyKind; 7] = [
+    pub const STEERED: [PolicyKind; 6] = [
         PolicyKind::Cpu,
         PolicyKind::Hash,
         PolicyKind::RoundRobin,
-        PolicyKind::RoundRobinPerCpu,
         PolicyKind::LeastLoaded,
         PolicyKind::Weighted,
         PolicyKind::Consistent,
     ];
 
     /// Every policy, the program's and `kernel`.
-    pub const ALL: [PolicyKind; 8] = [
+    pub const ALL: [PolicyKind; 7] = [
         PolicyKind::Cpu,
         PolicyKind::Hash,
         PolicyKind::RoundRobin,
-        PolicyKind::RoundRobinPerCpu,
         PolicyKind::LeastLoaded,
         PolicyKind::Weighted,
         PolicyKind::Consistent,
@@ -453,10 +445,7 @@ fn plan_with(
             .map_err(PolicyError::Table)?;
             debug_assert_eq!(config.table_len, maglev_size(slots.len()));
         }
-        PolicyKind::Hash
-        | PolicyKind::RoundRobin
-        | PolicyKind::RoundRobinPerCpu
-        | PolicyKind::LeastLoaded => {}
+        PolicyKind::Hash | PolicyKind::RoundRobin | PolicyKind::LeastLoaded => {}
     }
     table.truncate(config.table_len as usize);
     Ok(Plan { config, table })

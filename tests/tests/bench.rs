@@ -61,7 +61,6 @@ fn a_quick_run_measures_every_model_cleanly() {
         "cpu",
         "hash",
         "round-robin",
-        "round-robin-per-cpu",
         "least-loaded",
         "weighted",
         "consistent",
@@ -80,7 +79,6 @@ fn a_quick_run_measures_every_model_cleanly() {
                         "hash/src-ip",
                         "hash/four-tuple",
                         "round-robin",
-                        "round-robin-per-cpu",
                         "least-loaded",
                         "weighted",
                         "consistent/flow",
@@ -93,7 +91,9 @@ fn a_quick_run_measures_every_model_cleanly() {
                         "cost_atomic",
                         "cost_murmur",
                         "cost_table",
-                        "cost_loads"
+                        "cost_loads",
+                        "round_robin_shared",
+                        "round_robin_per_cpu"
                     ]
                 );
                 for r in rows {
@@ -110,7 +110,7 @@ fn a_quick_run_measures_every_model_cleanly() {
                         .iter()
                         .filter(|r| r["workers"].as_u64() == Some(n))
                         .collect();
-                    assert_eq!(at.len(), 12, "{n} workers: {at:?}");
+                    assert_eq!(at.len(), 11, "{n} workers: {at:?}");
                     assert!(at.iter().any(|r| r["model"] == "floor"));
                     for r in at {
                         assert!(r["bpf_ns"].as_f64().unwrap() > 0.0, "{r}");

@@ -180,7 +180,11 @@ fn the_server_embeds_no_test_program() {
     let server = std::fs::read(binary()).expect("reading the server binary");
     let bench = std::fs::read(binary().with_file_name("reuseport-bench"))
         .expect("reading the benchmark binary");
-    for name in [&b"verifier_reject"[..], b"cost_murmur", b"cost_loads"] {
+    for name in [
+        &b"verifier_reject"[..],
+        b"cost_murmur",
+        b"round_robin_per_cpu",
+    ] {
         assert_eq!(
             occurrences(&server, name),
             0,

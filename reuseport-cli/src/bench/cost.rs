@@ -68,7 +68,7 @@ pub fn steered(workers: usize) -> Vec<Model> {
 /// The test object's reference programs, each the floor plus one step of
 /// the steering path (see `reuseport-ebpf/src/test_programs.rs`): name,
 /// the plan it runs over, and the step.
-pub const REFERENCES: [(&str, PolicyKind, &str); 8] = [
+pub const REFERENCES: [(&str, PolicyKind, &str); 10] = [
     (
         "empty",
         PolicyKind::Cpu,
@@ -108,6 +108,16 @@ pub const REFERENCES: [(&str, PolicyKind, &str); 8] = [
         "cost_loads",
         PolicyKind::LeastLoaded,
         "+ the loads of up to 4 live workers (a cache line each, which the workers write) and the atomic add on the least loaded one's",
+    ),
+    (
+        "round_robin_shared",
+        PolicyKind::RoundRobin,
+        "round robin by the shared ticket, on the same short path as the next one",
+    ),
+    (
+        "round_robin_per_cpu",
+        PolicyKind::RoundRobin,
+        "round robin by per-CPU tickets instead (not exact: not offered)",
     ),
 ];
 

@@ -26,10 +26,9 @@ fn get<'a>(w: Option<&'a Workload>, model: &str) -> Option<&'a Row> {
 /// Those that read nothing from the packet (or only the kernel's flow
 /// hash) within 10 %; those that read the packet's addresses or compare
 /// workers' loads within 30 %.
-pub const COST_TARGETS: [(&str, f64); 10] = [
+pub const COST_TARGETS: [(&str, f64); 9] = [
     ("cpu", 1.10),
     ("round-robin", 1.10),
-    ("round-robin-per-cpu", 1.10),
     ("weighted", 1.10),
     ("hash/flow", 1.10),
     ("hash/src-ip", 1.30),
