@@ -126,19 +126,10 @@ fn no_privilege_names_the_capabilities() {
     assert_eq!(reuseport_tests::echo(server.addr, &p), p);
 }
 
-/// The test object (see `reuseport::objects`) written to a file for the
-/// binary's hidden `--bpf-object`: the server itself embeds only the
-/// production object.
-fn test_object_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("reuseport-test-{}.o", std::process::id()));
-    std::fs::write(&path, reuseport::objects::TEST).expect("writing the test object");
-    path
-}
-
 #[test]
 fn verifier_rejection_shows_the_log() {
     netns();
-    let object = test_object_file();
+    let object = reuseport_tests::test_object_file("verifier");
     let object_arg = object.to_str().expect("a UTF-8 temp path");
     let (code, err) = run(&[
         "--addr",
