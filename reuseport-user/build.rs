@@ -3,6 +3,11 @@
 //! where `steering.rs` embeds it. `cargo xtask setup` installs what this
 //! needs (nightly with rust-src, bpf-linker).
 //!
+//! With the feature `test-programs` it also builds the test object,
+//! `reuseport-ebpf-test`: the same programs and maps plus the benchmark's
+//! reference programs and the verifier-rejection test's program, which the
+//! production object does not carry.
+//!
 //! Outside the workspace (this crate as packaged by `cargo xtask package`,
 //! from a registry or a copy) the program's sources are not there: the
 //! package then carries the object, `ebpf/reuseport-ebpf.o`, which `cargo
@@ -14,7 +19,11 @@
 //! `-C target-cpu=v3`, which the program needs: round robin and weighted
 //! take tickets with an atomic fetch-and-add, an instruction of BPF ISA v3
 //! that LLVM refuses to emit for the default "generic" (v1) CPU.
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context as _};
 
@@ -47,49 +56,90 @@ fn main() -> anyhow::Result<()> {
     ]
     .join("\x1f");
 
-    let mut cmd = Command::new("rustup");
-    cmd.current_dir(&workspace)
-        .args([
-            "run",
-            &toolchain,
-            "cargo",
-            "build",
-            "--package",
-            "reuseport-ebpf",
-        ])
-        .args([
-            "--bins",
-            "--release",
-            "--target",
-            target,
-            "-Z",
-            "build-std=core",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
-        // The outer build's compiler is stable; make the nested cargo pick
-        // the nightly's own.
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("RUSTC_WRAPPER");
-    let status = cmd.status().with_context(|| {
-        format!("running {cmd:?} (is rustup installed? run `cargo xtask setup`)")
-    })?;
-    if !status.success() {
-        bail!("building the eBPF program failed ({status}); `cargo xtask setup` installs the toolchain it needs");
+    let test_programs = env::var_os("CARGO_FEATURE_TEST_PROGRAMS").is_some();
+    let build = Build {
+        workspace: &workspace,
+        toolchain: &toolchain,
+        target,
+        target_dir: &target_dir,
+        rustflags: &rustflags,
+    };
+    // The production object: what the library embeds.
+    build.object(&[], &out_dir.join("reuseport-ebpf"))?;
+    if test_programs {
+        // The test build (feature `test-programs` of both crates): the same
+        // programs and maps plus the benchmark's reference programs and the
+        // verifier-rejection test's program. Built second, in the same
+        // target directory: only the eBPF crate itself is rebuilt.
+        build.object(
+            &["--features", "test-programs"],
+            &out_dir.join("reuseport-ebpf-test"),
+        )?;
     }
-    let object = target_dir
-        .join(target)
-        .join("release")
-        .join("reuseport-ebpf");
-    std::fs::copy(&object, out_dir.join("reuseport-ebpf"))
-        .with_context(|| format!("copying {}", object.display()))?;
     Ok(())
 }
 
+/// One build of the eBPF crate.
+struct Build<'a> {
+    workspace: &'a Path,
+    toolchain: &'a str,
+    target: &'a str,
+    target_dir: &'a Path,
+    rustflags: &'a str,
+}
+
+impl Build<'_> {
+    /// Builds the eBPF crate with `extra` arguments and copies the object to
+    /// `dest`.
+    fn object(&self, extra: &[&str], dest: &Path) -> anyhow::Result<()> {
+        let mut cmd = Command::new("rustup");
+        cmd.current_dir(self.workspace)
+            .args([
+                "run",
+                self.toolchain,
+                "cargo",
+                "build",
+                "--package",
+                "reuseport-ebpf",
+            ])
+            .args([
+                "--bins",
+                "--release",
+                "--target",
+                self.target,
+                "-Z",
+                "build-std=core",
+            ])
+            .args(extra)
+            .arg("--target-dir")
+            .arg(self.target_dir)
+            .env("CARGO_ENCODED_RUSTFLAGS", self.rustflags)
+            // The outer build's compiler is stable; make the nested cargo
+            // pick the nightly's own.
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("RUSTC_WRAPPER");
+        let status = cmd.status().with_context(|| {
+            format!("running {cmd:?} (is rustup installed? run `cargo xtask setup`)")
+        })?;
+        if !status.success() {
+            bail!("building the eBPF program failed ({status}); `cargo xtask setup` installs the toolchain it needs");
+        }
+        let object = self
+            .target_dir
+            .join(self.target)
+            .join("release")
+            .join("reuseport-ebpf");
+        std::fs::copy(&object, dest).with_context(|| format!("copying {}", object.display()))?;
+        Ok(())
+    }
+}
+
 /// The object the package carries, for a build without the workspace.
-fn shipped(manifest_dir: &std::path::Path, out_dir: &std::path::Path) -> anyhow::Result<()> {
+fn shipped(manifest_dir: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    if env::var_os("CARGO_FEATURE_TEST_PROGRAMS").is_some() {
+        bail!("feature `test-programs` needs the reuseport workspace's eBPF sources (it is for the project's own benchmark and tests)");
+    }
     let object = manifest_dir.join("ebpf/reuseport-ebpf.o");
     println!("cargo:rerun-if-changed={}", object.display());
     let bytes = std::fs::read(&object).with_context(|| {

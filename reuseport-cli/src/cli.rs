@@ -12,7 +12,7 @@ use clap::{
 };
 use reuseport::{
     server::{self, ServeOptions, Server},
-    Control, EchoOptions, Group, HashKey, Limits, Policy, PolicyKind, Proto, Result,
+    Control, EchoOptions, Error, Group, HashKey, Limits, Policy, PolicyKind, Proto, Result,
     DEFAULT_BACKLOG,
 };
 
@@ -239,6 +239,12 @@ pub struct RunArgs {
     /// Program of the eBPF object to load (tests and benchmarks).
     #[arg(long, hide = true, default_value = reuseport_common::program::STEER)]
     pub bpf_program: String,
+
+    /// eBPF object to load the program and maps from instead of the one
+    /// built in (tests: the test object, which has programs the built-in
+    /// one has not).
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub bpf_object: Option<std::path::PathBuf>,
 }
 
 /// Options of `reuseport join`.
@@ -509,6 +515,11 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
         .flow_timeout(a.flow_timeout);
     if let Some(n) = a.workers {
         builder = builder.workers(n);
+    }
+    if let Some(path) = &a.bpf_object {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::io(format!("reading the eBPF object {}", path.display()), e))?;
+        builder = builder.object(bytes);
     }
     if let Some(name) = a.group {
         builder = builder.name(name);

@@ -709,21 +709,12 @@ fn count(index: u32) {
     add(COUNTERS.get_ptr_mut(0), index);
 }
 
-/// The cost floor: selects slot 0 and does nothing else. Benchmarks compare
-/// every policy with it in the same run.
-#[sk_reuseport]
-pub fn floor(ctx: SkReuseportContext) -> u32 {
-    let _ = SOCKETS.select_reuseport(&ctx, 0);
-    sk_action::SK_PASS
-}
-
-/// Reads packet data without a bounds check, which the verifier must
-/// refuse. Loaded only by the tests of the verifier-rejection error path.
-#[sk_reuseport]
-pub fn verifier_reject(ctx: SkReuseportContext) -> u32 {
-    // SAFETY: never runs: the verifier rejects the program at load time.
-    unsafe { core::ptr::read_volatile(ctx.data() as *const u32) }
-}
+// The benchmark's reference programs and the verifier-rejection test's
+// program live in a test build of this object only (feature
+// `test-programs`): the object the library embeds holds `steer` and
+// `steer_select` alone.
+#[cfg(feature = "test-programs")]
+mod test_programs;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -30,6 +30,7 @@ use crate::{
     control,
     error::{Error, Result},
     maps::{BpfCounters, WorkerRegion, WorkerStats},
+    objects::Object,
     policy::{self, LiveSlot, Policy, PolicyError, PolicyKind},
     signals, slots,
     socket::{self, Proto},
@@ -52,6 +53,7 @@ pub struct GroupBuilder {
     policy: Policy,
     backlog: i32,
     program: String,
+    object: Object,
     name: Option<String>,
     pin: bool,
     takeover: Option<String>,
@@ -270,6 +272,7 @@ impl Group {
             policy: Policy::new(PolicyKind::Cpu),
             backlog: DEFAULT_BACKLOG,
             program: program::STEER.to_string(),
+            object: Object::default(),
             name: None,
             pin: true,
             takeover: None,
@@ -947,6 +950,15 @@ impl GroupBuilder {
         })
     }
 
+    /// Loads the programs and maps from another eBPF object than the
+    /// production one (the test object of the benchmark and the tests).
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
+    pub fn object(mut self, bytes: impl Into<std::borrow::Cow<'static, [u8]>>) -> Self {
+        self.object = Object::new(bytes);
+        self
+    }
+
     /// Creates the group: binds every member, loads and attaches the program,
     /// fills the socket map, puts the policy in force and pins the maps.
     pub fn build(mut self) -> Result<Group> {
@@ -1116,7 +1128,8 @@ impl GroupBuilder {
         signals::checkpoint("pinned")?;
         let steering = if may_bpf {
             let program = with_program.then_some(self.program.as_str());
-            Some(Steering::load(
+            Some(Steering::load_from(
+                &self.object,
                 program,
                 pins.as_ref().map(|p| p.dir.as_path()),
                 &flows,

@@ -27,6 +27,7 @@
 //!   (group::takeover)     takeover with other processes' members
 //! control               a running group seen through its pins
 //! steering              loading and attaching the program
+//! objects               the eBPF objects (production; test, by feature)
 //! echo                  the echo service
 //! worker                the thread-per-core workers
 //! maps                  typed handles on the pinned maps (the ABI)
@@ -144,8 +145,8 @@ macro_rules! internal {
 }
 
 internal!(
-    balance, control, error, features, group, maps, metrics, pins, policy, socket, steering, sys,
-    topology, worker,
+    balance, control, error, features, group, maps, metrics, objects, pins, policy, socket,
+    steering, sys, topology, worker,
 );
 pub mod cookie;
 mod datagram;

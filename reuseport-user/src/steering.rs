@@ -1,6 +1,7 @@
 //! Loading, attaching, configuring and detaching the steering program.
 //!
-//! The eBPF object is built by `build.rs` and embedded in this library. One
+//! The eBPF object is built by `build.rs` and embedded in this library
+//! (see [`objects`](crate::objects)). One
 //! [`Steering`] owns one loaded copy of it: its maps (the socket map, the
 //! configuration, the counters) and the program attached to one group.
 
@@ -22,10 +23,8 @@ use crate::{
     error::{Error, Result},
     features::{Feature, KernelFeatures},
     maps::Maps,
+    objects::Object,
 };
-
-/// The eBPF object, aligned as aya requires.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport-ebpf"));
 
 /// Log target of the program's own log records (aya-log uses the eBPF
 /// crate's module path).
@@ -72,7 +71,20 @@ impl Steering {
     ///
     /// The flow table is made `flows.size` entries large, or is the one
     /// pinned at `flows.reuse` (a takeover's predecessor's).
+    #[cfg(feature = "internals")]
     pub fn load(program: Option<&str>, pin_dir: Option<&Path>, flows: &FlowTable) -> Result<Self> {
+        Self::load_from(&Object::default(), program, pin_dir, flows)
+    }
+
+    /// [`load`](Self::load) from another object than the production one
+    /// (the benchmark's and the tests' test object, see
+    /// [`objects`](crate::objects)).
+    pub fn load_from(
+        object: &Object,
+        program: Option<&str>,
+        pin_dir: Option<&Path>,
+        flows: &FlowTable,
+    ) -> Result<Self> {
         let mut program = program;
         if program.is_some() {
             // Privilege first: without it every probe fails, and the
@@ -112,7 +124,7 @@ impl Steering {
             loader.map_pin_path(reuseport_common::map::FLOWS, path.as_path());
         }
         let mut ebpf = loader
-            .load(OBJECT)
+            .load(object.bytes())
             .map_err(|e| classify_load_error("loading the BPF object", e))?;
 
         if let Some(program) = program {

@@ -1238,3 +1238,14 @@ impl Drop for Python {
         let _ = self.child.wait();
     }
 }
+
+/// The library's test object (`reuseport::objects::TEST`: the steering
+/// programs plus the benchmark's reference programs and a program the
+/// verifier rejects) in a file of its own, for the server's hidden
+/// `--bpf-object`: the server itself embeds only the production object.
+/// The caller removes it.
+pub fn test_object_file(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("reuseport-{name}-{}.o", std::process::id()));
+    std::fs::write(&path, reuseport::objects::TEST).expect("writing the test object");
+    path
+}

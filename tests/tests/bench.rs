@@ -44,6 +44,7 @@ fn a_quick_run_measures_every_model_cleanly() {
         [
             "connection-rate",
             "bpf-cost",
+            "bpf-cost-by-workers",
             "distribution",
             "persistent-echo",
             "open-loop-latency",
@@ -74,16 +75,47 @@ fn a_quick_run_measures_every_model_cleanly() {
                     models,
                     [
                         "cpu",
-                        "hash",
+                        "hash/flow",
+                        "hash/src-ip",
+                        "hash/four-tuple",
                         "round-robin",
                         "least-loaded",
                         "weighted",
-                        "consistent",
-                        "floor"
+                        "consistent/flow",
+                        "consistent/four-tuple",
+                        "floor",
+                        "empty",
+                        "cost_counter",
+                        "cost_config",
+                        "cost_load_bytes",
+                        "cost_atomic",
+                        "cost_murmur",
+                        "cost_table",
+                        "cost_loads",
+                        "round_robin_shared",
+                        "round_robin_per_cpu"
                     ]
                 );
                 for r in rows {
                     assert!(r["bpf_ns"].as_f64().unwrap() > 0.0, "{r}");
+                    assert!(r["bpf_ratio"].as_f64().unwrap() > 0.0, "{r}");
+                }
+            }
+            "bpf-cost-by-workers" => {
+                // Every policy, the floor and cost_config at each group
+                // size, each measured (its program ran) next to the floor
+                // of its size.
+                for n in [1, 4, 16, 64] {
+                    let at: Vec<&serde_json::Value> = rows
+                        .iter()
+                        .filter(|r| r["workers"].as_u64() == Some(n))
+                        .collect();
+                    assert_eq!(at.len(), 11, "{n} workers: {at:?}");
+                    assert!(at.iter().any(|r| r["model"] == "floor"));
+                    for r in at {
+                        assert!(r["bpf_ns"].as_f64().unwrap() > 0.0, "{r}");
+                        assert!(r["bpf_ratio"].as_f64().unwrap() > 0.0, "{r}");
+                    }
                 }
             }
             "udp-echo" => assert_eq!(models[0], "shared-socket"),
@@ -150,4 +182,28 @@ fn a_short_soak_stays_flat_and_loses_nothing() {
     let connections: u64 = last[2].parse().unwrap();
     assert!(connections > 1_000, "{stdout}");
     assert_eq!(last[3], "0", "failed connections: {stdout}");
+}
+
+/// The README's benchmark figures are the committed run's
+/// (`docs/bench/results.csv`), as `reuseport-bench readme` generates them:
+/// a figure edited by hand, or a new run committed without regenerating
+/// them, fails here (and in `cargo xtask lint`).
+#[test]
+fn the_readme_figures_are_the_committed_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf();
+    let out = Command::new(binary())
+        .args(["bench", "readme", "--check", "--results"])
+        .arg(root.join("docs/bench"))
+        .arg("--readme")
+        .arg(root.join("README.md"))
+        .output()
+        .expect("running reuseport bench readme");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

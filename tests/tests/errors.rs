@@ -129,7 +129,17 @@ fn no_privilege_names_the_capabilities() {
 #[test]
 fn verifier_rejection_shows_the_log() {
     netns();
-    let (code, err) = run(&["--addr", "127.0.0.1:0", "--bpf-program", "verifier_reject"]);
+    let object = reuseport_tests::test_object_file("verifier");
+    let object_arg = object.to_str().expect("a UTF-8 temp path");
+    let (code, err) = run(&[
+        "--addr",
+        "127.0.0.1:0",
+        "--bpf-object",
+        object_arg,
+        "--bpf-program",
+        "verifier_reject",
+    ]);
+    let _ = std::fs::remove_file(&object);
     assert_eq!(code, 1);
     assert!(
         first_line(&err)
@@ -141,6 +151,22 @@ fn verifier_rejection_shows_the_log() {
         "the verifier's own words follow:\n{err}"
     );
     assert!(err.lines().count() > 3, "the whole log:\n{err}");
+}
+
+/// The built-in (production) object carries no test program: asking the
+/// server for one is a clear error, not a load.
+#[test]
+fn the_built_in_object_has_no_test_programs() {
+    netns();
+    for program in ["verifier_reject", "floor"] {
+        let (code, err) = run(&["--addr", "127.0.0.1:0", "--bpf-program", program]);
+        assert_eq!(code, 1);
+        assert!(
+            first_line(&err).contains(&format!("finding program `{program}`"))
+                && first_line(&err).contains("no such program in the object"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -104,9 +104,9 @@ fn the_server_links_no_font_library() {
 
 /// The library's internal modules: private, reachable only with the
 /// `internals` feature, which the benchmark and the tests turn on.
-const INTERNAL: [&str; 17] = [
-    "balance", "control", "datagram", "error", "group", "maps", "metrics", "policy", "slots",
-    "pins", "layout", "signals", "proto", "socket", "steering", "sys", "worker",
+const INTERNAL: [&str; 18] = [
+    "balance", "control", "datagram", "error", "group", "maps", "metrics", "objects", "policy",
+    "slots", "pins", "layout", "signals", "proto", "socket", "steering", "sys", "worker",
 ];
 
 /// The modules named by `reuseport::MODULE::` paths in `text`, also inside
@@ -163,4 +163,41 @@ fn the_command_line_the_examples_and_the_readme_use_only_the_public_api() {
     // The scan found the public modules they do use (server::...).
     assert!(seen > 0, "no reuseport:: paths found");
     assert!(modules_used("use reuseport::{sys::x, Group};").contains(&"sys".to_string()));
+}
+
+/// Where `needle` occurs in `haystack`.
+fn occurrences(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
+}
+
+#[test]
+fn the_server_embeds_no_test_program() {
+    // The test object's programs are named in its symbol table; the
+    // production object (the only one the server embeds) has none of them.
+    let server = std::fs::read(binary()).expect("reading the server binary");
+    let bench = std::fs::read(binary().with_file_name("reuseport-bench"))
+        .expect("reading the benchmark binary");
+    for name in [
+        &b"verifier_reject"[..],
+        b"cost_murmur",
+        b"round_robin_per_cpu",
+    ] {
+        assert_eq!(
+            occurrences(&server, name),
+            0,
+            "the server embeds {}",
+            String::from_utf8_lossy(name)
+        );
+        // The benchmark embeds the test object: the check would see it.
+        assert!(
+            occurrences(&bench, name) > 0,
+            "reuseport-bench embeds {}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    // ... while the steering program is there.
+    assert!(occurrences(&server, b"steer_select") > 0);
 }

@@ -5,9 +5,12 @@
 //! - `run -- ARGS`: build, then `reuseport run ARGS`
 //! - `test`: build, then run every test (unit and integration), and one
 //!   cell of the VM matrix (6.1 with 4 vCPUs)
-//! - `lint`: rustfmt and clippy, the eBPF crate in its own pass, and the
-//!   layering check (the library's tree holds no CLI or chart crate)
+//! - `lint`: rustfmt and clippy, the eBPF crate in its own pass, the
+//!   layering check (the library's tree holds no CLI or chart crate), and
+//!   the README's benchmark figures against the committed run
 //! - `bench -- ARGS`: build, then `reuseport-bench ARGS`
+//! - `readme`: the README's benchmark figures, regenerated from the
+//!   committed run in docs/bench (`lint` checks they are)
 //! - `package`: the library's package (`cargo package`), with the eBPF
 //!   object built from this workspace, so it builds outside it
 //! - `cluster -- ARGS`: hosts behind an ECMP router in network namespaces,
@@ -59,7 +62,8 @@ enum Task {
     },
     /// rustfmt check and clippy -D warnings (host crates, then the eBPF
     /// crate); the library's dependency tree and the server's linked
-    /// libraries (test `layering`).
+    /// libraries (test `layering`); the README's benchmark figures against
+    /// the committed run (`readme`).
     Lint,
     /// Build (release), then run `reuseport-bench` with the arguments after
     /// `--` (e.g. `-- --quick`); results go to target/bench/<time>/.
@@ -68,6 +72,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write the README's benchmark figures (the generated block) from the
+    /// committed run in docs/bench (results.csv, report.md). Commit a run
+    /// with `cargo xtask bench -- --out docs/bench`, then this.
+    Readme,
     /// Build (release), then run several hosts, each serving a group, behind
     /// an ECMP router in network namespaces and measure affinity, a host
     /// leaving and a worker draining (writes docs/cluster/report.md; `--
@@ -187,6 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Task::Bench { args } => release(&root, "reuseport-bench", None, &args),
+        Task::Readme => readme(&root, false),
         Task::Package => package(&root),
         Task::Cluster { args } => cluster::run(&root, &args),
         Task::VmTest {
@@ -213,6 +222,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut cmd = Command::new("rustup");
             cmd.current_dir(&root)
                 .args(["run", "nightly", "cargo", "clippy", "-p", "reuseport-ebpf"])
+                // The test build's programs too (they include the others).
+                .args(["--features", "test-programs"])
                 .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
                 .args(["--", "-D", "warnings"])
                 .env_remove("RUSTC")
@@ -226,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
                 &root,
                 &["test", "-p", "reuseport-tests", "--test", "layering"],
             )?;
+            readme(&root, true)?;
             msrv(&root)
         }
     }
@@ -301,6 +313,27 @@ fn package(root: &Path) -> Result<()> {
             "--allow-dirty",
         ],
     )
+}
+
+/// Writes (or with `check`, only compares) the README's benchmark figures
+/// from the committed run: the benchmark's own generator, so the README,
+/// docs/bench/report.md and results.csv cannot disagree.
+fn readme(root: &Path, check: bool) -> Result<()> {
+    cargo(
+        root,
+        &["build", "-p", "reuseport-cli", "--bin", "reuseport-bench"],
+    )?;
+    let mut cmd = Command::new(root.join("target/debug/reuseport-bench"));
+    cmd.current_dir(root)
+        .args(["readme", "--results", "docs/bench", "--readme", "README.md"]);
+    if check {
+        cmd.arg("--check");
+    }
+    println!(
+        "xtask: the README's benchmark figures {} docs/bench",
+        if check { "checked against" } else { "from" }
+    );
+    status(&mut cmd)
 }
 
 /// Checks the library with the oldest compiler it declares

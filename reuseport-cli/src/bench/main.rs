@@ -12,8 +12,10 @@
 //! It is a program of its own, apart from the `reuseport` server, because
 //! its charts (plotters, with TrueType text) link fontconfig and freetype.
 
+mod cost;
 mod load;
 mod models;
+mod readme;
 mod report;
 
 use std::{
@@ -61,6 +63,20 @@ enum Child {
         #[arg(long)]
         count: usize,
     },
+    /// Write the README's figures (the block between its markers) from a
+    /// committed run; with --check, only fail if they differ.
+    Readme {
+        /// The run's directory (its results.csv and report.md).
+        #[arg(long, default_value = "docs/bench")]
+        results: PathBuf,
+        /// The README to write.
+        #[arg(long, default_value = "README.md")]
+        readme: PathBuf,
+        /// Change nothing; exit non-zero if the README's figures are not
+        /// the run's.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +88,11 @@ fn main() -> ExitCode {
         Some(Child::BenchHold { addr, count }) => {
             load::hold_child(addr, count).map_err(|e| one_line(&e))
         }
+        Some(Child::Readme {
+            results,
+            readme,
+            check,
+        }) => readme::update(&results, &readme, check),
         None => bench(cli.args),
     };
     match done {
@@ -100,7 +121,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Only these workloads (comma-separated: connection-rate, bpf-cost,
-    /// distribution, persistent-echo, open-loop-latency, skewed-mix,
+    /// bpf-cost-by-workers, distribution, persistent-echo, open-loop-latency, skewed-mix,
     /// idle-memory, udp-echo).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
@@ -302,6 +323,8 @@ pub struct Row {
     pub bpf_ns: Option<f64>,
     /// `bpf_ns` over the floor program's, in the same run.
     pub bpf_ratio: Option<f64>,
+    /// The group's worker count, where a workload varies it.
+    pub workers: Option<usize>,
     /// Resident memory per idle connection, in bytes.
     pub bytes_per_connection: Option<f64>,
 }
@@ -360,6 +383,8 @@ struct Bench {
     settings: Settings,
     cpus: Vec<usize>,
     progress: ProgressBar,
+    /// `--only`: the models to run (all when empty).
+    only: Vec<String>,
 }
 
 impl Bench {
@@ -519,10 +544,11 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
         .into_iter()
         .filter(keep)
         .collect();
-    let with_program = tcp_models.iter().filter(|m| m.has_program()).count();
+    let wanted = |w: &str| options.workloads.is_empty() || options.workloads.iter().any(|o| o == w);
     let r = settings.rounds as u64;
-    let epochs = r * (4 * tcp_models.len() as u64 + with_program as u64 + udp_models.len() as u64)
-        + tcp_models.len() as u64 * 2;
+    let epochs = r * (4 * tcp_models.len() as u64 + udp_models.len() as u64)
+        + tcp_models.len() as u64 * 2
+        + cost::epochs(settings.rounds, wanted("bpf-cost-by-workers"));
     let progress = ProgressBar::new(epochs);
     progress.set_style(
         ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
@@ -532,17 +558,20 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
         settings: settings.clone(),
         cpus: cpus.clone(),
         progress,
+        only: options.only.clone(),
     };
     let before = drop_counters();
 
-    let wanted = |w: &str| options.workloads.is_empty() || options.workloads.iter().any(|o| o == w);
     let mut workloads = Vec::new();
     let tcp = start_all(&tcp_models, Proto::Tcp, 21_000, &cpus)?;
     if wanted("connection-rate") {
         workloads.push(connection_rate(&bench, &tcp));
     }
     if wanted("bpf-cost") {
-        workloads.push(bpf_cost(&bench, &tcp)?);
+        workloads.push(cost::bpf_cost(&bench, 25_000)?);
+    }
+    if wanted("bpf-cost-by-workers") {
+        workloads.push(cost::by_workers(&bench, 26_000)?);
     }
     if wanted("distribution") {
         workloads.push(distribution(&bench, &tcp));
@@ -753,59 +782,6 @@ fn connection_rate(bench: &Bench, models: &[Running]) -> Workload {
 
 fn local(m: &Running) -> u64 {
     m.tally.local.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-fn bpf_cost(bench: &Bench, models: &[Running]) -> Result<Workload> {
-    let with: Vec<&Running> = models.iter().filter(|m| m.model.has_program()).collect();
-    let shape = bench.shape();
-    // Statistics on only for these epochs: they add two clock reads to
-    // every program run, which the other workloads must not pay.
-    let stats = reuseport::steering::enable_run_stats()?;
-    let mut time = vec![Duration::ZERO; with.len()];
-    let mut runs = vec![0u64; with.len()];
-    let mut outcomes: Vec<Outcome> = with.iter().map(|_| Outcome::empty()).collect();
-    for _ in 0..bench.settings.rounds {
-        for (i, m) in with.iter().enumerate() {
-            bench.step(&format!("BPF cost: {}", m.model.name));
-            let (t0, c0) = m.bpf_stats().unwrap_or_default();
-            let o = load::connection_rate(m.addr, &shape, bench.settings.epoch());
-            let (t1, c1) = m.bpf_stats().unwrap_or_default();
-            time[i] += t1.saturating_sub(t0);
-            runs[i] += c1.saturating_sub(c0);
-            outcomes[i].merge(&o);
-        }
-    }
-    drop(stats);
-    let ns: Vec<Option<f64>> = time
-        .iter()
-        .zip(&runs)
-        .map(|(t, &c)| (c > 0).then(|| t.as_nanos() as f64 / c as f64))
-        .collect();
-    let floor = with
-        .iter()
-        .zip(&ns)
-        .find(|(m, _)| m.model.name == "floor")
-        .and_then(|(_, n)| *n);
-    let rows = with
-        .iter()
-        .zip(&outcomes)
-        .zip(&ns)
-        .map(|((m, o), n)| {
-            let mut r = row(m, o);
-            r.bpf_ns = *n;
-            r.bpf_ratio = match (n, floor) {
-                (Some(n), Some(f)) if f > 0.0 => Some(n / f),
-                _ => None,
-            };
-            r
-        })
-        .collect();
-    Ok(Workload {
-        name: "bpf-cost".into(),
-        unit: "conn/s".into(),
-        about: "the program's run time per selection (kernel BPF statistics, on only during these epochs), next to the floor program that selects a fixed slot".into(),
-        rows,
-    })
 }
 
 fn distribution(bench: &Bench, models: &[Running]) -> Workload {

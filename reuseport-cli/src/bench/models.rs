@@ -45,8 +45,16 @@ pub enum Design {
     TokioDefault,
     /// A reuseport group under a policy (`kernel`: no program).
     Reuseport(Policy),
-    /// A reuseport group with the cost-floor program (always slot 0).
-    Floor,
+    /// A reuseport group under `policy` with a reference program of the
+    /// test object (`reuseport::objects::TEST`) instead of the steering
+    /// program: the cost floor (always slot 0), one step of the steering
+    /// path alone, or a variant measured but not offered.
+    Reference {
+        /// The program's name in the test object.
+        program: &'static str,
+        /// The plan in the maps (what the program reads, if anything).
+        policy: Policy,
+    },
 }
 
 /// A named model.
@@ -58,27 +66,21 @@ pub struct Model {
     pub design: Design,
 }
 
-impl Model {
-    /// Whether the model runs a BPF program (and so has a BPF cost).
-    pub fn has_program(&self) -> bool {
-        match &self.design {
-            Design::Reuseport(p) => p.kind != PolicyKind::Kernel,
-            Design::Floor => true,
-            _ => false,
-        }
-    }
+fn reuseport(kind: PolicyKind, workers: usize) -> Design {
+    Design::Reuseport(policy(kind, HashKey::FourTuple, workers))
 }
 
-fn reuseport(kind: PolicyKind, cpus: usize) -> Design {
+/// `kind` for a group of `workers`, hashing `key` if it hashes.
+pub fn policy(kind: PolicyKind, key: HashKey, workers: usize) -> Policy {
     let mut p = Policy::new(kind);
     match kind {
-        PolicyKind::Hash | PolicyKind::Consistent => p.key = HashKey::FourTuple,
+        PolicyKind::Hash | PolicyKind::Consistent => p.key = key,
         // Equal weights: the figures compare spreads, and a weighted
         // spread is uneven by design.
-        PolicyKind::Weighted => p.weights = vec![1; cpus],
+        PolicyKind::Weighted => p.weights = vec![1; workers],
         _ => {}
     }
-    Design::Reuseport(p)
+    p
 }
 
 /// The models of the TCP workloads.
@@ -123,11 +125,20 @@ fn reuseport_models(cpus: usize) -> Vec<Model> {
             design: reuseport(kind, cpus),
         });
     }
-    v.push(Model {
-        name: "floor".into(),
-        design: Design::Floor,
-    });
+    v.push(floor());
     v
+}
+
+/// The cost floor: a group whose program selects slot 0 and does nothing
+/// else.
+pub fn floor() -> Model {
+    Model {
+        name: "floor".into(),
+        design: Design::Reference {
+            program: reuseport_common::program::FLOOR,
+            policy: Policy::new(PolicyKind::Cpu),
+        },
+    }
 }
 
 /// What a running model counts.
@@ -253,17 +264,30 @@ async fn serve(
 
 /// Starts `model` on `addr` (TCP or UDP) with one worker per CPU of `cpus`.
 pub fn start(model: &Model, addr: SocketAddr, proto: Proto, cpus: &[usize]) -> Result<Running> {
+    start_workers(model, addr, proto, cpus, cpus.len())
+}
+
+/// Starts `model` on `addr` with `workers` workers spread over `cpus` (a
+/// reuseport group; the other designs take one worker per CPU).
+pub fn start_workers(
+    model: &Model,
+    addr: SocketAddr,
+    proto: Proto,
+    cpus: &[usize],
+    workers: usize,
+) -> Result<Running> {
     match (&model.design, proto) {
         (Design::Reuseport(policy), _) => {
-            start_group(model, addr, proto, cpus, policy.clone(), None)
+            start_group(model, addr, proto, cpus, workers, policy.clone(), None)
         }
-        (Design::Floor, _) => start_group(
+        (Design::Reference { program, policy }, _) => start_group(
             model,
             addr,
             proto,
             cpus,
-            Policy::new(PolicyKind::Cpu),
-            Some(reuseport_common::program::FLOOR),
+            workers,
+            policy.clone(),
+            Some(program),
         ),
         (Design::SharedAccept, Proto::Tcp) => start_shared_accept(model, addr, cpus),
         (Design::SharedAccept, Proto::Udp) => start_shared_socket(model, addr, cpus),
@@ -281,21 +305,23 @@ fn start_group(
     addr: SocketAddr,
     proto: Proto,
     cpus: &[usize],
+    n_workers: usize,
     policy: Policy,
     program: Option<&str>,
 ) -> Result<Running> {
     let mut builder = Group::builder()
         .addr(addr)
         .proto(proto)
-        .workers(cpus.len())
+        .workers(n_workers)
         .cpus(cpus.to_vec())
         .policy(policy)
         .pin(false);
     if let Some(p) = program {
-        builder = builder.program(p);
+        // The reference programs exist only in the test object.
+        builder = builder.program(p).object(reuseport::objects::TEST);
     }
     let group = builder.build()?;
-    let tally = Tally::new(cpus.len());
+    let tally = Tally::new(n_workers);
     let stop = CancellationToken::new();
     let limits = Arc::new(Limits::default());
     let mut workers: Vec<WorkerHandle> = Vec::new();
