@@ -8,8 +8,8 @@ use std::{
 
 use reuseport_common::{hash::hash_addrs, key};
 use reuseport_tests::{
-    accepted_delta, connect_from, cpus_at_least, echo_on, netns, pattern, pin_to_cpu, reset,
-    selected_delta, udp_exchange, Server,
+    accepted_delta, assert_placed_by_program, connect_from, cpus_at_least, echo_on, netns, pattern,
+    pin_to_cpu, reset, selected_delta, udp_exchange, Server,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -102,10 +102,10 @@ fn cpu_steering_over_ipv6() {
                 expect,
                 "{proto:?} from CPU {cpu}"
             );
-            assert_eq!(
-                selected_delta(&before, &after, n),
-                expect,
-                "{proto:?}: chosen by the program"
+            assert_placed_by_program(
+                &selected_delta(&before, &after, n),
+                &expect,
+                &format!("{proto:?} from CPU {cpu}: chosen by the program"),
             );
         }
     }

@@ -5,7 +5,8 @@ use std::thread;
 
 use reuseport::policy::{plan, LiveSlot, Policy, PolicyKind};
 use reuseport_tests::{
-    accepted_delta, cpus, cpus_at_least, echo, netns, pattern, pin_to_cpu, selected_delta, Server,
+    accepted_delta, assert_placed_by_program, cpus, cpus_at_least, echo, netns, pattern,
+    pin_to_cpu, selected_delta, Server,
 };
 
 const PER_CPU: usize = 100;
@@ -44,10 +45,12 @@ fn every_connection_reaches_the_worker_of_its_cpu() {
             expect,
             "connections from CPU {cpu}: accepted per worker"
         );
-        assert_eq!(
-            selected_delta(&before, &after, n),
-            expect,
-            "connections from CPU {cpu}: the program's selections per slot"
+        // The program placed them: a SYN sent again on a slow machine
+        // runs it again, so selections may exceed connections by a few.
+        assert_placed_by_program(
+            &selected_delta(&before, &after, n),
+            &expect,
+            &format!("connections from CPU {cpu}"),
         );
         assert_eq!(
             after.fallback(),
@@ -80,10 +83,10 @@ fn more_workers_than_cpus_stay_on_their_cpu() {
         .expect("client thread");
         let after = server.metrics();
         let delta = accepted_delta(&before, &after, n);
-        assert_eq!(
-            selected_delta(&before, &after, n),
-            delta,
-            "the program chose every one"
+        assert_placed_by_program(
+            &selected_delta(&before, &after, n),
+            &delta,
+            &format!("CPU {cpu}: the program chose every one"),
         );
         // Workers i and i + |cpus| are the ones pinned to this CPU.
         let on_cpu = delta[i] + delta[i + cpus.len()];
@@ -177,10 +180,10 @@ fn every_cpu_has_a_worker_whatever_the_worker_count() {
                 0,
                 "{what}: no connection left to the kernel's hash"
             );
-            assert_eq!(
-                selected_delta(&before, &after, workers),
-                delta,
-                "{what}: the program placed every connection"
+            assert_placed_by_program(
+                &selected_delta(&before, &after, workers),
+                &delta,
+                &format!("{what}: the program placed every connection"),
             );
             assert_eq!(delta.iter().sum::<u64>(), (PER_CPU / 5) as u64, "{what}");
             let own: Vec<usize> = (0..workers).filter(|&w| placed[w] == cpu).collect();
