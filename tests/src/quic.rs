@@ -66,6 +66,34 @@ impl QuicEcho {
         QuicEcho { server, cert }
     }
 
+    /// Starts another `quic_echo` that takes this one's group over
+    /// (`--takeover GROUP`), serving the same certificate: the successor.
+    /// This process then drains and exits on its own.
+    pub fn take_over(&self, args: &[&str]) -> QuicEcho {
+        let mut cmd = Command::new(example_path());
+        cmd.args(["--takeover", &self.server.group, "--metrics", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(&self.cert)
+            .args(args)
+            .env("RUST_LOG", "info");
+        let server = match Server::spawn(&mut cmd) {
+            Ok(s) => s,
+            Err(f) => panic!(
+                "quic_echo --takeover did not start ({}):\n{}{}",
+                f.status, f.stdout, f.stderr
+            ),
+        };
+        assert_eq!(
+            server.group, self.server.group,
+            "banner: {:?}",
+            server.banner
+        );
+        QuicEcho {
+            server,
+            cert: self.cert.clone(),
+        }
+    }
+
     /// The group's address.
     pub fn addr(&self) -> SocketAddr {
         self.server.addr
@@ -75,6 +103,7 @@ impl QuicEcho {
 impl Drop for QuicEcho {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.cert);
+        let _ = std::fs::remove_file(self.cert.with_extension("key"));
     }
 }
 

@@ -561,3 +561,84 @@ fn cookie_and_quic_keys_on_tcp_are_refused_with_one_line() {
         }
     }
 }
+
+#[test]
+fn a_takeover_keeps_the_cookie_secret_and_gives_every_slot_a_new_generation() {
+    netns();
+    let n = workers();
+    let old = udp_group("cookie:4");
+    let minters: Vec<_> = {
+        let control = Control::open(Some(&old.group)).unwrap();
+        (0..n as u32)
+            .map(|slot| control.cookie_minter(slot).unwrap())
+            .collect()
+    };
+    let next = Server::try_start(&[
+        "--proto",
+        "udp",
+        "--takeover",
+        &old.group,
+        "--workers",
+        &n.to_string(),
+    ])
+    .unwrap_or_else(|f| panic!("the takeover failed: {}", f.stderr));
+    let control = Control::open(Some(&next.group)).unwrap();
+    let before = next.metrics();
+    for (slot, was) in minters.iter().enumerate() {
+        let now = control.cookie_minter(slot as u32).unwrap();
+        assert_eq!(
+            now.read(&was.mint()),
+            Some(was.cookie()),
+            "the successor reads the old group's cookies (same secret)"
+        );
+        assert_ne!(
+            now.cookie().generation,
+            was.cookie().generation,
+            "slot {slot} holds a new socket: a new generation"
+        );
+        // The old socket's cookie does not pass for the new socket's.
+        let p = with_cookie(&was.mint(), slot as u64);
+        assert_eq!(udp_exchange(any_local(next.addr), next.addr, &p), p);
+        let p = with_cookie(&now.mint(), slot as u64);
+        assert_eq!(udp_exchange(any_local(next.addr), next.addr, &p), p);
+    }
+    let after = next.metrics();
+    assert_eq!(delta(&before, &after, "cookie_old"), n as u64);
+    assert_eq!(delta(&before, &after, "cookie_ok"), n as u64);
+    let sel = selected_delta(&before, &after, n);
+    assert!(sel.iter().all(|&c| c >= 1), "each slot's cookie: {sel:?}");
+    drop(old);
+}
+
+#[test]
+fn a_quic_echo_successor_serves_new_connections_with_the_same_certificate() {
+    netns();
+    let first = QuicEcho::start(&["--workers", "2"]);
+    let next = first.take_over(&["--workers", "2"]);
+    assert_eq!(
+        next.addr(),
+        first.addr(),
+        "the successor serves the address"
+    );
+    let config = quic::client_config(&first.cert);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let before = next.server.metrics();
+    rt.block_on(async {
+        for i in 0..5u64 {
+            let ep = quic::client_endpoint(&config);
+            let conn = quic::connect(&ep, next.addr()).await.unwrap();
+            quic::echo_stream(&conn, &pattern(64, i)).await.unwrap();
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+        }
+    });
+    let after = next.server.metrics();
+    // At least one each (a client re-sends its first Initial if the
+    // answer is slow).
+    assert!(delta(&before, &after, "quic_initial") >= 5);
+    let accepted: u64 = (0..2).map(|w| after.accepted(w) - before.accepted(w)).sum();
+    assert_eq!(accepted, 5, "the successor's workers took them");
+}
