@@ -642,3 +642,42 @@ fn a_quic_echo_successor_serves_new_connections_with_the_same_certificate() {
     let accepted: u64 = (0..2).map(|w| after.accepted(w) - before.accepted(w)).sum();
     assert_eq!(accepted, 5, "the successor's workers took them");
 }
+
+#[test]
+fn quic_cookies_and_initials_steer_over_ipv6_too() {
+    netns();
+    let n = workers();
+    let s = Server::start(&[
+        "--addr",
+        "[::1]:0",
+        "--proto",
+        "udp",
+        "--workers",
+        &n.to_string(),
+        "--policy",
+        "hash",
+        "--hash-key",
+        "quic",
+    ]);
+    let control = Control::open(Some(&s.group)).unwrap();
+    let slot = n - 1;
+    let mut dcid = control.cookie_minter(slot as u32).unwrap().mint().to_vec();
+    dcid.extend(pattern(8, 9));
+    let before = s.metrics();
+    for i in 0..5 {
+        let p = packet::short(&dcid, 20 + i);
+        assert_eq!(udp_exchange(any_local(s.addr), s.addr, &p), p);
+    }
+    let initial_id = *b"v6client";
+    for _ in 0..5 {
+        let p = packet::initial(&initial_id);
+        assert_eq!(udp_exchange(any_local(s.addr), s.addr, &p), p);
+    }
+    let after = s.metrics();
+    let mut expect = vec![0; n];
+    expect[slot] += 5;
+    expect[(hash_dcid(0, &initial_id) % n as u32) as usize] += 5;
+    assert_eq!(selected_delta(&before, &after, n), expect);
+    assert_eq!(delta(&before, &after, "cookie_ok"), 5);
+    assert_eq!(delta(&before, &after, "quic_initial"), 5);
+}
