@@ -96,6 +96,14 @@ fn a_minted_cookie_reaches_its_worker_from_any_source_port() {
         assert_eq!(delta(&before, &after, "cookie_bad"), 0);
         assert_eq!(after.fallback(), before.fallback());
     }
+    // `reuseport stats` shows the same stage counters.
+    let (code, out, err) = reuseport_tests::reuseport(&["stats", "--group", &s.group]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("udp: cookie ok {}, bad 0, old 0;", 10 * n)),
+        "{out}"
+    );
+    assert!(out.contains("quic initial 0, unreadable 0"), "{out}");
 }
 
 #[test]
