@@ -689,3 +689,33 @@ fn quic_cookies_and_initials_steer_over_ipv6_too() {
     assert_eq!(delta(&before, &after, "cookie_ok"), 5);
     assert_eq!(delta(&before, &after, "quic_initial"), 5);
 }
+
+#[test]
+fn each_group_has_its_own_cookie_secret_and_keeps_it_across_policy_switches() {
+    netns();
+    let n = workers();
+    let a = udp_group("cookie:4");
+    let b = udp_group("cookie:4");
+    let ma = Control::open(Some(&a.group))
+        .unwrap()
+        .cookie_minter(0)
+        .unwrap();
+    let mb = Control::open(Some(&b.group))
+        .unwrap()
+        .cookie_minter(0)
+        .unwrap();
+    assert_eq!(ma.cookie(), mb.cookie(), "slot 0, first socket, in both");
+    assert_eq!(mb.read(&ma.mint()), None, "another group's secret");
+
+    // The plan is rebuilt from scratch at every switch; the secret stays.
+    a.switch(&["round-robin"]);
+    a.switch(&["consistent", "--seed", "9"]);
+    let before = a.metrics();
+    for i in 0..5 {
+        let p = with_cookie(&ma.mint(), i);
+        assert_eq!(udp_exchange(any_local(a.addr), a.addr, &p), p);
+    }
+    let after = a.metrics();
+    assert_eq!(delta(&before, &after, "cookie_ok"), 5);
+    assert_eq!(selected_delta(&before, &after, n)[0], 5);
+}
