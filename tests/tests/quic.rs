@@ -719,3 +719,58 @@ fn each_group_has_its_own_cookie_secret_and_keeps_it_across_policy_switches() {
     assert_eq!(delta(&before, &after, "cookie_ok"), 5);
     assert_eq!(selected_delta(&before, &after, n)[0], 5);
 }
+
+#[test]
+fn least_loaded_places_quic_connections_by_the_flows_each_worker_holds() {
+    netns();
+    let echo = QuicEcho::start(&[
+        "--workers",
+        &QUIC_WORKERS.to_string(),
+        "--policy",
+        "least-loaded",
+    ]);
+    let config = quic::client_config(&echo.cert);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let per = 8;
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        // One after another, each held open: each new one goes to a
+        // worker holding the fewest.
+        for i in 0..(per * QUIC_WORKERS) as u64 {
+            let ep = quic::client_endpoint(&config);
+            let conn = quic::connect(&ep, echo.addr()).await.unwrap();
+            quic::echo_stream(&conn, &pattern(32, i)).await.unwrap();
+            held.push((ep, conn));
+        }
+        held
+    });
+    let m = echo.server.metrics();
+    let active: Vec<u64> = (0..QUIC_WORKERS).map(|w| m.active(w)).collect();
+    assert_eq!(active, vec![per as u64; QUIC_WORKERS], "even by open flows");
+    // The load the program compares follows the flows.
+    let load =
+        |m: &Metrics, w: usize| m.count("reuseport_worker_load", &[("worker", &w.to_string())]);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let m = echo.server.metrics();
+            (0..QUIC_WORKERS).all(|w| load(&m, w) == per as u64)
+        }),
+        "load per worker = its open flows"
+    );
+    rt.block_on(async {
+        for (ep, conn) in held {
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let m = echo.server.metrics();
+            (0..QUIC_WORKERS).all(|w| m.active(w) == 0 && load(&m, w) == 0)
+        }),
+        "closed flows leave no load"
+    );
+}
