@@ -353,7 +353,8 @@ fn churn(policy: &str) -> Churn {
     assert_eq!(
         fleet.connected(),
         CONNECTIONS as u64,
-        "every connection established before the changes"
+        "every connection established before the changes; failed: {:?}",
+        fleet.connect_failures()
     );
     std::thread::sleep(Duration::from_millis(1500));
     let m0 = echo.server.metrics();
