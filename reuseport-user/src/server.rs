@@ -223,7 +223,7 @@ impl Server {
                 stop,
             };
             let factory = factory.clone();
-            worker::spawn_own(info, on_fault, move || {
+            worker::spawn_own(info, group.stats_of(slot), on_fault, move || {
                 let fut = factory(worker);
                 async move {
                     if let Err(e) = fut.await {
