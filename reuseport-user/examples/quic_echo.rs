@@ -19,10 +19,12 @@
 //!
 //! Options: `--workers N`, `--policy NAME` (default `hash`; `kernel`: no
 //! program, for comparison), `--group NAME` (default `quic-echo`),
-//! `--cert PATH` (where to write the self-signed certificate, DER),
+//! `--cert PATH` (the certificate, DER, and its key at PATH with the
+//! extension `.key`: used if they exist, else made self-signed and written
+//! there),
 //! `--metrics ADDR`, `--drain-timeout SECONDS` (default 10), `--takeover
-//! GROUP` (restart: take the running group over; the old process's
-//! connections go on in it, by their cookies, until they close).
+//! GROUP` (take over a running group of this name: its address, and its
+//! cookie secret, so that its connections' cookies stay valid).
 
 use std::{net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
 
@@ -106,18 +108,13 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
 #[tokio::main(flavor = "current_thread")]
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    // A self-signed certificate for "localhost", made at start.
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
-    if let Some(path) = &args.cert {
-        std::fs::write(path, cert.cert.der())?;
-    }
-    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der());
+    let (cert, key) = identity(args.cert.as_deref())?;
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_no_client_auth()
-    .with_single_cert(vec![cert.cert.der().clone()], key.into())?;
+    .with_single_cert(vec![cert], key.into())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let server_config = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
@@ -131,10 +128,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .addr(args.addr)
         .proto(Proto::Udp)
         .policy(policy);
-    builder = match &args.takeover {
-        // The old group's address and name; its connections stay with it.
-        Some(old) => builder.takeover(old.clone()),
-        None => builder.name(args.group.clone()),
+    let name = match &args.takeover {
+        Some(old) => {
+            builder = builder.takeover(old.clone());
+            old.clone()
+        }
+        None => {
+            builder = builder.name(args.group.clone());
+            args.group.clone()
+        }
     };
     if let Some(n) = args.workers {
         builder = builder.workers(n);
@@ -142,10 +144,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let group = builder.build()?;
     let addr = group.local_addr();
     let workers = group.members().len();
-    println!(
-        "group {} on udp {addr}",
-        group.name().unwrap_or(args.group.as_str())
-    );
+    println!("group {name} on udp {addr}");
     let options = ServeOptions {
         limits: Limits {
             drain_timeout: args.drain_timeout,
@@ -171,6 +170,34 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     Ok(())
+}
+
+/// The server's certificate and key: those at `path` (DER) and
+/// `path.key` if both exist (a process taking over a group serves its
+/// predecessor's), else a new self-signed one for "localhost", written
+/// there for clients to trust.
+fn identity(
+    path: Option<&std::path::Path>,
+) -> Result<
+    (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    let key_path = path.map(|p| p.with_extension("key"));
+    if let (Some(p), Some(k)) = (path, &key_path) {
+        if p.exists() && k.exists() {
+            return Ok((std::fs::read(p)?.into(), std::fs::read(k)?.into()));
+        }
+    }
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+    let key = made.key_pair.serialize_der();
+    if let (Some(p), Some(k)) = (path, &key_path) {
+        std::fs::write(k, &key)?;
+        std::fs::write(p, made.cert.der())?;
+    }
+    Ok((made.cert.der().clone(), key.into()))
 }
 
 /// One worker: a quinn endpoint on the worker's socket, until it drains;

@@ -425,11 +425,7 @@ impl Group {
             Some(s) => lock(s).maps().config()?.cookie_secret,
             None => 0,
         };
-        let generation = self
-            .workers
-            .slot(slot)
-            .generation
-            .load(std::sync::atomic::Ordering::Acquire);
+        let generation = self.workers.slot(slot).generation.load(Ordering::Acquire);
         // Kept within 16 bits by `WorkerCounters::next_generation`.
         Ok(crate::cookie::Minter::new(secret, slot, generation as u16))
     }
@@ -1110,6 +1106,18 @@ impl GroupBuilder {
             Some(s) => s.maps().workers().clone(),
             None => Arc::new(WorkerRegion::anonymous()?),
         };
+        if let Some(old) = &old {
+            // Each slot's socket generations go on from the old group's:
+            // a cookie minted for an old socket must not pass for the new
+            // socket in its slot (new maps would start every slot at the
+            // same generation again). Carried members keep theirs.
+            for (slot, r) in old.maps().workers().snapshot().iter().enumerate() {
+                workers
+                    .slot(slot as u32)
+                    .generation
+                    .store(r.generation, Ordering::Release);
+            }
+        }
         signals::checkpoint("loaded")?;
 
         // Attached before any member listens, so no TCP connection is ever

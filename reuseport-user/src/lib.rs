@@ -90,6 +90,11 @@
 //! handler, and [`Server::shutdown`] or
 //! [`server::serve_until_signalled`], which block.
 //!
+//! A UDP server of your own per worker (a QUIC endpoint, say) takes its
+//! worker's socket, cookie [`Minter`](cookie::Minter) and drain signal
+//! from [`Server::start_udp_with`]; `examples/quic_echo.rs` runs quinn that
+//! way.
+//!
 //! Nothing process- or system-wide changes unless asked: see
 //! [`ServeOptions::raise_fd_limit`], [`GroupBuilder::mount_bpffs`] and
 //! [`GroupBuilder::tcp_migrate_req`].

@@ -241,7 +241,9 @@ pub fn spawn_udp<H: DatagramHandler>(
 }
 
 /// Starts a worker thread that runs the future `make` returns (made on
-/// that thread, inside its runtime) until it ends.
+/// that thread, inside its runtime) until it ends. The worker's flows are
+/// its own to count (`active`); the slot's load is kept true to them, as a
+/// TCP worker's is to its connections (see `LoadAudit`).
 pub fn spawn_own<M, F>(
     info: WorkerInfo,
     stats: WorkerStats,
@@ -252,7 +254,24 @@ where
     M: FnOnce() -> F + Send + 'static,
     F: Future<Output = ()> + 'static,
 {
-    spawn_pinned(info, stats, on_fault, move || Ok(make()))
+    let audited = stats.clone();
+    spawn_pinned(info, stats, on_fault, move || {
+        let fut = make();
+        Ok(async move {
+            let audit = tokio::task::spawn_local(async move {
+                let mut audit = LoadAudit::default();
+                let mut tick = audit_interval();
+                loop {
+                    tick.tick().await;
+                    // Flows have no queue the worker can see: its open
+                    // flows are all the work there is.
+                    audit.check(&audited, Some(0));
+                }
+            });
+            fut.await;
+            audit.abort();
+        })
+    })
 }
 
 /// Runs `make`'s future on a new thread pinned to `info.cpu`, on a

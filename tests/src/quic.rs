@@ -66,6 +66,34 @@ impl QuicEcho {
         QuicEcho { server, cert }
     }
 
+    /// Starts another `quic_echo` that takes this one's group over
+    /// (`--takeover GROUP`), serving the same certificate: the successor.
+    /// This process then drains and exits on its own.
+    pub fn take_over(&self, args: &[&str]) -> QuicEcho {
+        let mut cmd = Command::new(example_path());
+        cmd.args(["--takeover", &self.server.group, "--metrics", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(&self.cert)
+            .args(args)
+            .env("RUST_LOG", "info");
+        let server = match Server::spawn(&mut cmd) {
+            Ok(s) => s,
+            Err(f) => panic!(
+                "quic_echo --takeover did not start ({}):\n{}{}",
+                f.status, f.stdout, f.stderr
+            ),
+        };
+        assert_eq!(
+            server.group, self.server.group,
+            "banner: {:?}",
+            server.banner
+        );
+        QuicEcho {
+            server,
+            cert: self.cert.clone(),
+        }
+    }
+
     /// The group's address.
     pub fn addr(&self) -> SocketAddr {
         self.server.addr
@@ -75,6 +103,7 @@ impl QuicEcho {
 impl Drop for QuicEcho {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.cert);
+        let _ = std::fs::remove_file(self.cert.with_extension("key"));
     }
 }
 
@@ -168,6 +197,7 @@ pub struct FleetResult {
 /// multi-threaded runtime of its own.
 pub struct Fleet {
     stop: Arc<AtomicBool>,
+    connect_failures: Arc<Mutex<Vec<String>>>,
     streams: Arc<Vec<AtomicU64>>,
     marks: Arc<Mutex<Vec<u64>>>,
     connected: Arc<AtomicU64>,
@@ -189,12 +219,14 @@ impl Fleet {
         let streams: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
         let connected = Arc::new(AtomicU64::new(0));
         let settled = Arc::new(AtomicU64::new(0));
+        let connect_failures = Arc::new(Mutex::new(Vec::new()));
         let thread = {
-            let (stop, streams, connected, settled) = (
+            let (stop, streams, connected, settled, failures) = (
                 stop.clone(),
                 streams.clone(),
                 connected.clone(),
                 settled.clone(),
+                connect_failures.clone(),
             );
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_multi_thread()
@@ -203,7 +235,7 @@ impl Fleet {
                     .build()
                     .expect("runtime");
                 rt.block_on(fleet(
-                    server, config, n, payload, every, stop, streams, connected, settled,
+                    server, config, n, payload, every, stop, streams, connected, settled, failures,
                 ))
             })
         };
@@ -213,6 +245,7 @@ impl Fleet {
         }
         Fleet {
             stop,
+            connect_failures,
             streams,
             marks: Arc::new(Mutex::new(vec![0; n])),
             connected,
@@ -223,6 +256,11 @@ impl Fleet {
     /// Connections established so far.
     pub fn connected(&self) -> u64 {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// Why connections failed to connect so far.
+    pub fn connect_failures(&self) -> Vec<String> {
+        self.connect_failures.lock().unwrap().clone()
     }
 
     /// Streams echoed so far, all connections together.
@@ -289,25 +327,37 @@ async fn fleet(
     streams: Arc<Vec<AtomicU64>>,
     connected: Arc<AtomicU64>,
     settled: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
 ) -> FleetResult {
+    // Handshakes a few at a time: hundreds at once on a small, busy
+    // machine (debug builds) can outlast the idle timeout.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();
     for i in 0..n {
-        let (config, stop, streams, connected, settled) = (
+        let (config, stop, streams, connected, settled, failures, handshakes) = (
             config.clone(),
             stop.clone(),
             streams.clone(),
             connected.clone(),
             settled.clone(),
+            failures.clone(),
+            handshakes.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let endpoint = client_endpoint(&config);
+            let permit = handshakes.acquire_owned().await.expect("semaphore open");
             let conn = match connect(&endpoint, server).await {
                 Ok(c) => c,
                 Err(e) => {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("connection {i}: {e}"));
                     settled.fetch_add(1, Ordering::Release);
                     return (i, Err(e), false);
                 }
             };
+            drop(permit);
             connected.fetch_add(1, Ordering::Release);
             settled.fetch_add(1, Ordering::Release);
             let bytes = crate::pattern(payload, i as u64);

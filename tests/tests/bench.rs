@@ -151,3 +151,36 @@ fn a_short_soak_stays_flat_and_loses_nothing() {
     assert!(connections > 1_000, "{stdout}");
     assert_eq!(last[3], "0", "failed connections: {stdout}");
 }
+
+/// `reuseport bench --quic-churn N`: QUIC connections through a drain and
+/// an added worker, under the `quic` key (none may break: `--check`) and
+/// under the kernel's hash (counted and printed).
+#[test]
+fn a_quic_churn_breaks_no_connection_under_the_quic_key() {
+    let out_dir = std::env::temp_dir().join(format!("reuseport-quic-churn-{}", std::process::id()));
+    let out = Command::new(binary())
+        .args(["bench", "--quic-churn", "60", "--check", "--out"])
+        .arg(&out_dir)
+        .output()
+        .expect("running reuseport bench --quic-churn");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "quic churn failed:\n{stdout}\n{stderr}"
+    );
+    println!("{stdout}");
+    let rows: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out_dir.join("quic-churn.json")).expect("quic-churn.json"),
+    )
+    .expect("JSON");
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["model"], "hash --hash-key quic");
+    assert_eq!(rows[0]["connections"], 60);
+    assert_eq!(rows[0]["broken"], 0);
+    assert!(rows[0]["streams"].as_u64().unwrap() > 60, "streams flowed");
+    assert_eq!(rows[1]["model"], "kernel");
+    assert_eq!(rows[1]["connections"], 60, "the comparison ran");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

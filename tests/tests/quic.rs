@@ -96,6 +96,14 @@ fn a_minted_cookie_reaches_its_worker_from_any_source_port() {
         assert_eq!(delta(&before, &after, "cookie_bad"), 0);
         assert_eq!(after.fallback(), before.fallback());
     }
+    // `reuseport stats` shows the same stage counters.
+    let (code, out, err) = reuseport_tests::reuseport(&["stats", "--group", &s.group]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("udp: cookie ok {}, bad 0, old 0;", 10 * n)),
+        "{out}"
+    );
+    assert!(out.contains("quic initial 0, unreadable 0"), "{out}");
 }
 
 #[test]
@@ -345,7 +353,8 @@ fn churn(policy: &str) -> Churn {
     assert_eq!(
         fleet.connected(),
         CONNECTIONS as u64,
-        "every connection established before the changes"
+        "every connection established before the changes; failed: {:?}",
+        fleet.connect_failures()
     );
     std::thread::sleep(Duration::from_millis(1500));
     let m0 = echo.server.metrics();
@@ -560,4 +569,244 @@ fn cookie_and_quic_keys_on_tcp_are_refused_with_one_line() {
             assert!(!f.stderr.contains("panicked"));
         }
     }
+}
+
+#[test]
+fn a_takeover_keeps_the_cookie_secret_and_its_new_sockets_get_new_cookies() {
+    netns();
+    let n = workers();
+    let old = udp_group("cookie:4");
+    let minters: Vec<_> = {
+        let control = Control::open(Some(&old.group)).unwrap();
+        (0..n as u32)
+            .map(|slot| control.cookie_minter(slot).unwrap())
+            .collect()
+    };
+    let next = Server::try_start(&[
+        "--proto",
+        "udp",
+        "--takeover",
+        &old.group,
+        "--workers",
+        &n.to_string(),
+    ])
+    .unwrap_or_else(|f| panic!("the takeover failed: {}", f.stderr));
+    // The old owner's sockets were carried into their slots, draining;
+    // its echo workers keep no flows under a cookie key: they close at
+    // once, and the old process exits.
+    let (status, stderr) = old.wait(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    let control = Control::open(Some(&next.group)).unwrap();
+    let serving: Vec<u32> = control
+        .status()
+        .unwrap()
+        .slots
+        .iter()
+        .filter(|s| s.state() == SlotState::Serving)
+        .map(|s| s.slot)
+        .collect();
+    assert_eq!(serving.len(), n, "the successor's own workers");
+    assert!(
+        serving.iter().all(|&s| s >= n as u32),
+        "in the slots the carried sockets left free: {serving:?}"
+    );
+    let before = next.metrics();
+    for (slot, was) in minters.iter().enumerate() {
+        let now = control.cookie_minter(slot as u32).unwrap();
+        assert_eq!(
+            now.read(&was.mint()),
+            Some(was.cookie()),
+            "the successor reads the old group's cookies (same secret)"
+        );
+        // The old socket is gone: its cookie counts old.
+        let p = with_cookie(&was.mint(), slot as u64);
+        assert_eq!(udp_exchange(any_local(next.addr), next.addr, &p), p);
+    }
+    for &slot in &serving {
+        let now = control.cookie_minter(slot).unwrap();
+        assert!(
+            minters.iter().all(|was| was.cookie() != now.cookie()),
+            "slot {slot}: a new socket, a cookie of its own"
+        );
+        let p = with_cookie(&now.mint(), u64::from(slot));
+        assert_eq!(udp_exchange(any_local(next.addr), next.addr, &p), p);
+    }
+    let after = next.metrics();
+    assert_eq!(delta(&before, &after, "cookie_old"), n as u64);
+    assert_eq!(delta(&before, &after, "cookie_ok"), n as u64);
+    for &slot in &serving {
+        assert!(
+            selected(&after, slot as usize) > selected(&before, slot as usize),
+            "slot {slot}'s cookie reached it"
+        );
+    }
+}
+
+#[test]
+fn a_quic_echo_successor_serves_new_connections_with_the_same_certificate() {
+    netns();
+    let first = QuicEcho::start(&["--workers", "2"]);
+    let next = first.take_over(&["--workers", "2"]);
+    assert_eq!(
+        next.addr(),
+        first.addr(),
+        "the successor serves the address"
+    );
+    let config = quic::client_config(&first.cert);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let before = next.server.metrics();
+    rt.block_on(async {
+        for i in 0..5u64 {
+            let ep = quic::client_endpoint(&config);
+            let conn = quic::connect(&ep, next.addr()).await.unwrap();
+            quic::echo_stream(&conn, &pattern(64, i)).await.unwrap();
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+        }
+    });
+    let after = next.server.metrics();
+    // At least one each (a client re-sends its first Initial if the
+    // answer is slow).
+    assert!(delta(&before, &after, "quic_initial") >= 5);
+    // The successor's own workers took them: its slots are those the old
+    // process's sockets (carried into the new generation, draining) left
+    // free, so count every slot of its metrics.
+    let all = |m: &Metrics| -> u64 {
+        m.0.iter()
+            .filter(|(k, _)| k.starts_with("reuseport_worker_accepted_total{"))
+            .map(|(_, v)| *v as u64)
+            .sum()
+    };
+    assert_eq!(
+        all(&after) - all(&before),
+        5,
+        "the successor's workers took them"
+    );
+}
+
+#[test]
+fn quic_cookies_and_initials_steer_over_ipv6_too() {
+    netns();
+    let n = workers();
+    let s = Server::start(&[
+        "--addr",
+        "[::1]:0",
+        "--proto",
+        "udp",
+        "--workers",
+        &n.to_string(),
+        "--policy",
+        "hash",
+        "--hash-key",
+        "quic",
+    ]);
+    let control = Control::open(Some(&s.group)).unwrap();
+    let slot = n - 1;
+    let mut dcid = control.cookie_minter(slot as u32).unwrap().mint().to_vec();
+    dcid.extend(pattern(8, 9));
+    let before = s.metrics();
+    for i in 0..5 {
+        let p = packet::short(&dcid, 20 + i);
+        assert_eq!(udp_exchange(any_local(s.addr), s.addr, &p), p);
+    }
+    let initial_id = *b"v6client";
+    for _ in 0..5 {
+        let p = packet::initial(&initial_id);
+        assert_eq!(udp_exchange(any_local(s.addr), s.addr, &p), p);
+    }
+    let after = s.metrics();
+    let mut expect = vec![0; n];
+    expect[slot] += 5;
+    expect[(hash_dcid(0, &initial_id) % n as u32) as usize] += 5;
+    assert_eq!(selected_delta(&before, &after, n), expect);
+    assert_eq!(delta(&before, &after, "cookie_ok"), 5);
+    assert_eq!(delta(&before, &after, "quic_initial"), 5);
+}
+
+#[test]
+fn each_group_has_its_own_cookie_secret_and_keeps_it_across_policy_switches() {
+    netns();
+    let n = workers();
+    let a = udp_group("cookie:4");
+    let b = udp_group("cookie:4");
+    let ma = Control::open(Some(&a.group))
+        .unwrap()
+        .cookie_minter(0)
+        .unwrap();
+    let mb = Control::open(Some(&b.group))
+        .unwrap()
+        .cookie_minter(0)
+        .unwrap();
+    assert_eq!(ma.cookie(), mb.cookie(), "slot 0, first socket, in both");
+    assert_eq!(mb.read(&ma.mint()), None, "another group's secret");
+
+    // The plan is rebuilt from scratch at every switch; the secret stays.
+    a.switch(&["round-robin"]);
+    a.switch(&["consistent", "--seed", "9"]);
+    let before = a.metrics();
+    for i in 0..5 {
+        let p = with_cookie(&ma.mint(), i);
+        assert_eq!(udp_exchange(any_local(a.addr), a.addr, &p), p);
+    }
+    let after = a.metrics();
+    assert_eq!(delta(&before, &after, "cookie_ok"), 5);
+    assert_eq!(selected_delta(&before, &after, n)[0], 5);
+}
+
+#[test]
+fn least_loaded_places_quic_connections_by_the_flows_each_worker_holds() {
+    netns();
+    let echo = QuicEcho::start(&[
+        "--workers",
+        &QUIC_WORKERS.to_string(),
+        "--policy",
+        "least-loaded",
+    ]);
+    let config = quic::client_config(&echo.cert);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let per = 8;
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        // One after another, each held open: each new one goes to a
+        // worker holding the fewest.
+        for i in 0..(per * QUIC_WORKERS) as u64 {
+            let ep = quic::client_endpoint(&config);
+            let conn = quic::connect(&ep, echo.addr()).await.unwrap();
+            quic::echo_stream(&conn, &pattern(32, i)).await.unwrap();
+            held.push((ep, conn));
+        }
+        held
+    });
+    let m = echo.server.metrics();
+    let active: Vec<u64> = (0..QUIC_WORKERS).map(|w| m.active(w)).collect();
+    assert_eq!(active, vec![per as u64; QUIC_WORKERS], "even by open flows");
+    // The load the program compares follows the flows.
+    let load =
+        |m: &Metrics, w: usize| m.count("reuseport_worker_load", &[("worker", &w.to_string())]);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let m = echo.server.metrics();
+            (0..QUIC_WORKERS).all(|w| load(&m, w) == per as u64)
+        }),
+        "load per worker = its open flows"
+    );
+    rt.block_on(async {
+        for (ep, conn) in held {
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let m = echo.server.metrics();
+            (0..QUIC_WORKERS).all(|w| m.active(w) == 0 && load(&m, w) == 0)
+        }),
+        "closed flows leave no load"
+    );
 }

@@ -14,6 +14,7 @@
 
 mod load;
 mod models;
+mod quic;
 mod report;
 
 use std::{
@@ -108,6 +109,12 @@ struct BenchArgs {
     /// descriptors, memory and every failure (they must stay flat).
     #[arg(long, value_name = "MINUTES", value_parser = soak_minutes)]
     pub soak: Option<f64>,
+    /// Instead: N QUIC connections with streams in flight while the
+    /// busiest of 3 workers drains and a worker is added, under the `quic`
+    /// key and under the kernel's hash; reports the connections broken
+    /// (with --check: none may break under the `quic` key).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub quic_churn: Option<u32>,
 }
 
 fn soak_minutes(s: &str) -> std::result::Result<f64, String> {
@@ -140,6 +147,9 @@ fn bench(args: BenchArgs) -> std::result::Result<(), String> {
         }
         return Ok(());
     }
+    if let Some(n) = args.quic_churn {
+        return quic_churn(n as usize, args.out, args.check);
+    }
     let options = BenchOptions {
         quick: args.quick,
         out: args.out,
@@ -150,6 +160,36 @@ fn bench(args: BenchArgs) -> std::result::Result<(), String> {
     println!("{}", report::markdown(&report));
     if args.check && !report.clean {
         return Err(not_clean(&report.problems.join("; ")));
+    }
+    Ok(())
+}
+
+/// `--quic-churn N`: in a network namespace of its own, the QUIC churn of
+/// [`quic::run`], printed as Markdown and written as `quic-churn.json`.
+fn quic_churn(n: usize, out: Option<PathBuf>, check: bool) -> std::result::Result<(), String> {
+    let rows = (|| {
+        sys::check_bpf_privilege("the QUIC churn run")?;
+        isolate()?;
+        quic::run(n)
+    })()
+    .map_err(|e| one_line(&e))?;
+    println!("{}", quic::markdown(&rows));
+    let dir = out.unwrap_or_else(|| PathBuf::from("target/bench/quic-churn"));
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| {
+            let json = serde_json::to_string_pretty(&rows).map_err(std::io::Error::other)?;
+            std::fs::write(dir.join("quic-churn.json"), json)
+        })
+        .map_err(|e| format!("writing {}: {e}", dir.display()))?;
+    let ours = &rows[0];
+    if check && (ours.broken > 0 || ours.failed_to_connect > 0 || ours.connections != n) {
+        return Err(not_clean(&format!(
+            "{}: {} of {n} connections broken, {} failed to connect ({})",
+            ours.model,
+            ours.broken,
+            ours.failed_to_connect,
+            ours.first_failure.as_deref().unwrap_or("-")
+        )));
     }
     Ok(())
 }
