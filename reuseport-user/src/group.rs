@@ -1186,22 +1186,10 @@ impl GroupBuilder {
         // Our sockets are visible now: another start may look.
         drop(start_lock);
         signals::checkpoint("listening")?;
-        if let Some(old) = &old {
-            // Each slot's socket generation goes on from the old
-            // generation's, so that a socket new in a slot never takes the
-            // number of the one that was there (flows and cookies name it).
-            for (slot, r) in old.maps().workers().snapshot().iter().enumerate() {
-                workers
-                    .slot(slot as u32)
-                    .generation
-                    .store(r.generation, Ordering::Relaxed);
-            }
-            if flows.reuse.is_some() {
-                if let Some(s) = &steering {
-                    let done = old.maps().flow_inserts().load(Ordering::Relaxed);
-                    s.maps().flow_inserts().store(done, Ordering::Relaxed);
-                }
-            }
+        if let (Some(old), Some(s), true) = (&old, &steering, flows.reuse.is_some()) {
+            // The old table's count of flows goes on with the table.
+            let done = old.maps().flow_inserts().load(Ordering::Relaxed);
+            s.maps().flow_inserts().store(done, Ordering::Relaxed);
         }
         for m in &members {
             // A new group's own maps: nobody else has a slot in them.

@@ -1062,3 +1062,32 @@ pub async fn signalled() -> Result<&'static str> {
         _ = int.recv() => Ok("SIGINT"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lingering_worker_closes_when_quiet_for_the_idle_time_or_at_the_deadline() {
+        let idle = Duration::from_millis(60);
+        let mut l = Linger::new(idle, 5);
+        assert_eq!(l.over(5, Duration::from_secs(60)), None, "just drained");
+        // Traffic keeps it: each new datagram starts the quiet time over.
+        for received in 6..10 {
+            thread::sleep(Duration::from_millis(20));
+            assert_eq!(l.over(received, Duration::from_secs(60)), None);
+        }
+        thread::sleep(idle + Duration::from_millis(10));
+        assert_eq!(
+            l.over(9, Duration::from_secs(60)),
+            Some("its flows are idle")
+        );
+        // Busy to the end: the deadline closes it.
+        let mut l = Linger::new(Duration::from_secs(60), 0);
+        thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            l.over(1, Duration::from_millis(20)),
+            Some("the drain timeout passed")
+        );
+    }
+}

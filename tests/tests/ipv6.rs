@@ -81,7 +81,14 @@ fn cpu_steering_over_ipv6() {
     netns();
     for proto in [Proto::Tcp, Proto::Udp] {
         let cpus = cpus_at_least(2, "each CPU's traffic must reach a different worker");
-        let server = start(proto, V6_ANY_PORT, &["--policy", "cpu"]);
+        // Each datagram by the policy: without a flow table, which would
+        // keep a client port the OS hands out again within the flow
+        // timeout on the worker that served it first.
+        let server = start(
+            proto,
+            V6_ANY_PORT,
+            &["--policy", "cpu", "--flow-table-size", "0"],
+        );
         let n = cpus.len();
         for (worker, cpu) in cpus.into_iter().enumerate() {
             let before = server.metrics();
@@ -140,7 +147,15 @@ fn round_robin_over_ipv6() {
         let server = start(
             proto,
             V6_ANY_PORT,
-            &["--policy", "round-robin", "--workers", "3"],
+            // Each datagram by the policy (see cpu_steering_over_ipv6).
+            &[
+                "--policy",
+                "round-robin",
+                "--workers",
+                "3",
+                "--flow-table-size",
+                "0",
+            ],
         );
         let seq: Vec<usize> = (0..12)
             .map(|_| served_by(&server, proto, "[::1]:0".parse().unwrap(), 3))

@@ -212,5 +212,11 @@ fn the_kernel_policy_breaks_quic_connections_across_a_takeover_restart() {
         r.broken.first()
     );
     assert_eq!(r.connected, CONNECTIONS, "the run itself worked");
+    // The old process may still wait for its broken connections: stopped,
+    // it removes its pins (a killed one would leave them behind).
+    run.first.server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(reuseport_tests::eventually(Duration::from_secs(30), || {
+        exited(run.first.server.pid())
+    }));
     let _ = std::fs::remove_file(&run.next_cert);
 }
