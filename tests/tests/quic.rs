@@ -244,6 +244,51 @@ fn quic_initials_of_one_connection_id_reach_one_worker_from_any_port() {
     assert_eq!(delta(&before, &after, "quic_initial"), 32);
 }
 
+/// Under a policy that does not hash (round robin here), a client that
+/// sends its Initial again (no answer yet: a slow or lossy path) must reach
+/// the worker that has its handshake, not the next one in turn: the flow
+/// table remembers where the first Initial of the 4-tuple went.
+#[test]
+fn a_resent_initial_reaches_the_worker_of_its_handshake_under_round_robin() {
+    netns();
+    let n = workers();
+    let s = Server::start(&[
+        "--proto",
+        "udp",
+        "--workers",
+        &n.to_string(),
+        "--policy",
+        "round-robin",
+        "--hash-key",
+        "quic",
+    ]);
+    let dcid = *b"resend!!";
+    let client = udp_socket(any_local(s.addr));
+    let before = s.metrics();
+    for _ in 0..6 {
+        let p = packet::initial(&dcid);
+        assert_eq!(reuseport_tests::udp_exchange_on(&client, s.addr, &p), p);
+    }
+    let after = s.metrics();
+    let sel = selected_delta(&before, &after, n);
+    assert_eq!(sel.iter().sum::<u64>(), 6, "{sel:?}");
+    assert_eq!(
+        sel.iter().filter(|&&c| c > 0).count(),
+        1,
+        "one worker has the handshake: {sel:?}"
+    );
+    assert_eq!(delta(&before, &after, "quic_initial"), 6);
+    assert_eq!(delta(&before, &after, "flow_hit"), 5, "remembered");
+    // New clients (their own ports) still go round the workers.
+    let before = s.metrics();
+    for i in 0..n as u64 {
+        let p = packet::initial(&pattern(8, 500 + i));
+        assert_eq!(udp_exchange(any_local(s.addr), s.addr, &p), p);
+    }
+    let after = s.metrics();
+    assert_eq!(selected_delta(&before, &after, n), vec![1; n], "round robin");
+}
+
 #[test]
 fn quic_packets_with_a_cookie_reach_its_worker() {
     netns();
