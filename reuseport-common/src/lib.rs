@@ -399,6 +399,25 @@ impl Config {
             && !(hashes && self.key == key::PAYLOAD)
     }
 
+    /// Whether the program consults the flow table for the datagrams no
+    /// cookie placed: where [`Config::flow_table_on`], and also under the
+    /// `quic` key with a policy that does not hash (round robin, least
+    /// loaded, weighted, cpu). There the Initials of a handshake, which
+    /// carry no cookie yet, would each go by the policy: a client that
+    /// sends its Initial again would reach another worker than the one with
+    /// its handshake. The table keeps them on the first one's worker (a
+    /// hashing policy keeps them together by the connection ID's hash).
+    #[inline(always)]
+    pub fn flow_table_consulted(&self) -> bool {
+        let hashes = self.policy == policy::HASH || self.policy == policy::CONSISTENT;
+        self.flow_table_on()
+            || (self.key == key::QUIC
+                && !hashes
+                && self.policy != policy::NONE
+                && self.flow_timeout_ms != 0
+                && self.flow_table_size != 0)
+    }
+
     /// Whether a drained UDP socket has flows to finish: those of the
     /// flow table or those its cookies name. It then stays in the socket
     /// map while it drains, and a takeover carries it over, draining.
@@ -691,6 +710,10 @@ mod tests {
         assert!(c.flow_table_on() && c.keeps_flows());
         c.key = key::QUIC;
         assert!(!c.flow_table_on() && c.keeps_flows(), "cookies name it");
+        assert!(!c.flow_table_consulted(), "the ID's hash keeps Initials together");
+        c.policy = policy::ROUND_ROBIN;
+        assert!(c.flow_table_consulted(), "the table keeps Initials together");
+        c.policy = policy::HASH;
         c.key = key::SRC_IP;
         c.flow_table_size = 0;
         assert!(!c.flow_table_on() && !c.keeps_flows(), "no table");

@@ -49,7 +49,7 @@ pub(crate) fn lookup(
     cfg: &Config,
     counters: Option<*mut Counters>,
 ) -> Flow {
-    if !cfg.flow_table_on() || ctx.ip_protocol() != IPPROTO_UDP {
+    if !cfg.flow_table_consulted() || ctx.ip_protocol() != IPPROTO_UDP {
         return Flow::Off;
     }
     let Some(key) = flow_key(ctx) else {
