@@ -710,9 +710,15 @@ mod tests {
         assert!(c.flow_table_on() && c.keeps_flows());
         c.key = key::QUIC;
         assert!(!c.flow_table_on() && c.keeps_flows(), "cookies name it");
-        assert!(!c.flow_table_consulted(), "the ID's hash keeps Initials together");
+        assert!(
+            !c.flow_table_consulted(),
+            "the ID's hash keeps Initials together"
+        );
         c.policy = policy::ROUND_ROBIN;
-        assert!(c.flow_table_consulted(), "the table keeps Initials together");
+        assert!(
+            c.flow_table_consulted(),
+            "the table keeps Initials together"
+        );
         c.policy = policy::HASH;
         c.key = key::SRC_IP;
         c.flow_table_size = 0;

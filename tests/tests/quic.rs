@@ -286,7 +286,11 @@ fn a_resent_initial_reaches_the_worker_of_its_handshake_under_round_robin() {
         assert_eq!(udp_exchange(any_local(s.addr), s.addr, &p), p);
     }
     let after = s.metrics();
-    assert_eq!(selected_delta(&before, &after, n), vec![1; n], "round robin");
+    assert_eq!(
+        selected_delta(&before, &after, n),
+        vec![1; n],
+        "round robin"
+    );
 }
 
 #[test]
