@@ -219,7 +219,9 @@ fn a_second_process_joins_serves_and_leaves() {
         joined.banner
     );
     assert!(
-        eventually(Duration::from_secs(5), || accepted(&joined.metrics(), 2)
+        // A bound, not a speed: under emulation (the VM cells) the load's
+        // connections come slowly.
+        eventually(Duration::from_secs(30), || accepted(&joined.metrics(), 2)
             > 30),
         "the joined process serves its share (its own counters)"
     );
