@@ -6,17 +6,15 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::bpf_hdr_start_off::BPF_HDR_START_NET, helpers::bpf_ktime_get_ns, macros::map,
-    maps::LruHashMap, programs::SkReuseportContext,
+    helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap, programs::SkReuseportContext,
 };
 use reuseport_common::{
     counter,
     flow::{fresh, FlowEntry, FlowKey},
-    hash::v4_mapped,
     Config, Counters, State,
 };
 
-use crate::{add, l4_ports, load, select, ETH_P_IPV6_BE, ETH_P_IP_BE, IPPROTO_UDP, WORKERS};
+use crate::{add, addresses, l4_ports, select, IPPROTO_UDP, WORKERS};
 
 /// Sized by user space when the group is created (`--flow-table-size`);
 /// 1 here only so that the object declares it. An LRU map: when it is full
@@ -142,31 +140,10 @@ fn generation_of(slot: u32) -> Option<u32> {
     Some(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rec).generation)) })
 }
 
-/// The datagram's addresses and ports. One helper call reads both
-/// addresses (the IP header lies before the context's data); the ports
-/// are read directly.
+/// The datagram's addresses and ports.
 #[inline(always)]
 fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
-    let (src, dst) = match ctx.eth_protocol() {
-        ETH_P_IP_BE => {
-            // IPv4 header: source at 12, destination at 16.
-            let a: [u8; 8] = load(ctx, 12, BPF_HDR_START_NET)?;
-            (
-                v4_mapped([a[0], a[1], a[2], a[3]]),
-                v4_mapped([a[4], a[5], a[6], a[7]]),
-            )
-        }
-        ETH_P_IPV6_BE => {
-            // IPv6 header: source at 8, destination at 24.
-            let a: [u8; 32] = load(ctx, 8, BPF_HDR_START_NET)?;
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&a[..16]);
-            dst.copy_from_slice(&a[16..]);
-            (src, dst)
-        }
-        _ => return None,
-    };
+    let (src, dst) = addresses(ctx)?;
     Some(FlowKey {
         src,
         dst,

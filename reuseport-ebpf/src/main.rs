@@ -384,14 +384,31 @@ fn src_ip_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
 /// data, out of direct reach); the ports are read directly.
 #[inline(always)]
 fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
-    let (src, dst) = match ctx.eth_protocol() {
+    if !matches!(ctx.eth_protocol(), ETH_P_IP_BE | ETH_P_IPV6_BE) {
+        count(counter::KEY_UNREADABLE);
+        return None;
+    }
+    let (src, dst) = addresses(ctx)?;
+    // TCP and UDP both start with source port then destination port, and
+    // the context's data begins at the L4 header.
+    let ports = l4_ports(ctx)?;
+    Some(hash_four_tuple(cfg.seed, &src, &dst, ports))
+}
+
+/// The packet's source and destination addresses (IPv4 as v4-mapped IPv6),
+/// or `None` for another network protocol or an unreadable header. One
+/// helper call reads both (the IP header lies before the context's data,
+/// out of direct reach).
+#[inline(always)]
+pub(crate) fn addresses(ctx: &SkReuseportContext) -> Option<([u8; 16], [u8; 16])> {
+    match ctx.eth_protocol() {
         ETH_P_IP_BE => {
             // IPv4 header: source at 12, destination at 16.
             let a: [u8; 8] = load(ctx, 12, BPF_HDR_START_NET)?;
-            (
+            Some((
                 v4_mapped([a[0], a[1], a[2], a[3]]),
                 v4_mapped([a[4], a[5], a[6], a[7]]),
-            )
+            ))
         }
         ETH_P_IPV6_BE => {
             // IPv6 header: source at 8, destination at 24.
@@ -400,17 +417,10 @@ fn addr_hash(ctx: &SkReuseportContext, cfg: &Config) -> Option<u32> {
             let mut dst = [0u8; 16];
             src.copy_from_slice(&a[..16]);
             dst.copy_from_slice(&a[16..]);
-            (src, dst)
+            Some((src, dst))
         }
-        _ => {
-            count(counter::KEY_UNREADABLE);
-            return None;
-        }
-    };
-    // TCP and UDP both start with source port then destination port, and
-    // the context's data begins at the L4 header.
-    let ports = l4_ports(ctx)?;
-    Some(hash_four_tuple(cfg.seed, &src, &dst, ports))
+        _ => None,
+    }
 }
 
 /// The first 4 bytes of the L4 header (both ports), read directly from the
