@@ -176,6 +176,33 @@ pub async fn echo_stream(conn: &quinn::Connection, payload: &[u8]) -> Result<(),
     Ok(())
 }
 
+/// `n` new connections to `addr` at once, each from its own endpoint:
+/// one stream echoed, then closed. The outcome of each. Call it inside a
+/// tokio runtime.
+pub async fn fresh_connections(
+    config: &quinn::ClientConfig,
+    addr: SocketAddr,
+    n: u64,
+) -> Vec<Result<(), String>> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            let ep = client_endpoint(&config);
+            let conn = connect(&ep, addr).await?;
+            echo_stream(&conn, &crate::pattern(100, i)).await?;
+            conn.close(0u32.into(), b"done");
+            ep.wait_idle().await;
+            Ok(())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("a connection's task"));
+    }
+    out
+}
+
 /// What a [`Fleet`] saw.
 #[derive(Debug, Default)]
 pub struct FleetResult {

@@ -497,25 +497,7 @@ fn quic_connections_survive_a_drain_and_an_added_worker() {
         .unwrap();
     let addr = echo.addr();
     let before = echo.server.metrics();
-    let fresh: Vec<Result<(), String>> = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for i in 0..30u64 {
-            let config = config.clone();
-            tasks.push(tokio::spawn(async move {
-                let ep = quic::client_endpoint(&config);
-                let conn = quic::connect(&ep, addr).await?;
-                quic::echo_stream(&conn, &pattern(100, i)).await?;
-                conn.close(0u32.into(), b"done");
-                ep.wait_idle().await;
-                Ok(())
-            }));
-        }
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    });
+    let fresh = rt.block_on(quic::fresh_connections(&config, addr, 30));
     assert!(fresh.iter().all(Result::is_ok), "{fresh:?}");
     let after = echo.server.metrics();
     let accepted = |m: &Metrics, w: usize| {

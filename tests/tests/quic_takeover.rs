@@ -8,7 +8,6 @@
 use std::{process::Command, time::Duration};
 
 use reuseport_tests::{
-    pattern,
     quic::{self, example_path, Fleet, FleetResult, QuicEcho},
     unique_group, Metrics, Server,
 };
@@ -172,25 +171,7 @@ fn quic_connections_survive_a_takeover_restart() {
         .unwrap();
     let addr = next.addr;
     let before = next.metrics();
-    let fresh: Vec<Result<(), String>> = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for i in 0..20u64 {
-            let config = config.clone();
-            tasks.push(tokio::spawn(async move {
-                let ep = quic::client_endpoint(&config);
-                let conn = quic::connect(&ep, addr).await?;
-                quic::echo_stream(&conn, &pattern(100, i)).await?;
-                conn.close(0u32.into(), b"done");
-                ep.wait_idle().await;
-                Ok(())
-            }));
-        }
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    });
+    let fresh = rt.block_on(quic::fresh_connections(&config, addr, 20));
     assert!(fresh.iter().all(Result::is_ok), "{fresh:?}");
     assert_eq!(accepted(&next.metrics()) - accepted(&before), 20);
     let _ = std::fs::remove_file(&next_cert);
