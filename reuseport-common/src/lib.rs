@@ -174,10 +174,11 @@ pub mod program {
     /// 5.14): attached for `BPF_SK_REUSEPORT_SELECT` only.
     pub const STEER_SELECT: &str = "steer_select";
     /// The reference for the cost of a selection: always selects slot 0 and
-    /// does nothing else (no config, no counters).
+    /// does nothing else (no config, no counters). In the test object only.
     pub const FLOOR: &str = "floor";
     /// A program the verifier rejects (it reads packet data without a bounds
-    /// check); loaded only by tests of the verifier-error path.
+    /// check); loaded only by tests of the verifier-error path. In the test
+    /// object only.
     pub const VERIFIER_REJECT: &str = "verifier_reject";
 }
 

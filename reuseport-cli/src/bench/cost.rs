@@ -121,6 +121,51 @@ pub const REFERENCES: [(&str, PolicyKind, &str); 10] = [
     ),
 ];
 
+/// The steps of the steering path each policy takes beyond the floor, as
+/// reference programs measure them alone: next to a policy's excess over
+/// the floor, their sum shows what bounds it.
+pub const STEPS: [(&str, &[&str]); 9] = [
+    ("cpu", &["cost_counter", "cost_config"]),
+    (
+        "round-robin",
+        &["cost_counter", "cost_config", "cost_atomic"],
+    ),
+    ("weighted", &["cost_counter", "cost_config", "cost_atomic"]),
+    ("hash/flow", &["cost_counter", "cost_config"]),
+    (
+        "hash/src-ip",
+        &[
+            "cost_counter",
+            "cost_config",
+            "cost_load_bytes",
+            "cost_murmur",
+        ],
+    ),
+    (
+        "hash/four-tuple",
+        &[
+            "cost_counter",
+            "cost_config",
+            "cost_load_bytes",
+            "cost_murmur",
+        ],
+    ),
+    ("consistent/flow", &["cost_counter", "cost_table"]),
+    (
+        "consistent/four-tuple",
+        &[
+            "cost_counter",
+            "cost_table",
+            "cost_load_bytes",
+            "cost_murmur",
+        ],
+    ),
+    (
+        "least-loaded",
+        &["cost_counter", "cost_config", "cost_loads"],
+    ),
+];
+
 /// The reference programs as models.
 pub fn references() -> Vec<Model> {
     REFERENCES

@@ -402,6 +402,9 @@ pub struct Report {
     pub started: String,
     /// The kernel release.
     pub kernel: String,
+    /// The machine's load average (1 minute) when the run started and when
+    /// it ended: how quiet the machine was (the run's own threads count).
+    pub load: (f64, f64),
     /// CPUs used (servers and clients share them).
     pub cpus: Vec<usize>,
     /// The settings.
@@ -573,6 +576,7 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
     isolate()?;
     sys::raise_fd_limit();
     let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let load_before = load_average();
     let settings = Settings::for_run(options.quick);
     let cpus = sys::usable_cpus()?;
     let keep = |m: &Model| options.only.is_empty() || options.only.contains(&m.name);
@@ -683,6 +687,7 @@ pub fn run(options: &BenchOptions) -> Result<Report> {
     let report = Report {
         started,
         kernel: sys::kernel_release().unwrap_or_default(),
+        load: (load_before, load_average()),
         cpus,
         settings,
         workloads,
@@ -970,6 +975,14 @@ fn isolate() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| Error::io("unshare(CLONE_NEWNET) for the benchmark", e.into()))?;
     sys::set_loopback_up()
+}
+
+/// The 1-minute load average (`/proc/loadavg`), NaN if unreadable.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// The kernel's drop counters of this namespace (see [`sys::drop_counters`]).

@@ -135,25 +135,47 @@ pub fn block(dir: &Path) -> Result<String, String> {
     );
     let _ = writeln!(
         s,
-        "| policy | ns per selection | over the floor | target | |"
+        "| policy | ns per selection | over the floor | target | | ns over the floor | its steps measured alone (ns over the floor) |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---|---:|---|");
+    let excess = |model: &str| {
+        run.get("bpf-cost", model)
+            .and_then(|r| r.bpf_ns)
+            .zip(floor)
+            .map(|(a, b)| a - b)
+    };
     for (policy, goal) in COST_TARGETS {
         let Some(r) = run.get("bpf-cost", policy) else {
             continue;
         };
         let met = r.bpf_ratio.is_some_and(|x| x <= goal);
+        let steps = cost::STEPS
+            .iter()
+            .find(|(p, _)| *p == policy)
+            .map_or(&[][..], |(_, s)| *s);
+        let parts: Vec<Option<f64>> = steps.iter().map(|p| excess(p)).collect();
+        let mut named: Vec<String> = steps
+            .iter()
+            .zip(&parts)
+            .map(|(p, x)| format!("`{p}` {}", fixed(*x, 0, "")))
+            .collect();
+        if parts.len() > 1 {
+            let sum: Option<f64> = parts.iter().copied().sum();
+            named.push(format!("sum {}", fixed(sum, 0, "")));
+        }
         let _ = writeln!(
             s,
-            "| `{policy}` | {} | {} | ≤ {goal:.2}x | {} |",
+            "| `{policy}` | {} | {} | ≤ {goal:.2}x | {} | {} | {} |",
             fixed(r.bpf_ns, 0, ""),
             fixed(r.bpf_ratio, 2, "x"),
-            if met { "met" } else { "**missed**" }
+            if met { "met" } else { "**missed**" },
+            fixed(excess(policy), 0, ""),
+            named.join(", ")
         );
     }
     let _ = writeln!(
         s,
-        "| floor (selects slot 0, nothing else) | {} | 1.00x | | |",
+        "| floor (selects slot 0, nothing else) | {} | 1.00x | | | | |",
         fixed(floor, 0, "")
     );
 

@@ -161,12 +161,14 @@ pub fn markdown(report: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "## reuseport bench, {} (Linux {}, CPUs {:?}, epochs of {} ms x {})\n",
+        "## reuseport bench, {} (Linux {}, CPUs {:?}, epochs of {} ms x {}, load average {:.2} at the start, {:.2} at the end)\n",
         report.started,
         report.kernel,
         report.cpus,
         report.settings.epoch_ms,
-        report.settings.rounds
+        report.settings.rounds,
+        report.load.0,
+        report.load.1
     );
     for w in &report.workloads {
         let _ = writeln!(s, "### {}\n\n{}\n", w.name, w.about);
