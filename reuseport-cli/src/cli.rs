@@ -378,6 +378,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 if let Some(before) = r.restored_migrate_req {
                     println!("restored net.ipv4.tcp_migrate_req to {before}");
                 }
+                if let Some(other) = &r.migrate_req_left_for {
+                    println!(
+                        "left net.ipv4.tcp_migrate_req at 1 for group {other}, which relies on it"
+                    );
+                }
             }
             Ok(())
         }

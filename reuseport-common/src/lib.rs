@@ -599,6 +599,11 @@ pub mod group_flag {
     /// drains its workers and exits without detaching the program, which
     /// is now the new generation's.
     pub const RETIRED: u32 = 2;
+    /// The group relies on `net.ipv4.tcp_migrate_req` being 1 (a TCP group
+    /// without a program that asked for it): a group that set the sysctl
+    /// and goes first leaves it set, and hands the value to put back to
+    /// this one.
+    pub const MIGRATE_REQ: u32 = 4;
 }
 
 /// The group a set of maps belongs to.

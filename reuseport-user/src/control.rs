@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::warn;
+use log::{info, warn};
 use reuseport_common::{group_flag, GroupInfo, WorkerRecord};
 
 use crate::{
@@ -151,7 +151,7 @@ pub fn claim(
                     "removing stale pins of group {other} on {proto} {addr} left by pid {}, which is gone",
                     info.owner_pid
                 );
-                release_dead(&dir, Some(&info))?;
+                release_dead(start, &dir, Some(&info))?;
             }
         }
     }
@@ -181,7 +181,7 @@ pub fn claim(
                 None
             }
         };
-        release_dead(&dir, info.as_ref())?;
+        release_dead(start, &dir, info.as_ref())?;
     }
     pins::make_private_dir(&dir)?;
     let owner = pins::hold_owner(&dir).inspect_err(|_| {
@@ -202,19 +202,83 @@ pub struct Removed {
     /// group without a program) had set it, and its owner died before it
     /// could restore it.
     pub restored_migrate_req: Option<u32>,
+    /// The group the value to put back `net.ipv4.tcp_migrate_req` to was
+    /// handed to, instead of putting it back: a running group that relies
+    /// on the sysctl, and puts the value back when it goes.
+    pub migrate_req_left_for: Option<String>,
+}
+
+/// What became of the value of `net.ipv4.tcp_migrate_req` that a group
+/// which goes had saved.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum MigrateReqFate {
+    /// The group had saved none (or a successor took it over with it).
+    Untouched,
+    /// Put back to this value.
+    Restored(u32),
+    /// Could not be put back (the warning says why).
+    Failed,
+    /// Left set for this running group, which relies on it and now holds
+    /// the value to put back.
+    LeftFor(String),
+}
+
+/// Puts back `net.ipv4.tcp_migrate_req` for the group pinned in `leaving`
+/// (namespace directory `ns`, record `info`) as it goes, unless another
+/// running group of the namespace relies on the sysctl: that one is then
+/// handed the value to put back, and the sysctl stays set. Call it under
+/// the namespace's start lock, so that no group starts (and decides about
+/// the sysctl) or goes meanwhile.
+pub(crate) fn put_back_migrate_req(ns: &Path, leaving: &Path, info: &GroupInfo) -> MigrateReqFate {
+    if info.migrate_req_saved == 0 || info.flags & group_flag::RETIRED != 0 {
+        return MigrateReqFate::Untouched;
+    }
+    for other in pins::group_names_in(ns) {
+        let dir = ns.join(&other);
+        if dir == leaving {
+            continue;
+        }
+        let (Owner::Alive, Some(mut record)) = owner_of(&dir) else {
+            continue;
+        };
+        let relies = record.flags & group_flag::MIGRATE_REQ != 0
+            && record.flags & group_flag::RETIRED == 0
+            && record.migrate_req_saved == 0;
+        if !relies {
+            continue;
+        }
+        record.migrate_req_saved = info.migrate_req_saved;
+        match maps::set_group_info_at(&dir, &record) {
+            Ok(()) => {
+                info!("left net.ipv4.tcp_migrate_req at 1 for group {other}, which relies on it");
+                return MigrateReqFate::LeftFor(other);
+            }
+            Err(e) => warn!("could not hand the value of net.ipv4.tcp_migrate_req to group {other}: {e}"),
+        }
+    }
+    let before = info.migrate_req_saved - 1;
+    if crate::group::write_migrate_req(before) {
+        MigrateReqFate::Restored(before)
+    } else {
+        MigrateReqFate::Failed
+    }
 }
 
 /// Removes the pins of a group whose owner is gone (`info`: its record, if
-/// readable), first putting back `net.ipv4.tcp_migrate_req` if the group
-/// had set it, as its owner would have on a clean exit (a retired owner
-/// leaves that to its successor). Returns the value put back.
-fn release_dead(dir: &Path, info: Option<&GroupInfo>) -> Result<Option<u32>> {
-    let restored = info
-        .filter(|i| i.migrate_req_saved != 0 && i.flags & group_flag::RETIRED == 0)
-        .map(|i| i.migrate_req_saved - 1)
-        .filter(|&before| crate::group::put_back_migrate_req(before));
+/// readable; `start`: the namespace's start lock, held), first putting
+/// back `net.ipv4.tcp_migrate_req` if the group had set it, as its owner
+/// would have on a clean exit (see [`put_back_migrate_req`]). Returns what
+/// became of the sysctl.
+fn release_dead(
+    start: &pins::StartLock,
+    dir: &Path,
+    info: Option<&GroupInfo>,
+) -> Result<MigrateReqFate> {
+    let fate = info.map_or(MigrateReqFate::Untouched, |i| {
+        put_back_migrate_req(start.dir(), dir, i)
+    });
     release(dir)?;
-    Ok(restored)
+    Ok(fate)
 }
 
 /// Removes the pins of dead group `name`, or with `None` of every dead
@@ -243,11 +307,18 @@ pub fn cleanup(name: Option<&str>) -> Result<Vec<Removed>> {
             }
             (Owner::Alive, _) => {}
             (Owner::Gone, info) => {
-                let restored_migrate_req = release_dead(&dir, info.as_ref())?;
+                let fate = release_dead(&start, &dir, info.as_ref())?;
                 removed.push(Removed {
                     name: n,
                     owner_pid: info.map(|i| i.owner_pid),
-                    restored_migrate_req,
+                    restored_migrate_req: match fate {
+                        MigrateReqFate::Restored(before) => Some(before),
+                        _ => None,
+                    },
+                    migrate_req_left_for: match fate {
+                        MigrateReqFate::LeftFor(other) => Some(other),
+                        _ => None,
+                    },
                 });
             }
         }

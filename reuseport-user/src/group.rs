@@ -770,22 +770,41 @@ impl Group {
         Ok(())
     }
 
-    /// Puts back `net.ipv4.tcp_migrate_req` if this group changed it; a
-    /// retired owner leaves that to its successor.
+    /// Puts back `net.ipv4.tcp_migrate_req` if this group changed it,
+    /// unless another running group relies on it (see
+    /// [`control::put_back_migrate_req`]); a retired owner leaves that to
+    /// its successor.
     fn restore_migrate_req(&self, retired: bool) {
-        let Some(info) = self.group_info() else {
-            return;
-        };
-        if info.migrate_req_saved == 0 || retired {
+        if retired || self.group_info().is_none_or(|i| i.migrate_req_saved == 0) {
             return;
         }
-        put_back_migrate_req(info.migrate_req_saved - 1);
+        let Some(dir) = self.pins.as_ref().map(|p| p.locate().unwrap_or_else(|| p.dir.clone())) else {
+            return;
+        };
+        // Under the start lock, read anew: a group that went meanwhile may
+        // have handed this one its value.
+        let start = crate::pins::lock_namespace()
+            .inspect_err(|e| warn!("{e}: putting back net.ipv4.tcp_migrate_req without it"));
+        let Some(mut info) = self.group_info() else {
+            return;
+        };
+        let ns = match &start {
+            Ok(lock) => lock.dir().to_path_buf(),
+            Err(_) => dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        control::put_back_migrate_req(&ns, &dir, &info);
+        // Gone as far as the others can tell: none hands its value back here.
+        info.flags &= !group_flag::MIGRATE_REQ;
+        info.migrate_req_saved = 0;
+        if let Some(s) = &self.steering {
+            let _ = lock(s).maps_mut().set_group_info(&info);
+        }
     }
 }
 
 /// Sets `net.ipv4.tcp_migrate_req` back to `before`, the value a group
 /// found there; whether it could.
-pub(crate) fn put_back_migrate_req(before: u32) -> bool {
+pub(crate) fn write_migrate_req(before: u32) -> bool {
     match std::fs::write(MIGRATE_REQ, before.to_string()) {
         Ok(()) => {
             info!("restored net.ipv4.tcp_migrate_req to {before}");
@@ -1068,7 +1087,7 @@ impl GroupBuilder {
         // once exactly one succeeds. (It needs no privilege: a group
         // without pins on a fixed port takes it too. On port 0 every start
         // gets a port of its own.)
-        let start_lock = if pinned || wanted.port() != 0 {
+        let mut start_lock = if pinned || wanted.port() != 0 {
             Some(crate::pins::lock_namespace()?)
         } else {
             None
@@ -1183,8 +1202,6 @@ impl GroupBuilder {
                 socket::listen(&m.socket, self.backlog)?;
             }
         }
-        // Our sockets are visible now: another start may look.
-        drop(start_lock);
         signals::checkpoint("listening")?;
         if let (Some(old), Some(s), true) = (&old, &steering, flows.reuse.is_some()) {
             // The old table's count of flows goes on with the table.
@@ -1210,11 +1227,9 @@ impl GroupBuilder {
         // Puts the sysctl back if the start-up stops before the group
         // record (which `close` restores it from) is written.
         let mut migrate_guard = MigrateReqGuard(0);
-        if self.tcp_migrate_req
-            && !with_program
-            && self.proto == Proto::Tcp
-            && migrate_req_saved == 0
-        {
+        let relies_on_migrate_req =
+            self.tcp_migrate_req && !with_program && self.proto == Proto::Tcp;
+        if relies_on_migrate_req && migrate_req_saved == 0 {
             migrate_req_saved = enable_migrate_req();
             migrate_guard.0 = migrate_req_saved;
         }
@@ -1223,7 +1238,14 @@ impl GroupBuilder {
             Some(mut s) => {
                 let mut info = control::group_info(addr, self.proto, n as u32, s.has_program());
                 info.migrate_req_saved = migrate_req_saved;
+                if relies_on_migrate_req {
+                    info.flags |= group_flag::MIGRATE_REQ;
+                }
                 s.maps_mut().set_group_info(&info)?;
+                // Our sockets are visible and our record says what we do
+                // with the sysctl: another start, or a group that goes, may
+                // look now.
+                start_lock = None;
                 if s.has_program() {
                     for m in &members {
                         s.maps_mut().set_slot(m.slot, &m.socket)?;
@@ -1254,6 +1276,7 @@ impl GroupBuilder {
             }
             None => None,
         };
+        drop(start_lock);
         if old.is_none() {
             // A takeover checked before it switched the group (see above):
             // once switched, the start-up is not undone.

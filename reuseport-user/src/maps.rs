@@ -1029,6 +1029,18 @@ pub fn group_info_at(dir: &Path) -> Result<GroupInfo> {
         .map_err(|e| Error::bpf("reading the group record", e))
 }
 
+/// Writes the record of the group pinned in `dir`.
+pub fn set_group_info_at(dir: &Path, info: &GroupInfo) -> Result<()> {
+    let path = dir.join(map::GROUP);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::bpf(format!("opening {}", path.display()), e))?;
+    let map = Map::from_map_data(data).map_err(|e| Error::bpf(format!("map {}", map::GROUP), e))?;
+    let mut group: Array<MapData, GroupInfo> = typed(map, map::GROUP)?;
+    group
+        .set(0, info, 0)
+        .map_err(|e| Error::bpf("writing the group record", e))
+}
+
 /// A handle on a group's socket map (see [`Maps::socket_map_handle`]).
 pub struct SocketMapHandle(ReusePortSockArray<MapData>);
 

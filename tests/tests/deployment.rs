@@ -876,3 +876,53 @@ fn the_sysctl_a_killed_owner_set_is_put_back_by_cleanup_or_its_replacement() {
     assert!(status.success(), "{stderr}");
     assert_eq!(read(), "0", "{stderr}");
 }
+
+#[test]
+fn a_group_that_goes_leaves_the_sysctl_set_for_another_that_relies_on_it() {
+    // Two groups without a program in one namespace: the first set the
+    // sysctl, the second found it set. The first to go, by a stop or by a
+    // cleanup after a kill, used to put it back to 0 under the second,
+    // whose closing listeners would then reset their queued connections.
+    netns();
+    assert_eq!(migrate_req(), "0", "a fresh namespace starts at 0");
+    let kernel = ["--policy", "kernel", "--workers", "1"];
+    let first = Server::start(&kernel);
+    assert_eq!(migrate_req(), "1");
+    let second = Server::start(&kernel);
+    let second_group = second.group.clone();
+    first.signal(Signal::SIGTERM);
+    let (status, stderr) = first.wait(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        migrate_req(),
+        "1",
+        "put back under a group that relies on it:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "left net.ipv4.tcp_migrate_req at 1 for group {second_group}, which relies on it"
+        )),
+        "{stderr}"
+    );
+
+    // Now the second holds the value to put back; a third relies on it
+    // too. The second is killed, and the cleanup hands the value on.
+    let third = Server::start(&kernel);
+    let third_group = third.group.clone();
+    let pid = kill9(second);
+    let (code, out, err) = reuseport(&["cleanup"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "removed dead group {second_group} (its owner, pid {pid}, is gone)\n\
+             left net.ipv4.tcp_migrate_req at 1 for group {third_group}, which relies on it"
+        )
+    );
+    assert_eq!(migrate_req(), "1");
+    // The last group to go puts back what the namespace had.
+    third.signal(Signal::SIGTERM);
+    let (status, stderr) = third.wait(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert_eq!(migrate_req(), "0", "{stderr}");
+}
