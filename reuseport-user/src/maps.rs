@@ -171,20 +171,39 @@ impl WorkerCounters {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
     }
 
-    /// Makes the record that of a new worker of the owner on `cpu` in this
-    /// process and marks it serving ([`slots::serve`]); false if the slot
-    /// was given up or taken meanwhile.
+    /// Makes the record, in a new group's own maps (which no other process
+    /// sees yet), that of a new worker of the owner on `cpu` in this process
+    /// and marks it serving ([`slots::serve_new`]); false if the slot was
+    /// not free.
     #[must_use]
     pub fn reset(&self, cpu: u32) -> bool {
-        self.start_serving(cpu, std::process::id(), member_kind::OWNER, -1)
+        if self.state.load(Ordering::Acquire) != slots::EMPTY {
+            return false;
+        }
+        self.fill(cpu, std::process::id(), member_kind::OWNER, -1);
+        slots::serve_new(&self.state)
     }
 
-    /// Makes the record that of a new worker on `cpu` in process `pid`, a
-    /// member of `kind` (a `reuseport_common::member_kind`) whose socket is
-    /// descriptor `fd` there (-1 for the owner's), and marks it serving;
-    /// false if the slot was given up or taken meanwhile.
+    /// Makes the record of a slot claimed for process `pid` ([`slots::claim`])
+    /// that of its new worker on `cpu`, a member of `kind` (a
+    /// `reuseport_common::member_kind`) whose socket is descriptor `fd` there
+    /// (-1 for the owner's), and marks it serving ([`slots::serve`]). False,
+    /// with the record untouched, if the claim is not (or no longer) that
+    /// of `pid`: it was given up meanwhile, or given up and taken by another
+    /// process.
     #[must_use]
     pub fn start_serving(&self, cpu: u32, pid: u32, kind: u32, fd: i32) -> bool {
+        if self.state.load(Ordering::Acquire) != slots::STARTING
+            || self.pid.load(Ordering::Acquire) != pid
+        {
+            return false;
+        }
+        self.fill(cpu, pid, kind, fd);
+        slots::serve(&self.state)
+    }
+
+    /// Resets the record's counts and writes whose it is.
+    fn fill(&self, cpu: u32, pid: u32, kind: u32, fd: i32) {
         self.next_generation();
         for c in [
             &self.accepted,
@@ -198,7 +217,6 @@ impl WorkerCounters {
         self.cpu.store(cpu, Ordering::Relaxed);
         self.set_process(pid);
         self.set_member(kind, fd);
-        slots::serve(&self.state)
     }
 
     /// Makes the record that of a member carried over from record `from`
@@ -216,7 +234,7 @@ impl WorkerCounters {
         // The same socket: the cookies minted for it stay valid.
         self.generation.store(from.generation, Ordering::Release);
         self.set_member(from.kind, from.fd);
-        slots::serve(&self.state)
+        slots::serve_new(&self.state)
     }
 
     /// Raises the generation of the slot's socket (wrapping within the
@@ -1096,5 +1114,40 @@ fn wait_for_program_runs() {
     use rustix::thread::{membarrier, MembarrierCommand};
     if membarrier(MembarrierCommand::Global).is_err() {
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_serves_only_a_slot_still_claimed_for_its_process() {
+        let me = std::process::id();
+        let rec = WorkerCounters::default();
+        // Not claimed: nobody serves it.
+        assert!(!rec.start_serving(3, me, member_kind::OWNER, -1));
+        // Claimed for this process, then given up (`ctl add-worker` timed
+        // out): the owner's late start must not serve it.
+        rec.set_process(me);
+        assert!(slots::claim(&rec.state) && slots::abandon(&rec.state));
+        assert!(!rec.start_serving(3, me, member_kind::OWNER, -1));
+        assert_eq!(rec.state.load(Ordering::Relaxed), slots::EMPTY);
+        // Given up and claimed again by another process: not taken over,
+        // and its record is left as its claimer wrote it.
+        rec.set_process(me + 1);
+        rec.cpu.store(1, Ordering::Relaxed);
+        assert!(slots::claim(&rec.state));
+        assert!(!rec.start_serving(3, me, member_kind::OWNER, -1));
+        assert_eq!(rec.state.load(Ordering::Relaxed), slots::STARTING);
+        assert_eq!(rec.pid.load(Ordering::Relaxed), me + 1);
+        assert_eq!(rec.cpu.load(Ordering::Relaxed), 1);
+        // Its claimer serves it.
+        assert!(rec.start_serving(1, me + 1, member_kind::JOINED, 9));
+        assert_eq!(rec.state.load(Ordering::Relaxed), slots::SERVING);
+        // A new group's own slot serves from empty, once.
+        let fresh = WorkerCounters::default();
+        assert!(fresh.reset(0));
+        assert!(!fresh.reset(0));
     }
 }

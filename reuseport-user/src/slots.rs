@@ -9,8 +9,9 @@
 //!     └────────────── release (the worker is gone) ──────────────┘
 //! ```
 //!
-//! A new group's own members go from EMPTY to SERVING directly (nobody else
-//! can see its maps yet). Every slot's state is a word of its record in the
+//! A new group's own members, and the members a takeover carries into its
+//! new maps, go from EMPTY to SERVING directly ([`serve_new`]: nobody else
+//! can see those maps yet). In maps others see, only a claimed slot serves. Every slot's state is a word of its record in the
 //! `WORKERS` map, which every process of the group maps and the program
 //! reads; each transition but `release` is a compare-and-swap from the one
 //! state it leaves, so of two processes racing for one slot (two `join`s,
@@ -128,11 +129,18 @@ pub fn claim(state: &AtomicU32) -> bool {
     cas(state, EMPTY, STARTING)
 }
 
-/// STARTING (or, for a new group's own members, EMPTY) → SERVING: the
-/// worker's socket is in the group and in the socket map. Fails if the slot
-/// was given up meanwhile (see [`abandon`]) or taken by someone else.
+/// STARTING → SERVING: the claimed slot's worker has its socket in the
+/// group and in the socket map. Fails if the claim was given up meanwhile
+/// (see [`abandon`]), so a worker never serves a slot its claimer was told
+/// is free.
 pub fn serve(state: &AtomicU32) -> bool {
-    cas(state, STARTING, SERVING) || cas(state, EMPTY, SERVING)
+    cas(state, STARTING, SERVING)
+}
+
+/// EMPTY → SERVING, only in maps no other process sees yet: a new group's
+/// own members, or the members a takeover carries into its new maps.
+pub fn serve_new(state: &AtomicU32) -> bool {
+    cas(state, EMPTY, SERVING)
 }
 
 /// SERVING → DRAINING: no new work; the worker's process closes its socket
@@ -192,13 +200,16 @@ mod tests {
         assert!(!drain(&s) && !serve(&s));
         release(&s);
         assert_eq!(s.load(Ordering::Relaxed), EMPTY);
-        // A new group's member serves from EMPTY.
-        assert!(serve(&s));
+        // A new group's member serves from EMPTY, in maps only it sees.
+        assert!(serve_new(&s));
+        assert!(!serve_new(&s), "a serving slot is not new");
         // A claim given up cannot be served any more.
         release(&s);
         assert!(claim(&s) && abandon(&s));
+        assert!(!serve(&s), "a claim given up is not served");
+        assert_eq!(s.load(Ordering::Relaxed), EMPTY);
         let other = AtomicU32::new(DRAINING);
-        assert!(!serve(&other));
+        assert!(!serve(&other) && !serve_new(&other));
     }
 
     #[test]
