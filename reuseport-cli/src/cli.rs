@@ -145,20 +145,15 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     fn options(&self) -> ServeOptions {
-        ServeOptions {
-            limits: Limits {
-                max_connections: self.max_connections,
-                drain_timeout: self.drain_timeout,
-            },
-            echo: EchoOptions {
-                idle_timeout: self.idle_timeout,
-                buffer_size: self.buffer_size,
-            },
-            metrics_addr: self.metrics_addr,
-            bpf_stats: false,
-            // A server for many connections: the process is ours.
-            raise_fd_limit: true,
-        }
+        let mut options = ServeOptions::default();
+        options.limits.max_connections = self.max_connections;
+        options.limits.drain_timeout = self.drain_timeout;
+        options.echo.idle_timeout = self.idle_timeout;
+        options.echo.buffer_size = self.buffer_size;
+        options.metrics_addr = self.metrics_addr;
+        // A server for many connections: the process is ours.
+        options.raise_fd_limit = true;
+        options
     }
 }
 
@@ -532,10 +527,8 @@ fn run_with(policy: Policy, a: RunArgs) -> Result<()> {
     if let Some(name) = a.takeover {
         builder = builder.takeover(name);
     }
-    let options = ServeOptions {
-        bpf_stats: a.bpf_stats,
-        ..a.serve.options()
-    };
+    let mut options = a.serve.options();
+    options.bpf_stats = a.bpf_stats;
     serve(builder.build()?, options)
 }
 

@@ -87,9 +87,10 @@ fn steered(addr: SocketAddr, metrics_addr: Option<SocketAddr>) -> reuseport::Res
                     .map_err(io::Error::other)
             }
         },
-        ServeOptions {
-            metrics_addr,
-            ..ServeOptions::default()
+        {
+            let mut options = ServeOptions::default();
+            options.metrics_addr = metrics_addr;
+            options
         },
     )?;
     if let Some(m) = server.metrics_addr() {

@@ -30,8 +30,8 @@ use std::{net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
 
 use quinn::{ConnectionId, ConnectionIdGenerator};
 use reuseport::{
-    cookie::Minter, FlowCounter, Group, HashKey, Limits, Policy, PolicyKind, Proto, ServeOptions,
-    Server, UdpWorker,
+    cookie::Minter, FlowCounter, Group, HashKey, Policy, PolicyKind, Proto, ServeOptions, Server,
+    UdpWorker,
 };
 
 /// Connection IDs this long: the 8-byte cookie, then 8 random bytes.
@@ -145,16 +145,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let addr = group.local_addr();
     let workers = group.members().len();
     println!("group {name} on udp {addr}");
-    let options = ServeOptions {
-        limits: Limits {
-            drain_timeout: args.drain_timeout,
-            ..Limits::default()
-        },
-        metrics_addr: args.metrics,
-        // A server for many connections: the process is ours.
-        raise_fd_limit: true,
-        ..ServeOptions::default()
-    };
+    let mut options = ServeOptions::default();
+    options.limits.drain_timeout = args.drain_timeout;
+    options.metrics_addr = args.metrics;
+    // A server for many connections: the process is ours.
+    options.raise_fd_limit = true;
     let server = Server::start_udp_with(
         group,
         move |worker: UdpWorker| serve(worker, server_config.clone()),

@@ -25,7 +25,7 @@ use crate::{
     error::{Error, Result},
     maps::{self, BpfCounters, Maps},
     pins::{self, Owner},
-    policy::{self, HashKey, LiveSlot, Policy, PolicyKind},
+    policy::{self, HashKey, Policy, PolicyKind},
     slots,
     socket::Proto,
 };
@@ -350,6 +350,7 @@ pub fn group_info(addr: SocketAddr, proto: Proto, workers: u32, program: bool) -
 
 /// A slot as `ctl status` and `stats` show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SlotStatus {
     /// The slot.
     pub slot: u32,
@@ -361,6 +362,7 @@ pub struct SlotStatus {
 
 /// A snapshot of a running group.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Status {
     /// The group's name.
     pub name: String,
@@ -455,18 +457,13 @@ impl Control {
     }
 
     /// The group's maps.
-    pub fn maps(&self) -> &Maps {
+    pub(crate) fn maps(&self) -> &Maps {
         &self.maps
     }
 
     /// The group's maps, for writing.
-    pub fn maps_mut(&mut self) -> &mut Maps {
+    pub(crate) fn maps_mut(&mut self) -> &mut Maps {
         &mut self.maps
-    }
-
-    /// The slots whose worker serves now, with their CPUs.
-    pub fn live_slots(&self) -> Vec<LiveSlot> {
-        live_slots(&self.maps.workers().snapshot())
     }
 
     /// A snapshot of the group.
@@ -566,7 +563,7 @@ impl Control {
     }
 
     /// Rewrites the group's record.
-    pub fn set_group_info(&mut self, info: &GroupInfo) -> Result<()> {
+    pub(crate) fn set_group_info(&mut self, info: &GroupInfo) -> Result<()> {
         self.maps.set_group_info(info)
     }
 
@@ -874,6 +871,7 @@ fn ip_of(info: &GroupInfo) -> IpAddr {
 mod tests {
     use super::*;
     use crate::pins::process_start_time;
+    use crate::policy::LiveSlot;
 
     #[test]
     fn names_are_checked() {

@@ -8,6 +8,7 @@ use crate::worker::Conn;
 
 /// Settings of the echo service (a custom handler keeps its own).
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct EchoOptions {
     /// A connection that neither sends nor accepts data for this long is closed.
     pub idle_timeout: Duration,

@@ -922,6 +922,7 @@ impl GroupBuilder {
 
     /// Loads another program of the object instead of the steering program
     /// (benchmarks load the cost floor; tests load one the verifier rejects).
+    #[cfg(feature = "internals")]
     #[doc(hidden)]
     pub fn program(mut self, name: &str) -> Self {
         self.program = name.to_string();

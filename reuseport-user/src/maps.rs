@@ -35,6 +35,7 @@ use crate::{
 
 /// The program's counters, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BpfCounters {
     /// Selections per slot (index = slot).
     pub selected: Vec<u64>,

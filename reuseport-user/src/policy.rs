@@ -288,6 +288,7 @@ impl fmt::Display for Policy {
 
 /// Why a policy cannot be planned.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PolicyError {
     /// The group runs without a program, so there is nothing to switch.
     #[error("this group was started with the kernel policy, without a program: restart it with another policy to switch live")]

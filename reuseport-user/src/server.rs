@@ -40,6 +40,7 @@ const RESTART_WINDOW: Duration = Duration::from_secs(10);
 
 /// Options of a serving process.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct ServeOptions {
     /// Per-worker limits.
     pub limits: Limits,

@@ -23,6 +23,7 @@ pub use crate::maps::WorkerStats;
 /// Per-worker limits, for every handler. (The echo service's own settings,
 /// idle timeout and buffer size, are in [`crate::echo::EchoOptions`].)
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Limits {
     /// Most connections one worker serves at once; beyond it the worker stops
     /// accepting until one closes (new connections wait in the kernel's

@@ -269,25 +269,24 @@ pub struct Host {
 impl Host {
     /// Its group's per-slot `accepted` counters.
     fn accepted(&self) -> Vec<u64> {
-        match &self.control {
-            Some(c) => c
-                .maps()
-                .workers()
-                .snapshot()
-                .iter()
-                .map(|r| r.accepted)
-                .collect(),
-            None => Vec::new(),
+        let Some(status) = self.control.as_ref().and_then(|c| c.status().ok()) else {
+            return Vec::new();
+        };
+        let n = status.slots.iter().map(|s| s.slot as usize + 1).max();
+        let mut accepted = vec![0; n.unwrap_or(0)];
+        for s in &status.slots {
+            accepted[s.slot as usize] = s.record.accepted;
         }
+        accepted
     }
 
     /// Its program's per-slot selections and fallbacks.
     fn selected(&self) -> Result<(Vec<u64>, u64)> {
         let c = self.control.as_ref().context("host not serving")?;
         let counters = c
-            .maps()
-            .counters()
-            .context("reading the program's counters")?;
+            .status()
+            .context("reading the program's counters")?
+            .counters;
         Ok((counters.selected, counters.fallback))
     }
 }

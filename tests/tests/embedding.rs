@@ -282,13 +282,36 @@ fn a_crate_outside_the_workspace_serves_a_group_from_tokio_main() {
     assert_eq!(lines[4], "selected [2, 2]", "{stdout}");
     assert_eq!(lines[5], "stopped", "{stdout}");
     assert_eq!(rest.trim_end(), "signalled", "{stdout}\n{stderr}");
-    // The internal modules are out of an embedder's reach (the workspace's
-    // benchmark and tests reach them with the `internals` feature only).
+    // The internal modules, and the handles that would lead to them, are
+    // out of an embedder's reach (the workspace's benchmark and tests reach
+    // them with the `internals` feature only).
     std::fs::create_dir_all(dir.join("src/bin")).unwrap();
-    for module in ["maps", "steering", "worker", "sys"] {
+    let reaches = ["maps", "steering", "worker", "sys"]
+        .map(|module| {
+            (
+                format!("use reuseport::{module} as _;"),
+                format!("module `{module}` is private"),
+            )
+        })
+        .into_iter()
+        .chain([
+            (
+                "fn f(c: &reuseport::Control) { let _ = c.maps(); }".to_string(),
+                "method `maps` is private".to_string(),
+            ),
+            (
+                "fn f(c: &mut reuseport::Control) { let _ = c.maps_mut(); }".to_string(),
+                "method `maps_mut` is private".to_string(),
+            ),
+            (
+                "fn f(b: reuseport::GroupBuilder) { let _ = b.program(\"floor\"); }".to_string(),
+                "no method named `program`".to_string(),
+            ),
+        ]);
+    for (source, expected) in reaches {
         std::fs::write(
             dir.join("src/bin/internal.rs"),
-            format!("use reuseport::{module} as _;\nfn main() {{}}\n"),
+            format!("#![allow(dead_code)]\n{source}\nfn main() {{}}\n"),
         )
         .unwrap();
         let check = Command::new(&cargo)
@@ -298,11 +321,8 @@ fn a_crate_outside_the_workspace_serves_a_group_from_tokio_main() {
             .output()
             .expect("running cargo check");
         let err = String::from_utf8_lossy(&check.stderr);
-        assert!(!check.status.success(), "reuseport::{module} is reachable");
-        assert!(
-            err.contains(&format!("module `{module}` is private")),
-            "{err}"
-        );
+        assert!(!check.status.success(), "`{source}` compiles");
+        assert!(err.contains(&expected), "`{source}`: {err}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -363,10 +383,8 @@ fn process_wide_settings_change_only_when_asked() {
     assert_eq!(migrate_req(), "0", "the sysctl was left alone");
     server.shutdown().unwrap();
 
-    let asked = ServeOptions {
-        raise_fd_limit: true,
-        ..ServeOptions::default()
-    };
+    let mut asked = ServeOptions::default();
+    asked.raise_fd_limit = true;
     let server = Server::start_echo(kernel_group(true), asked).unwrap();
     if hard > low {
         assert!(soft_fd_limit() > low, "raised when asked");

@@ -45,10 +45,9 @@ fn group(workers: usize) -> Group {
 }
 
 fn options() -> ServeOptions {
-    ServeOptions {
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
-    }
+    let mut options = ServeOptions::default();
+    options.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    options
 }
 
 #[test]

@@ -717,13 +717,8 @@ fn idle_memory(bench: &Bench) -> Result<Workload> {
         .policy(reuseport::Policy::new(reuseport::PolicyKind::RoundRobin))
         .pin(false)
         .build()?;
-    let options = reuseport::server::ServeOptions {
-        limits: reuseport::worker::Limits {
-            max_connections: n,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let mut options = reuseport::server::ServeOptions::default();
+    options.limits.max_connections = n;
     let server = reuseport::server::Server::start_echo(group, options)?;
     let addr = server.local_addr();
     std::thread::sleep(Duration::from_millis(300));

@@ -22,7 +22,7 @@ use serde::Serialize;
 use reuseport::{
     cookie::Minter,
     error::{Error, Result},
-    Control, Group, HashKey, Limits, Policy, PolicyKind, Proto, ServeOptions, Server, UdpWorker,
+    Control, Group, HashKey, Policy, PolicyKind, Proto, ServeOptions, Server, UdpWorker,
 };
 
 /// Workers of each group.
@@ -96,13 +96,12 @@ fn one(kind: PolicyKind, connections: usize) -> Result<ChurnRow> {
     let server = Server::start_udp_with(
         group,
         move |w: UdpWorker| serve(w, server_config.clone()),
-        ServeOptions {
-            limits: Limits {
-                drain_timeout: Duration::from_secs(30),
-                max_connections: 4 * 1024,
-            },
-            raise_fd_limit: true,
-            ..ServeOptions::default()
+        {
+            let mut options = ServeOptions::default();
+            options.limits.drain_timeout = Duration::from_secs(30);
+            options.limits.max_connections = 4 * 1024;
+            options.raise_fd_limit = true;
+            options
         },
     )?;
 
