@@ -257,7 +257,7 @@ pub(crate) fn put_back_migrate_req(ns: &Path, leaving: &Path, info: &GroupInfo) 
         }
     }
     let before = info.migrate_req_saved - 1;
-    if crate::group::write_migrate_req(before) {
+    if crate::sys::write_migrate_req(before) {
         MigrateReqFate::Restored(before)
     } else {
         MigrateReqFate::Failed
@@ -358,6 +358,13 @@ pub struct SlotStatus {
     pub record: WorkerRecord,
     /// The program's selections of the slot.
     pub selected: u64,
+}
+
+impl SlotStatus {
+    /// The slot's state.
+    pub fn state(&self) -> crate::SlotState {
+        crate::SlotState::from_raw(self.record.state)
+    }
 }
 
 /// A snapshot of a running group.

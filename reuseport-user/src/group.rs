@@ -238,10 +238,6 @@ pub enum Role {
     },
 }
 
-/// `net.ipv4.tcp_migrate_req`, set by a group without a program so that a
-/// closing listener hands its queue to the others; restored at the end.
-const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-
 /// A group of `SO_REUSEPORT` sockets on one address, steered by a policy.
 #[derive(Debug)]
 pub struct Group {
@@ -802,20 +798,6 @@ impl Group {
     }
 }
 
-/// Sets `net.ipv4.tcp_migrate_req` back to `before`, the value a group
-/// found there; whether it could.
-pub(crate) fn write_migrate_req(before: u32) -> bool {
-    match std::fs::write(MIGRATE_REQ, before.to_string()) {
-        Ok(()) => {
-            info!("restored net.ipv4.tcp_migrate_req to {before}");
-            true
-        }
-        Err(e) => {
-            warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}");
-            false
-        }
-    }
-}
 
 impl GroupBuilder {
     /// Address and port to serve (port 0: any free port, shared by all
@@ -1227,11 +1209,11 @@ impl GroupBuilder {
         let mut migrate_req_saved = old_info.map_or(0, |i| i.migrate_req_saved);
         // Puts the sysctl back if the start-up stops before the group
         // record (which `close` restores it from) is written.
-        let mut migrate_guard = MigrateReqGuard(0);
+        let mut migrate_guard = sys::MigrateReqGuard(0);
         let relies_on_migrate_req =
             self.tcp_migrate_req && !with_program && self.proto == Proto::Tcp;
         if relies_on_migrate_req && migrate_req_saved == 0 {
-            migrate_req_saved = enable_migrate_req();
+            migrate_req_saved = sys::enable_migrate_req();
             migrate_guard.0 = migrate_req_saved;
         }
         signals::checkpoint("configured")?;
@@ -1360,46 +1342,6 @@ fn retire(old: &mut control::Control, info: &GroupInfo) -> Result<()> {
     Ok(())
 }
 
-/// Restores `net.ipv4.tcp_migrate_req` when dropped, from its old value
-/// plus one (0: nothing to restore), as [`enable_migrate_req`] returns it.
-struct MigrateReqGuard(u32);
-
-impl Drop for MigrateReqGuard {
-    fn drop(&mut self) {
-        if self.0 > 0 {
-            let before = self.0 - 1;
-            match std::fs::write(MIGRATE_REQ, before.to_string()) {
-                Ok(()) => info!("restored net.ipv4.tcp_migrate_req to {before}"),
-                Err(e) => warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}"),
-            }
-        }
-    }
-}
-
-/// Sets `net.ipv4.tcp_migrate_req` to 1 (for a group without a program:
-/// with one, the program's attach type already asks for migration) and
-/// returns its old value plus one, or 0 if it was already 1 or cannot be set.
-fn enable_migrate_req() -> u32 {
-    let before: u32 = match std::fs::read_to_string(MIGRATE_REQ) {
-        Ok(s) => s.trim().parse().unwrap_or(0),
-        Err(_) => return 0,
-    };
-    if before == 1 {
-        return 0;
-    }
-    match std::fs::write(MIGRATE_REQ, "1") {
-        Ok(()) => {
-            info!(
-                "set net.ipv4.tcp_migrate_req to 1 (was {before}): a closing listener hands its queued connections to the others; restored on exit"
-            );
-            before + 1
-        }
-        Err(e) => {
-            warn!("could not set net.ipv4.tcp_migrate_req (connections queued on a closing listener will be reset): {e}");
-            0
-        }
-    }
-}
 
 /// Locks the steering state; a panic while it was held cannot leave the
 /// maps half-written (every write is a single syscall), so poisoning is

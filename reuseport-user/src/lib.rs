@@ -33,9 +33,11 @@
 //! maps                  typed handles on the pinned maps (the ABI)
 //! layout                the maps' layout version, checked before use
 //! slots, pins, signals, the slot state machine, where pins live and
-//!   socket, sys         whose they are, start-up signals, sockets, the system
+//!   socket, sys,        whose they are, start-up signals, sockets, the system,
+//!   features              what the kernel's BPF offers
 //! error                 the errors a caller tells apart
 //! policy                policies and their plan (Config <-> Policy codec)
+//! topology              the CPUs' caches and NUMA nodes, for the cpu plan
 //! proto, balance,       leaves
 //!   datagram
 //! ```

@@ -429,13 +429,6 @@ impl Shared {
 impl WorkerRegion {
     const LEN: usize = MAX_WORKERS as usize * size_of::<WorkerRecord>();
 
-    /// Maps the `WORKERS` map whose descriptor is `fd`.
-    pub fn map(fd: BorrowedFd<'_>) -> Result<Self> {
-        Ok(WorkerRegion {
-            mmap: map_array(fd, Self::LEN, map::WORKERS)?,
-        })
-    }
-
     /// Records in private memory, for a group that runs without BPF.
     pub fn anonymous() -> Result<Self> {
         let mmap = MmapOptions::new()

@@ -107,14 +107,11 @@ pub fn is_legacy(dir: &Path) -> bool {
 /// running (a zombie, dead but not yet reaped, is not). Pids are those of
 /// the caller's pid namespace.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces: fields resume after ')'.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
+    let stat = crate::sys::process_stat(pid)?;
+    if matches!(stat.state, 'Z' | 'X') {
         return None;
     }
-    fields.nth(18)?.parse().ok()
+    Some(stat.starttime)
 }
 
 /// This process's start time (0 if /proc cannot say).

@@ -32,10 +32,7 @@ use std::{
 pub use reuseport_common::worker_state::{DRAINING, EMPTY, SERVING, STARTING};
 use reuseport_common::WorkerRecord;
 
-use crate::{
-    control::SlotStatus,
-    policy::{LiveSlot, ParseError},
-};
+use crate::policy::{LiveSlot, ParseError};
 
 /// Where a slot's worker is in its life: a slot is empty, then starting,
 /// serving, draining, and empty again.
@@ -108,13 +105,6 @@ impl FromStr for SlotState {
             .into_iter()
             .find(|st| st.name() == s)
             .ok_or_else(|| ParseError::new(format!("unknown slot state `{s}`")))
-    }
-}
-
-impl SlotStatus {
-    /// The slot's state.
-    pub fn state(&self) -> SlotState {
-        SlotState::from_raw(self.record.state)
     }
 }
 

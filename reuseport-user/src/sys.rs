@@ -2,6 +2,7 @@
 //! What the kernel's BPF offers is probed in [`features`](crate::features).
 
 use caps::{CapSet, Capability};
+use log::{info, warn};
 use nix::{sched::CpuSet, unistd::Pid};
 
 use crate::error::{Error, Result};
@@ -278,5 +279,65 @@ mod tests {
         let cpus = usable_cpus().unwrap();
         assert!(!cpus.is_empty());
         assert!(cpus.windows(2).all(|w| w[0] < w[1]));
+    }
+}
+
+/// `net.ipv4.tcp_migrate_req`, set by a group without a program so that a
+/// closing listener hands its queue to the others; restored at the end.
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Sets `net.ipv4.tcp_migrate_req` back to `before`, the value a group
+/// found there; whether it could.
+pub(crate) fn write_migrate_req(before: u32) -> bool {
+    match std::fs::write(MIGRATE_REQ, before.to_string()) {
+        Ok(()) => {
+            info!("restored net.ipv4.tcp_migrate_req to {before}");
+            true
+        }
+        Err(e) => {
+            warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}");
+            false
+        }
+    }
+}
+
+/// Restores `net.ipv4.tcp_migrate_req` when dropped, from its old value
+/// plus one (0: nothing to restore), as [`enable_migrate_req`] returns it.
+pub(crate) struct MigrateReqGuard(pub(crate) u32);
+
+impl Drop for MigrateReqGuard {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            let before = self.0 - 1;
+            match std::fs::write(MIGRATE_REQ, before.to_string()) {
+                Ok(()) => info!("restored net.ipv4.tcp_migrate_req to {before}"),
+                Err(e) => warn!("could not restore net.ipv4.tcp_migrate_req to {before}: {e}"),
+            }
+        }
+    }
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` to 1 (for a group without a program:
+/// with one, the program's attach type already asks for migration) and
+/// returns its old value plus one, or 0 if it was already 1 or cannot be set.
+pub(crate) fn enable_migrate_req() -> u32 {
+    let before: u32 = match std::fs::read_to_string(MIGRATE_REQ) {
+        Ok(s) => s.trim().parse().unwrap_or(0),
+        Err(_) => return 0,
+    };
+    if before == 1 {
+        return 0;
+    }
+    match std::fs::write(MIGRATE_REQ, "1") {
+        Ok(()) => {
+            info!(
+                "set net.ipv4.tcp_migrate_req to 1 (was {before}): a closing listener hands its queued connections to the others; restored on exit"
+            );
+            before + 1
+        }
+        Err(e) => {
+            warn!("could not set net.ipv4.tcp_migrate_req (connections queued on a closing listener will be reset): {e}");
+            0
+        }
     }
 }

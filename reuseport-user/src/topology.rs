@@ -30,9 +30,15 @@ impl Topology {
         static HOST: OnceLock<Topology> = OnceLock::new();
         HOST.get_or_init(|| {
             Topology::read(Path::new("/sys/devices/system")).unwrap_or_else(|e| {
-                let cpus = crate::sys::usable_cpus()
+                // The CPUs this process may use, read here rather than
+                // through `sys`, which sits above the policy layer.
+                let cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
                     .ok()
-                    .and_then(|c| c.into_iter().max())
+                    .and_then(|set| {
+                        (0..nix::sched::CpuSet::count())
+                            .filter(|&c| set.is_set(c).unwrap_or(false))
+                            .max()
+                    })
                     .map_or(1, |top| top + 1);
                 log::warn!(
                     "cannot read the CPU topology from /sys/devices/system ({e}): the cpu policy spreads CPUs without a worker over all workers"
