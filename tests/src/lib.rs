@@ -124,6 +124,14 @@ pub fn pin_dir(group: &str) -> PathBuf {
 /// `RUST_LOG` the tests themselves run with.
 pub const LOG_LEVEL: &str = "info";
 
+/// A `reuseport` command with the tests' log level ([`LOG_LEVEL`]), so that
+/// the `RUST_LOG` the tests run with cannot change what its output holds.
+pub fn reuseport_command() -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.env("RUST_LOG", LOG_LEVEL);
+    cmd
+}
+
 /// Runs `reuseport ARGS` to completion: (exit code, stdout, stderr).
 pub fn reuseport(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(binary())

@@ -2,10 +2,6 @@
 //! verified and the kernel drops nothing. (The figures themselves are
 //! printed, not asserted: timings belong to benchmarks, not tests.)
 
-use std::process::Command;
-
-use reuseport_tests::binary;
-
 #[test]
 fn a_quick_run_measures_every_model_cleanly() {
     assert!(
@@ -13,7 +9,7 @@ fn a_quick_run_measures_every_model_cleanly() {
         "the benchmark needs root (BPF, a network namespace)"
     );
     let out_dir = std::env::temp_dir().join(format!("reuseport-bench-{}", std::process::id()));
-    let out = Command::new(binary())
+    let out = reuseport_tests::reuseport_command()
         .args(["bench", "--quick", "--check", "--out"])
         .arg(&out_dir)
         .output()
@@ -159,7 +155,7 @@ fn a_quick_run_measures_every_model_cleanly() {
 #[test]
 fn a_short_soak_stays_flat_and_loses_nothing() {
     let out_dir = std::env::temp_dir().join(format!("reuseport-soak-{}", std::process::id()));
-    let out = Command::new(binary())
+    let out = reuseport_tests::reuseport_command()
         .args(["bench", "--soak", "0.1", "--out"])
         .arg(&out_dir)
         .output()
@@ -194,7 +190,7 @@ fn the_readme_figures_are_the_committed_runs() {
         .parent()
         .expect("tests/ is inside the workspace")
         .to_path_buf();
-    let out = Command::new(binary())
+    let out = reuseport_tests::reuseport_command()
         .args(["bench", "readme", "--check", "--results"])
         .arg(root.join("docs/bench"))
         .arg("--readme")
@@ -214,7 +210,7 @@ fn the_readme_figures_are_the_committed_runs() {
 #[test]
 fn a_quic_churn_breaks_no_connection_under_the_quic_key() {
     let out_dir = std::env::temp_dir().join(format!("reuseport-quic-churn-{}", std::process::id()));
-    let out = Command::new(binary())
+    let out = reuseport_tests::reuseport_command()
         .args(["bench", "--quic-churn", "60", "--check", "--out"])
         .arg(&out_dir)
         .output()

@@ -4,14 +4,14 @@
 use std::{
     io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use reuseport_tests::{
-    binary, cpus, echo, netns, pattern, pin_dir, pin_to_cpu, reuseport, unique_group, Server,
+    cpus, echo, netns, pattern, pin_dir, pin_to_cpu, reuseport, unique_group, Server,
 };
 
 #[test]
@@ -227,7 +227,7 @@ fn stats_prints_the_table_and_the_balance() {
     );
 
     // --watch: one table per interval, with that interval's balance.
-    let mut watch = Command::new(binary())
+    let mut watch = reuseport_tests::reuseport_command()
         .args(["stats", "--group", &server.group, "--watch", "0.3"])
         .stdout(Stdio::piped())
         .spawn()
@@ -270,7 +270,7 @@ fn stats_watch_ends_quietly_when_its_reader_goes_away() {
     use std::os::unix::process::ExitStatusExt;
     netns();
     let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
-    let mut watch = Command::new(binary())
+    let mut watch = reuseport_tests::reuseport_command()
         .args(["stats", "--group", &server.group, "--watch", "0.1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

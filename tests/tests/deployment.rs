@@ -31,7 +31,7 @@ const NAME: &str = "tcp-127_0_0_1-7100";
 /// `reuseport run --addr ADDR --metrics-addr 127.0.0.1:0 ARGS` (no
 /// `--group`: the default name), waiting for "ready".
 fn start(args: &[&str]) -> Result<Server, Failed> {
-    let mut cmd = Command::new(binary());
+    let mut cmd = reuseport_tests::reuseport_command();
     cmd.args(["run", "--addr", ADDR, "--metrics-addr", "127.0.0.1:0"])
         .args(args);
     Server::spawn(&mut cmd)
@@ -121,7 +121,7 @@ fn dead_line(name: &str, pid: u32) -> String {
 /// Runs `reuseport ARGS`, killing it if it has not exited within 15 s
 /// (a `join` that wrongly starts would serve for ever): (code, stderr).
 fn bounded(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(binary())
+    let mut child = reuseport_tests::reuseport_command()
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -169,7 +169,7 @@ fn a_killed_owner_is_named_with_the_cure_and_the_next_run_replaces_it() {
     netns();
     let first = start(&["--workers", "1", "--policy", "round-robin"]).expect("first run");
     // A `stats --watch` that runs when the owner dies stops too.
-    let watch = Command::new(binary())
+    let watch = reuseport_tests::reuseport_command()
         .args(["stats", "--watch", "0.2"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -290,7 +290,7 @@ impl Starting {
 
     /// `reuseport SUBCOMMAND ARGS` (`run` or `join`).
     fn command(subcommand: &str, args: &[&str], pause_at: Option<&str>) -> Starting {
-        let mut cmd = Command::new(binary());
+        let mut cmd = reuseport_tests::reuseport_command();
         cmd.arg(subcommand)
             .args(args)
             .env("RUST_LOG", "info")

@@ -26,7 +26,7 @@ fn fails(cmd: &mut Command) -> (i32, String) {
 }
 
 fn run(args: &[&str]) -> (i32, String) {
-    fails(Command::new(binary()).arg("run").args(args))
+    fails(reuseport_tests::reuseport_command().arg("run").args(args))
 }
 
 fn first_line(s: &str) -> &str {
@@ -184,7 +184,7 @@ fn metrics_address_taken() {
 
 #[test]
 fn help_lists_the_policies() {
-    let out = Command::new(binary())
+    let out = reuseport_tests::reuseport_command()
         .args(["run", "--help"])
         .stderr(Stdio::null())
         .output()
@@ -224,13 +224,13 @@ fn limits_and_intervals_out_of_range() {
         assert_eq!(code, 2, "{err}");
         assert!(first_line(&err).starts_with(&format!("error: {shown}")), "{err}");
     }
-    let (code, err) = fails(Command::new(binary()).args(["stats", "--watch", "inf"]));
+    let (code, err) = fails(reuseport_tests::reuseport_command().args(["stats", "--watch", "inf"]));
     assert_eq!(code, 2);
     assert_eq!(
         first_line(&err),
         "error: invalid value 'inf' for '--watch <SECONDS>': inf is out of range: 0.1 to 86400"
     );
-    let (code, err) = fails(Command::new(binary()).args(["bench", "--soak", "NaN"]));
+    let (code, err) = fails(reuseport_tests::reuseport_command().args(["bench", "--soak", "NaN"]));
     assert_eq!(code, 2);
     assert!(first_line(&err).contains("NaN is out of range"), "{err}");
 }
@@ -311,7 +311,7 @@ fn missing_kernel_features_are_named() {
 fn without_listener_migration_the_program_selects_only() {
     netns();
     let group = reuseport_tests::unique_group();
-    let mut cmd = Command::new(binary());
+    let mut cmd = reuseport_tests::reuseport_command();
     cmd.env("REUSEPORT_PROBE_HIDE", "migrate").args([
         "run",
         "--addr",

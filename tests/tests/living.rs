@@ -204,7 +204,7 @@ fn a_second_process_joins_serves_and_leaves() {
     netns();
     let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
     let load = Load::start(server.addr, 3);
-    let mut join = Command::new(binary());
+    let mut join = reuseport_tests::reuseport_command();
     join.args([
         "join",
         "--group",
@@ -539,7 +539,7 @@ fn a_group_without_a_program_turns_on_listener_migration_while_it_runs() {
 fn the_owner_leaves_and_a_joined_process_serves_on_under_the_policy() {
     netns();
     let server = Server::start(&["--policy", "round-robin", "--workers", "2"]);
-    let mut join = Command::new(binary());
+    let mut join = reuseport_tests::reuseport_command();
     join.args([
         "join",
         "--group",

@@ -163,7 +163,7 @@ fn a_takeover_carries_joined_and_adopted_members_and_keeps_the_policy() {
     let addr = first.addr;
 
     // A second process joins (slot 2); a Python server is adopted (slot 3).
-    let mut join = Command::new(binary());
+    let mut join = reuseport_tests::reuseport_command();
     join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
     let joined = Server::spawn(&mut join).expect("join starts");
     assert!(
@@ -381,11 +381,11 @@ fn a_takeover_stopped_before_its_switch_leaves_the_old_group_as_it_was() {
     let first = Server::start(&["--policy", "round-robin", "--workers", "2"]);
     let group = first.group.clone();
     let addr = first.addr;
-    let mut join = Command::new(binary());
+    let mut join = reuseport_tests::reuseport_command();
     join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
     let joined = Server::spawn(&mut join).expect("join starts");
 
-    let mut cmd = Command::new(binary());
+    let mut cmd = reuseport_tests::reuseport_command();
     cmd.args([
         "run",
         "--takeover",
@@ -463,7 +463,7 @@ fn a_takeover_from_another_pid_namespace_does_not_carry_members_by_foreign_pids(
     netns();
     let first = Server::start(&["--policy", "round-robin", "--workers", "2"]);
     let group = first.group.clone();
-    let mut join = Command::new(binary());
+    let mut join = reuseport_tests::reuseport_command();
     join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
     let joined = Server::spawn(&mut join).expect("join starts");
     let out = Command::new("unshare")
@@ -672,7 +672,7 @@ fn a_joined_member_keeps_its_weight_across_a_takeover() {
     netns();
     let first = Server::start(&["--policy", "weighted", "--weights", "1,1", "--workers", "2"]);
     let group = first.group.clone();
-    let mut join = Command::new(binary());
+    let mut join = reuseport_tests::reuseport_command();
     join.args(["join", "--group", &group, "--metrics-addr", "127.0.0.1:0"]);
     let joined = Server::spawn(&mut join).expect("join starts");
     first.switch(&["weighted", "--weights", "1,1,2"]);
