@@ -10,7 +10,7 @@ use std::{
 };
 
 use reuseport_tests::{
-    connect_from, cpus, echo, eventually, hold_from_cpu, netns, pattern, Server,
+    connect_from, cpus_at_least, echo, eventually, hold_from_cpu, netns, pattern, Server,
 };
 
 /// Resident memory of process `pid`, in bytes.
@@ -169,7 +169,10 @@ fn at_the_connection_limit_a_worker_stops_accepting_and_least_loaded_steers_else
         "3",
     ]);
     let addr = server.addr;
-    let cpu0 = cpus()[0];
+    let cpu0 = cpus_at_least(
+        2,
+        "the client's CPU has worker 0 to itself under the cpu policy",
+    )[0];
     // Worker 0 takes three long connections: it is at its limit.
     let held = hold_from_cpu(addr, cpu0, 3);
     assert_eq!(server.metrics().active(0), 3);

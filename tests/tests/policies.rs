@@ -373,9 +373,13 @@ fn every_policy_skips_an_empty_slot_and_counts_it() {
 #[test]
 fn switching_policy_keeps_open_connections_and_steers_new_ones() {
     netns();
+    // Worker 0 alone on the client's CPU: with two CPUs or more.
+    let cpu = reuseport_tests::cpus_at_least(
+        2,
+        "the client's CPU has worker 0 to itself under the cpu policy",
+    )[0];
     let server = Server::start(&["--policy", "cpu", "--workers", "2"]);
     let addr = server.addr;
-    let cpu = cpus()[0];
     // Open connections under `cpu`: all on the worker of the client's CPU.
     let mut open = hold_from_cpu(addr, cpu, 8);
     assert_eq!(server.metrics().active(0), 8);
