@@ -11,6 +11,15 @@ const HOSTS: usize = 2;
 const WORKERS: usize = 3;
 const KEYS: usize = 400;
 
+/// Keys of the IPVS form: [`KEYS`], or `REUSEPORT_CLUSTER_KEYS` for a full
+/// measurement (`cargo xtask vm-test` passes it into the VM).
+fn ipvs_keys() -> usize {
+    std::env::var("REUSEPORT_CLUSTER_KEYS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(KEYS)
+}
+
 fn two_hosts() -> Cluster {
     Cluster::build(Options {
         hosts: HOSTS,
@@ -162,20 +171,21 @@ fn ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys() {
         );
         return;
     }
+    let keys = ipvs_keys();
     cluster
         .set_front(FrontEnd::Ipvs, &[0, 1, 2], true)
         .expect("ipvsadm -A ... -s mh");
-    let first = cluster.probe(KEYS).expect("first pass");
+    let first = cluster.probe(keys).expect("first pass");
     clean(&first, "first pass");
     assert!(
         first.per_host(3).iter().all(|&n| n > 0),
         "Maglev spreads keys over the hosts: {:?}",
         first.per_host(3)
     );
-    let second = cluster.probe(KEYS).expect("second pass");
+    let second = cluster.probe(keys).expect("second pass");
     clean(&second, "second pass");
     let m = compare(&first, &second);
-    assert_eq!(m.same, KEYS, "every key on the same host and worker: {m:?}");
+    assert_eq!(m.same, keys, "every key on the same host and worker: {m:?}");
 
     // Host 1 leaves (weight 0) under a steady load: IPVS keeps the open
     // connections on it, so none is reset or fails.
@@ -194,7 +204,7 @@ fn ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys() {
         (0, 0),
         "no connection failed or was reset as host {gone} left: {through:?}"
     );
-    let after = cluster.probe(KEYS).expect("after host 1 left");
+    let after = cluster.probe(keys).expect("after host 1 left");
     clean(&after, "after host 1 left");
     let mut others_moved = 0;
     for (i, (x, y)) in first.placed.iter().zip(&after.placed).enumerate() {
@@ -208,13 +218,13 @@ fn ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys() {
     }
     let its = first.per_host(3)[gone];
     eprintln!(
-        "IPVS mh on {}: {KEYS} keys, per host {:?}, {} of {KEYS} on the same host and worker twice; host {gone} left: {} keys moved ({:.1} %, its share {:.1} %), {others_moved} of the other hosts' keys moved; load through the change: {} completed, {} reset, {} failed",
+        "IPVS mh on {}: {keys} keys, per host {:?}, {} of {keys} on the same host and worker twice; host {gone} left: {} keys moved ({:.1} %, its share {:.1} %), {others_moved} of the other hosts' keys moved; load through the change: {} completed, {} reset, {} failed",
         reuseport_tests::cluster::kernel_release(),
         first.per_host(3),
         m.same,
         its + others_moved,
-        100.0 * (its + others_moved) as f64 / KEYS as f64,
-        100.0 * its as f64 / KEYS as f64,
+        100.0 * (its + others_moved) as f64 / keys as f64,
+        100.0 * its as f64 / keys as f64,
         through.completed,
         through.reset,
         through.failed,
@@ -223,7 +233,7 @@ fn ipvs_maglev_keeps_affinity_and_a_host_leaving_moves_its_keys() {
     // list: a few entries of the remaining hosts change hands too (the
     // NSDI paper measures a few per cent), never a large share.
     assert!(
-        others_moved * 10 < KEYS,
-        "{others_moved} of {KEYS} keys of the remaining hosts moved"
+        others_moved * 10 < keys,
+        "{others_moved} of {keys} keys of the remaining hosts moved"
     );
 }
