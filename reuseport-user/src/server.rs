@@ -768,6 +768,12 @@ impl Supervisor {
         // live members; open connections finish. A UDP worker with a flow
         // timeout serves its flows until they are idle first.
         let linger = self.udp_flow_timeout();
+        // A TCP member's listener closes at once (its queue moves on). A UDP
+        // member's socket stays the group's until its worker has finished:
+        // the worker may hold it for its flows (a QUIC endpoint does) and
+        // its record names the group's descriptor of it, which a takeover
+        // carries; closed early, that number could name another socket.
+        let close_now = self.group.proto() == Proto::Tcp;
         for (slot, run) in self.workers.iter_mut() {
             if records[*slot as usize].state == crate::slots::DRAINING && !run.draining {
                 run.draining = true;
@@ -780,7 +786,9 @@ impl Supervisor {
                     );
                 } else {
                     run.stop.cancel();
-                    self.group.remove_member(*slot);
+                    if close_now {
+                        self.group.remove_member(*slot);
+                    }
                     info!(
                         "worker {slot}: draining (no new connections; closes after its open ones)"
                     );
@@ -791,7 +799,9 @@ impl Supervisor {
                 if let Some(why) = l.over(received, self.drain_timeout) {
                     run.linger = None;
                     run.stop.cancel();
-                    self.group.remove_member(*slot);
+                    if close_now {
+                        self.group.remove_member(*slot);
+                    }
                     info!("worker {slot}: {why}: closing its socket");
                 }
             }
@@ -818,7 +828,10 @@ impl Supervisor {
             let drained = run.draining;
             let joined = run.handle.join();
             if drained {
+                // Empty first: a takeover that reads the record from now
+                // on does not look for its socket.
                 self.group.release_slot(slot);
+                self.group.remove_member(slot);
                 info!("worker {slot}: drained and closed");
                 continue;
             }

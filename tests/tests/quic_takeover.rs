@@ -201,3 +201,60 @@ fn the_kernel_policy_breaks_quic_connections_across_a_takeover_restart() {
     }));
     let _ = std::fs::remove_file(&run.next_cert);
 }
+
+#[test]
+fn a_takeover_while_a_worker_drains_carries_it_and_breaks_nothing() {
+    // The steps that failed: a worker of the QUIC example drains (its
+    // endpoint keeps its socket for its connections), a worker is added,
+    // then a new generation takes over. The draining slot's record named
+    // the group's descriptor of its socket, closed at the drain and by
+    // then reused for the added worker's socket, so the takeover tried to
+    // carry that one into the draining slot and failed ("placing a socket
+    // in slot N: ... Device or resource busy").
+    reuseport_tests::netns();
+    let connections = 60;
+    let first = QuicEcho::start(&[
+        "--workers",
+        &WORKERS.to_string(),
+        "--policy",
+        "hash",
+        "--drain-timeout",
+        "30",
+    ]);
+    let fleet = Fleet::start(
+        first.addr(),
+        quic::client_config(&first.cert),
+        connections,
+        600,
+        Duration::from_millis(300),
+    );
+    assert_eq!(fleet.connected(), connections as u64);
+    let (code, out, err) = first.server.ctl(&["drain", "0"]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out, err) = first.server.ctl(&["add-worker"]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::thread::sleep(Duration::from_millis(1000));
+    let next_cert = std::env::temp_dir().join(format!("{}-next.der", unique_group()));
+    let next = takeover(&first.server.group, "hash", &next_cert);
+    assert!(
+        next.stderr()
+            .contains("carried the owner's worker 0 of process"),
+        "the draining worker is carried into the new generation:\n{}",
+        next.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    fleet.mark();
+    let all = fleet.wait_all_since_mark(Duration::from_secs(30));
+    let r = fleet.stop();
+    eprintln!(
+        "takeover during a drain: {} connections, {} broken, {} streams",
+        r.connected,
+        r.broken.len(),
+        r.streams
+    );
+    assert!(r.broken.is_empty(), "broken: {:?}", r.broken);
+    assert!(all, "every connection echoed after the takeover");
+    drop(next);
+    let _ = std::fs::remove_file(&next_cert);
+}
