@@ -204,8 +204,8 @@ fn the_readme_figures_are_the_committed_runs() {
     );
 }
 
-/// `reuseport bench --quic-churn N`: QUIC connections through a drain and
-/// an added worker, under the `quic` key (none may break: `--check`) and
+/// `reuseport bench --quic-churn N`: QUIC connections through a drain, an
+/// added worker and a takeover restart, under the `quic` key (none may break: `--check`) and
 /// under the kernel's hash (counted and printed).
 #[test]
 fn a_quic_churn_breaks_no_connection_under_the_quic_key() {

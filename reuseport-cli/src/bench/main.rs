@@ -131,9 +131,10 @@ struct BenchArgs {
     #[arg(long, value_name = "MINUTES", value_parser = soak_minutes)]
     pub soak: Option<f64>,
     /// Instead: N QUIC connections with streams in flight while the
-    /// busiest of 3 workers drains and a worker is added, under the `quic`
-    /// key and under the kernel's hash; reports the connections broken
-    /// (with --check: none may break under the `quic` key).
+    /// busiest of 3 workers drains, a worker is added and a new generation
+    /// takes the group over (a restart), under the `quic` key and under the
+    /// kernel's hash; reports the connections broken (with --check: none
+    /// may break under the `quic` key).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub quic_churn: Option<u32>,
 }

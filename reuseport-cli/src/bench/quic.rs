@@ -1,9 +1,12 @@
-//! `reuseport-bench --quic-churn N`: QUIC connections through a change of
+//! `reuseport-bench --quic-churn N`: QUIC connections through changes of
 //! the group. N connections, each from its own port with a stream echoed
-//! on it every few hundred milliseconds, while the busiest worker drains
-//! and a worker is added; counted: the connections that broke. Run once
-//! with the `quic` key (cookies in the connection IDs) and once with the
-//! kernel's own hash, in the same process and network namespace.
+//! on it every few hundred milliseconds, while the busiest worker drains,
+//! a worker is added, and then a new generation of the server takes the
+//! group over (a restart: `GroupBuilder::takeover`, in this process, as
+//! `reuseport run --takeover` does from another); counted: the
+//! connections that broke. Run once with the `quic` key (cookies in the
+//! connection IDs) and once with the kernel's own hash, in the same process
+//! and network namespace.
 //!
 //! The server is a quinn endpoint per worker, as in the library's
 //! `quic_echo` example: each on its own socket of the group, minting
@@ -93,16 +96,18 @@ fn one(kind: PolicyKind, connections: usize) -> Result<ChurnRow> {
         .build()?;
     let addr = group.local_addr();
     let handle = group.handle();
+    let options = {
+        let mut options = ServeOptions::default();
+        options.limits.drain_timeout = Duration::from_secs(30);
+        options.limits.max_connections = 4 * 1024;
+        options.raise_fd_limit = true;
+        options
+    };
+    let successor_config = server_config.clone();
     let server = Server::start_udp_with(
         group,
         move |w: UdpWorker| serve(w, server_config.clone()),
-        {
-            let mut options = ServeOptions::default();
-            options.limits.drain_timeout = Duration::from_secs(30);
-            options.limits.max_connections = 4 * 1024;
-            options.raise_fd_limit = true;
-            options
-        },
+        options.clone(),
     )?;
 
     let mut roots = rustls::RootCertStore::empty();
@@ -158,6 +163,21 @@ fn one(kind: PolicyKind, connections: usize) -> Result<ChurnRow> {
     Control::open(Some(&name))?.drain(busiest)?;
     std::thread::sleep(Duration::from_millis(1500));
     Control::open(Some(&name))?.add_worker(None, 1, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    // A restart: a new generation takes the group over; the old one drains
+    // and keeps serving the flows it has until they end.
+    let successor = Group::builder()
+        .addr(addr)
+        .proto(Proto::Udp)
+        .workers(WORKERS)
+        .takeover(name.clone())
+        .policy(handle.policy()?)
+        .build()?;
+    let successor = Server::start_udp_with(
+        successor,
+        move |w: UdpWorker| serve(w, successor_config.clone()),
+        options,
+    )?;
     std::thread::sleep(Duration::from_millis(4000));
     stop.store(true, Ordering::Release);
 
@@ -185,6 +205,7 @@ fn one(kind: PolicyKind, connections: usize) -> Result<ChurnRow> {
         }
     }
     drop(rt);
+    successor.shutdown()?;
     server.shutdown()?;
     Ok(row)
 }
@@ -332,7 +353,7 @@ impl quinn::ConnectionIdGenerator for CookieIds {
 /// The runs as a Markdown table.
 pub fn markdown(rows: &[ChurnRow]) -> String {
     let mut s = String::from(
-        "### quic-churn\n\nQUIC connections (one stream each every 300 ms) while the busiest of 3 workers drains and a worker is added\n\n| model | connections | broken | failed to connect | streams | first failure |\n|---|---:|---:|---:|---:|---|\n",
+        "### quic-churn\n\nQUIC connections (one stream each every 300 ms) while the busiest of 3 workers drains, a worker is added and a new generation takes the group over\n\n| model | connections | broken | failed to connect | streams | first failure |\n|---|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
