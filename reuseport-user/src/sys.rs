@@ -270,18 +270,6 @@ pub fn accept_queue_len(listener: &impl std::os::fd::AsRawFd) -> Option<u64> {
     (rc == 0).then_some(u64::from(info.tcpi_unacked))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usable_cpus_include_the_current_one() {
-        let cpus = usable_cpus().unwrap();
-        assert!(!cpus.is_empty());
-        assert!(cpus.windows(2).all(|w| w[0] < w[1]));
-    }
-}
-
 /// `net.ipv4.tcp_migrate_req`, set by a group without a program so that a
 /// closing listener hands its queue to the others; restored at the end.
 const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
@@ -339,5 +327,17 @@ pub(crate) fn enable_migrate_req() -> u32 {
             warn!("could not set net.ipv4.tcp_migrate_req (connections queued on a closing listener will be reset): {e}");
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usable_cpus_include_the_current_one() {
+        let cpus = usable_cpus().unwrap();
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]));
     }
 }
