@@ -319,14 +319,27 @@ fn env_of(t: &TestName) -> String {
     // A full measurement (`REUSEPORT_CLUSTER_KEYS=10000 cargo xtask vm-test
     // --tests cluster::ipvs...`): the keys, and time for them (about 25 s
     // per 400 keys under emulation here), past the usual limit.
-    if let Some(keys) = std::env::var("REUSEPORT_CLUSTER_KEYS")
-        .ok()
-        .and_then(|k| k.parse::<u64>().ok())
-    {
-        let limit = TEST_TIMEOUT.as_secs().max(keys * 3 / 20);
+    if let Some(keys) = cluster_keys() {
+        let limit = longest_test().as_secs();
         env.push_str(&format!(" REUSEPORT_CLUSTER_KEYS={keys} VM_LIMIT={limit}"));
     }
     env
+}
+
+/// `REUSEPORT_CLUSTER_KEYS` of the environment, if set.
+fn cluster_keys() -> Option<u64> {
+    std::env::var("REUSEPORT_CLUSTER_KEYS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+}
+
+/// The longest a test of this run may take: [`TEST_TIMEOUT`], or for a
+/// full IPVS measurement time for its keys (about 25 s per 400 keys under
+/// emulation here, with room to spare).
+fn longest_test() -> Duration {
+    TEST_TIMEOUT.max(Duration::from_secs(
+        cluster_keys().map_or(0, |keys| keys * 3 / 20),
+    ))
 }
 
 /// What `vm-test` runs.
@@ -1340,7 +1353,7 @@ fn boot(
         if !init_seen && started.elapsed() > boot_limit {
             break None;
         }
-        if init_seen && last_report.elapsed() > TEST_TIMEOUT + Duration::from_secs(60) {
+        if init_seen && last_report.elapsed() > longest_test() + Duration::from_secs(60) {
             break None;
         }
         thread::sleep(Duration::from_millis(250));
