@@ -774,9 +774,12 @@ impl Group {
         if retired || self.group_info().is_none_or(|i| i.migrate_req_saved == 0) {
             return;
         }
-        let Some(dir) = self.pins.as_ref().map(|p| p.locate().unwrap_or_else(|| p.dir.clone())) else {
-            return;
-        };
+        // A group without pins is seen by no other, but may still leave the
+        // sysctl to a pinned one that relies on it.
+        let dir = self
+            .pins
+            .as_ref()
+            .map(|p| p.locate().unwrap_or_else(|| p.dir.clone()));
         // Under the start lock, read anew: a group that went meanwhile may
         // have handed this one its value.
         let start = crate::pins::lock_namespace()
@@ -786,9 +789,13 @@ impl Group {
         };
         let ns = match &start {
             Ok(lock) => lock.dir().to_path_buf(),
-            Err(_) => dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Err(_) => dir
+                .as_deref()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
         };
-        control::put_back_migrate_req(&ns, &dir, &info);
+        control::put_back_migrate_req(&ns, dir.as_deref().unwrap_or(Path::new("")), &info);
         // Gone as far as the others can tell: none hands its value back here.
         info.flags &= !group_flag::MIGRATE_REQ;
         info.migrate_req_saved = 0;
