@@ -473,6 +473,13 @@ impl Control {
         &mut self.maps
     }
 
+    /// Every slot's worker record, read from the shared mapping (no
+    /// syscall), as [`GroupHandle::workers`](crate::GroupHandle::workers)
+    /// gives it to the owner.
+    pub fn workers(&self) -> Vec<WorkerRecord> {
+        self.maps.workers().snapshot()
+    }
+
     /// A snapshot of the group.
     pub fn status(&self) -> Result<Status> {
         let info = self.maps.group_info()?;

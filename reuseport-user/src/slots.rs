@@ -11,10 +11,11 @@
 //!
 //! A new group's own members, and the members a takeover carries into its
 //! new maps, go from EMPTY to SERVING directly ([`serve_new`]: nobody else
-//! can see those maps yet). In maps others see, only a claimed slot serves. Every slot's state is a word of its record in the
-//! `WORKERS` map, which every process of the group maps and the program
-//! reads; each transition but `release` is a compare-and-swap from the one
-//! state it leaves, so of two processes racing for one slot (two `join`s,
+//! can see those maps yet). In maps others see, only a claimed slot serves.
+//! Every slot's state is a word of its record in the `WORKERS` map, which
+//! every process of the group maps and the program reads; each transition
+//! but `release` is a compare-and-swap from the one state it leaves, so of
+//! two processes racing for one slot (two `join`s,
 //! `ctl add-worker` giving up while the owner starts the worker) one wins
 //! and the other is told it lost. `release` is unconditional: it is done by
 //! whoever saw the slot's worker end (its own process, or the owner for a

@@ -269,15 +269,11 @@ pub struct Host {
 impl Host {
     /// Its group's per-slot `accepted` counters.
     fn accepted(&self) -> Vec<u64> {
-        let Some(status) = self.control.as_ref().and_then(|c| c.status().ok()) else {
-            return Vec::new();
-        };
-        let n = status.slots.iter().map(|s| s.slot as usize + 1).max();
-        let mut accepted = vec![0; n.unwrap_or(0)];
-        for s in &status.slots {
-            accepted[s.slot as usize] = s.record.accepted;
+        // Read once per key in a probe: from the shared mapping, no syscall.
+        match &self.control {
+            Some(c) => c.workers().iter().map(|r| r.accepted).collect(),
+            None => Vec::new(),
         }
-        accepted
     }
 
     /// Its program's per-slot selections and fallbacks.

@@ -134,9 +134,8 @@ pub fn reuseport_command() -> Command {
 
 /// Runs `reuseport ARGS` to completion: (exit code, stdout, stderr).
 pub fn reuseport(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary())
+    let out = reuseport_command()
         .args(args)
-        .env("RUST_LOG", LOG_LEVEL)
         .stdin(Stdio::null())
         .output()
         .expect("running reuseport");

@@ -243,6 +243,7 @@ fn a_takeover_while_a_worker_drains_carries_it_and_breaks_nothing() {
         "the draining worker is carried into the new generation:\n{}",
         next.stderr()
     );
+    let m0 = next.metrics();
     std::thread::sleep(Duration::from_millis(1500));
     fleet.mark();
     let all = fleet.wait_all_since_mark(Duration::from_secs(30));
@@ -255,6 +256,18 @@ fn a_takeover_while_a_worker_drains_carries_it_and_breaks_nothing() {
     );
     assert!(r.broken.is_empty(), "broken: {:?}", r.broken);
     assert!(all, "every connection echoed after the takeover");
+    // The new program kept them there by their cookies, the drained
+    // worker's too: none named a socket that was gone.
+    let m1 = next.metrics();
+    assert!(
+        counter(&m1, "cookie_ok") > counter(&m0, "cookie_ok"),
+        "the new program steered by cookies"
+    );
+    assert_eq!(
+        counter(&m1, "cookie_old"),
+        counter(&m0, "cookie_old"),
+        "no cookie named a socket that was gone"
+    );
     drop(next);
     let _ = std::fs::remove_file(&next_cert);
 }
